@@ -1,0 +1,486 @@
+// The checked entry point of every op: validate every argument (shape, dtype, device), allocate
+// the outputs, then hand over to cpu:: or cuda::. Backend kernels trust what arrives here.
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "ops.h"
+
+namespace gptcore {
+namespace ops {
+namespace {
+
+std::string shape_of(const std::vector<int64_t>& s) { return Tensor(nullptr, s, DType::float32).shape_str(); }
+
+void need(bool ok, const std::string& msg) {
+  if (!ok) throw ValueError(msg);
+}
+
+void need_defined(const Tensor& t, const char* name) {
+  if (!t.defined()) throw ValueError(std::string(name) + ": expected a tensor, got None");
+}
+
+// A floating-point tensor that a kernel on `dev` can take.
+void check_float(const Tensor& t, const char* name) {
+  need_defined(t, name);
+  const DType dt = t.dtype();
+  if (t.device().is_cpu()) {
+    if (dt != DType::float32)
+      throw TypeError(std::string(name) + ": expected float32 on the CPU, got " + dtype_name(dt));
+  } else if (dt != DType::float32 && dt != DType::bfloat16) {
+    throw TypeError(std::string(name) + ": expected float32 or bfloat16, got " + dtype_name(dt));
+  }
+}
+
+void check_f32(const Tensor& t, const char* name) {
+  need_defined(t, name);
+  if (t.dtype() != DType::float32)
+    throw TypeError(std::string(name) + ": expected float32, got " + dtype_name(t.dtype()));
+}
+
+void check_index(const Tensor& t, const char* name) {
+  need_defined(t, name);
+  if (t.dtype() != DType::int32 && t.dtype() != DType::int64)
+    throw TypeError(std::string(name) + ": expected int32 or int64 indices, got " +
+                    dtype_name(t.dtype()));
+}
+
+void check_dim(const Tensor& t, const char* name, int64_t ndim, const char* what) {
+  if (t.dim() != ndim)
+    throw ValueError(std::string(name) + ": expected " + std::to_string(ndim) + "-D " + what +
+                     ", got shape " + t.shape_str());
+}
+
+void check_shape(const Tensor& t, const char* name, const std::vector<int64_t>& shape) {
+  if (t.shape() != shape)
+    throw ValueError(std::string(name) + ": expected shape " + shape_of(shape) + ", got " +
+                     t.shape_str());
+}
+
+void check_nonempty(const Tensor& t, const char* name) {
+  if (t.numel() == 0) throw ValueError(std::string(name) + ": empty tensor " + t.shape_str());
+}
+
+void check_same_device(const Tensor& ref, const Tensor& t, const char* ref_name,
+                       const char* name) {
+  if (t.device() != ref.device())
+    throw ValueError(std::string(name) + ": on " + t.device().str() + " but " + ref_name +
+                     " is on " + ref.device().str() + "; move both to one device");
+}
+
+void check_same_dtype(const Tensor& ref, const Tensor& t, const char* ref_name,
+                      const char* name) {
+  if (t.dtype() != ref.dtype())
+    throw TypeError(std::string(name) + ": dtype " + dtype_name(t.dtype()) + " differs from " +
+                    ref_name + "'s " + dtype_name(ref.dtype()));
+}
+
+// Everything but the last dimension, flattened: the row count of a (..., C) tensor.
+int64_t rows_of(const Tensor& t) { return t.numel() / std::max<int64_t>(t.size(-1), 1); }
+
+std::vector<int64_t> with_last(std::vector<int64_t> s, int64_t last) {
+  s.back() = last;
+  return s;
+}
+
+std::vector<int64_t> drop_last(std::vector<int64_t> s) {
+  s.pop_back();
+  return s;
+}
+
+#ifdef GPTCORE_WITH_CUDA
+#define GPTCORE_DISPATCH(dev, call) \
+  do {                              \
+    if ((dev).is_cuda())            \
+      cuda::call;                   \
+    else                            \
+      cpu::call;                    \
+  } while (0)
+#else
+#define GPTCORE_DISPATCH(dev, call) \
+  do {                              \
+    (void)(dev);                    \
+    cpu::call;                      \
+  } while (0)
+#endif
+
+}  // namespace
+
+// ---- embedding ----------------------------------------------------------------------------
+
+static void check_embedding_args(const Tensor& idx, const Tensor& wte, const Tensor& wpe) {
+  check_index(idx, "idx");
+  check_dim(idx, "idx", 2, "(B, T) token ids");
+  check_nonempty(idx, "idx");
+  check_float(wte, "wte");
+  check_dim(wte, "wte", 2, "(V, C) token embedding");
+  check_float(wpe, "wpe");
+  check_dim(wpe, "wpe", 2, "(max_positions, C) position embedding");
+  check_same_device(idx, wte, "idx", "wte");
+  check_same_device(idx, wpe, "idx", "wpe");
+  check_same_dtype(wte, wpe, "wte", "wpe");
+  need(wte.size(1) == wpe.size(1), "wpe: embedding width " + std::to_string(wpe.size(1)) +
+                                       " differs from wte's " + std::to_string(wte.size(1)));
+  need(idx.size(1) <= wpe.size(0), "idx: sequence length " + std::to_string(idx.size(1)) +
+                                       " exceeds the " + std::to_string(wpe.size(0)) +
+                                       " positions of wpe");
+  if (idx.device().is_cpu()) {  // out-of-range ids would read outside wte
+    const int64_t V = wte.size(0);
+    for (int64_t i = 0; i < idx.numel(); ++i) {
+      const int64_t id = idx.dtype() == DType::int32 ? idx.data<int32_t>()[i] : idx.data<int64_t>()[i];
+      if (id < 0 || id >= V)
+        throw ValueError("idx: token id " + std::to_string(id) + " at flat position " +
+                         std::to_string(i) + " is outside the vocabulary [0, " +
+                         std::to_string(V) + ")");
+    }
+  }
+}
+
+Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe) {
+  check_embedding_args(idx, wte, wpe);
+  Tensor out = empty({idx.size(0), idx.size(1), wte.size(1)}, wte.dtype(), wte.device());
+  GPTCORE_DISPATCH(idx.device(), embedding_forward(out, idx, wte, wpe));
+  return out;
+}
+
+void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& idx) {
+  check_embedding_args(idx, dwte, dwpe);
+  check_float(dout, "dout");
+  check_same_device(idx, dout, "idx", "dout");
+  check_same_dtype(dwte, dout, "dwte", "dout");
+  check_shape(dout, "dout", {idx.size(0), idx.size(1), dwte.size(1)});
+  GPTCORE_DISPATCH(idx.device(), embedding_backward(dwte, dwpe, dout, idx));
+}
+
+// ---- layernorm ----------------------------------------------------------------------------
+
+static void check_ln_params(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  check_float(x, "x");
+  need(x.dim() >= 1, "x: expected (..., C), got a 0-D tensor");
+  check_nonempty(x, "x");
+  check_float(weight, "weight");
+  check_shape(weight, "weight", {x.size(-1)});
+  check_same_device(x, weight, "x", "weight");
+  check_same_dtype(x, weight, "x", "weight");
+  check_float(bias, "bias");
+  check_shape(bias, "bias", {x.size(-1)});
+  check_same_device(x, bias, "x", "bias");
+  check_same_dtype(x, bias, "x", "bias");
+}
+
+static void check_eps(float eps) {
+  need(std::isfinite(eps) && eps >= 0.0f, "eps: expected a finite value >= 0");
+}
+
+std::tuple<Tensor, Tensor, Tensor> layernorm_forward(const Tensor& x, const Tensor& weight,
+                                                     const Tensor& bias, float eps) {
+  check_ln_params(x, weight, bias);
+  check_eps(eps);
+  Tensor out = empty(x.shape(), x.dtype(), x.device());
+  Tensor mean = empty(drop_last(x.shape()), DType::float32, x.device());
+  Tensor rstd = empty(drop_last(x.shape()), DType::float32, x.device());
+  GPTCORE_DISPATCH(x.device(), layernorm_forward(out, mean, rstd, x, weight, bias, eps));
+  return {out, mean, rstd};
+}
+
+Tensor layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
+                          const std::optional<Tensor>& dresidual, const Tensor& x,
+                          const Tensor& weight, const Tensor& mean, const Tensor& rstd) {
+  check_ln_params(x, weight, weight);
+  check_float(dout, "dout");
+  check_shape(dout, "dout", x.shape());
+  check_same_device(x, dout, "x", "dout");
+  check_same_dtype(x, dout, "x", "dout");
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&dweight, "dweight"},
+                                {&dbias, "dbias"}}) {
+    check_float(*t, name);
+    check_shape(*t, name, {x.size(-1)});
+    check_same_device(x, *t, "x", name);
+  }
+  if (x.device().is_cuda()) {
+    check_f32(dweight, "dweight");
+    check_f32(dbias, "dbias");
+  }
+  for (const auto& [t, name] :
+       {std::pair<const Tensor*, const char*>{&mean, "mean"}, {&rstd, "rstd"}}) {
+    check_f32(*t, name);
+    check_shape(*t, name, drop_last(x.shape()));
+    check_same_device(x, *t, "x", name);
+  }
+  Tensor dres;
+  if (dresidual) {
+    dres = *dresidual;
+    check_float(dres, "dresidual");
+    check_shape(dres, "dresidual", x.shape());
+    check_same_device(x, dres, "x", "dresidual");
+    check_same_dtype(x, dres, "x", "dresidual");
+  }
+  Tensor dx = empty(x.shape(), x.dtype(), x.device());
+  GPTCORE_DISPATCH(x.device(),
+                   layernorm_backward(dx, dweight, dbias, dout, dres, x, weight, mean, rstd));
+  return dx;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> residual_layernorm_forward(
+    const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
+    float eps) {
+  check_ln_params(x, weight, bias);
+  check_eps(eps);
+  check_float(residual, "residual");
+  check_shape(residual, "residual", x.shape());
+  check_same_device(x, residual, "x", "residual");
+  check_same_dtype(x, residual, "x", "residual");
+  Tensor sum = empty(x.shape(), x.dtype(), x.device());
+  Tensor out = empty(x.shape(), x.dtype(), x.device());
+  Tensor mean = empty(drop_last(x.shape()), DType::float32, x.device());
+  Tensor rstd = empty(drop_last(x.shape()), DType::float32, x.device());
+  GPTCORE_DISPATCH(x.device(),
+                   residual_layernorm_forward(sum, out, mean, rstd, x, residual, weight, bias, eps));
+  return {sum, out, mean, rstd};
+}
+
+// ---- linear -------------------------------------------------------------------------------
+
+static void check_linear_params(const Tensor& x, const Tensor& weight,
+                                const std::optional<Tensor>& bias) {
+  check_float(x, "x");
+  need(x.dim() >= 1, "x: expected (..., in_features), got a 0-D tensor");
+  check_nonempty(x, "x");
+  check_float(weight, "weight");
+  check_dim(weight, "weight", 2, "(out_features, in_features) weight");
+  check_nonempty(weight, "weight");
+  check_same_device(x, weight, "x", "weight");
+  check_same_dtype(x, weight, "x", "weight");
+  need(weight.size(1) == x.size(-1),
+       "weight: expected in_features " + std::to_string(x.size(-1)) + " (x's last dim), got " +
+           weight.shape_str() + " (weights are in (out, in) layout)");
+  if (bias) {
+    check_float(*bias, "bias");
+    check_shape(*bias, "bias", {weight.size(0)});
+    check_same_device(x, *bias, "x", "bias");
+    check_same_dtype(x, *bias, "x", "bias");
+  }
+}
+
+std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
+                                          const std::optional<Tensor>& bias, bool gelu) {
+  check_linear_params(x, weight, bias);
+  const auto out_shape = with_last(x.shape(), weight.size(0));
+  Tensor out = empty(out_shape, x.dtype(), x.device());
+  Tensor pre;
+  if (gelu) pre = empty(out_shape, x.dtype(), x.device());
+  const Tensor b = bias ? *bias : Tensor();
+  const int64_t N = rows_of(x);
+  Tensor x2 = x.view({N, x.size(-1)}), out2 = out.view({N, weight.size(0)});
+  Tensor pre2 = gelu ? pre.view({N, weight.size(0)}) : Tensor();
+  GPTCORE_DISPATCH(x.device(), linear_forward(out2, pre2, x2, weight, b, gelu));
+  return {out, pre};
+}
+
+Tensor linear_backward(Tensor& dweight, std::optional<Tensor> dbias, const Tensor& dout,
+                       const Tensor& x, const Tensor& weight, const std::optional<Tensor>& pre,
+                       bool need_dx) {
+  check_linear_params(x, weight, std::nullopt);
+  const auto out_shape = with_last(x.shape(), weight.size(0));
+  check_float(dout, "dout");
+  check_shape(dout, "dout", out_shape);
+  check_same_device(x, dout, "x", "dout");
+  check_same_dtype(x, dout, "x", "dout");
+  check_float(dweight, "dweight");
+  check_shape(dweight, "dweight", weight.shape());
+  check_same_device(x, dweight, "x", "dweight");
+  if (dbias) {
+    check_float(*dbias, "dbias");
+    check_shape(*dbias, "dbias", {weight.size(0)});
+    check_same_device(x, *dbias, "x", "dbias");
+  }
+  if (x.device().is_cuda()) {
+    check_f32(dweight, "dweight");
+    if (dbias) check_f32(*dbias, "dbias");
+  }
+  const int64_t N = rows_of(x), M = weight.size(0), K = weight.size(1);
+  Tensor pre2;
+  if (pre) {
+    check_float(*pre, "pre");
+    check_shape(*pre, "pre", out_shape);
+    check_same_device(x, *pre, "x", "pre");
+    check_same_dtype(x, *pre, "x", "pre");
+    pre2 = pre->view({N, M});
+  }
+  Tensor dx, dx2;
+  if (need_dx) {
+    dx = empty(x.shape(), x.dtype(), x.device());
+    dx2 = dx.view({N, K});
+  }
+  Tensor db = dbias ? *dbias : Tensor();
+  Tensor dout2 = dout.view({N, M}), x2 = x.view({N, K});
+  GPTCORE_DISPATCH(x.device(), linear_backward(dx2, dweight, db, dout2, x2, weight, pre2));
+  return dx;
+}
+
+// ---- attention ----------------------------------------------------------------------------
+
+static int check_attention_args(const Tensor& qkv, int64_t n_head,
+                                const std::optional<int64_t>& window) {
+  check_float(qkv, "qkv");
+  check_dim(qkv, "qkv", 3, "(B, T, 3C) packed q|k|v");
+  check_nonempty(qkv, "qkv");
+  need(n_head >= 1, "n_head: expected >= 1, got " + std::to_string(n_head));
+  need(qkv.size(2) % 3 == 0,
+       "qkv: last dimension " + std::to_string(qkv.size(2)) + " is not 3C (divisible by 3)");
+  const int64_t C = qkv.size(2) / 3;
+  need(C % n_head == 0, "n_head: " + std::to_string(n_head) + " does not divide C = " +
+                            std::to_string(C));
+  if (window) {
+    need(*window >= 1, "window: expected >= 1 (or None for full causal attention), got " +
+                           std::to_string(*window));
+    return static_cast<int>(std::min<int64_t>(*window, qkv.size(1)));
+  }
+  return 0;
+}
+
+std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t n_head,
+                                             std::optional<int64_t> window) {
+  const int w = check_attention_args(qkv, n_head, window);
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  Tensor out = empty({B, T, C}, qkv.dtype(), qkv.device());
+  Tensor lse = empty({B, n_head, T}, DType::float32, qkv.device());
+  GPTCORE_DISPATCH(qkv.device(), attention_forward(out, lse, qkv, static_cast<int>(n_head), w));
+  return {out, lse};
+}
+
+Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                          const Tensor& lse, int64_t n_head, std::optional<int64_t> window) {
+  const int w = check_attention_args(qkv, n_head, window);
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  for (const auto& [t, name] :
+       {std::pair<const Tensor*, const char*>{&dout, "dout"}, {&out, "out"}}) {
+    check_float(*t, name);
+    check_shape(*t, name, {B, T, C});
+    check_same_device(qkv, *t, "qkv", name);
+    check_same_dtype(qkv, *t, "qkv", name);
+  }
+  check_f32(lse, "lse");
+  check_shape(lse, "lse", {B, n_head, T});
+  check_same_device(qkv, lse, "qkv", "lse");
+  Tensor dqkv = empty(qkv.shape(), qkv.dtype(), qkv.device());
+  GPTCORE_DISPATCH(qkv.device(),
+                   attention_backward(dqkv, dout, qkv, out, lse, static_cast<int>(n_head), w));
+  return dqkv;
+}
+
+// ---- cross-entropy ------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& targets,
+                                         std::optional<int64_t> vocab_size,
+                                         int64_t ignore_index, bool with_grad,
+                                         float grad_scale, bool inplace) {
+  check_float(logits, "logits");
+  need(logits.dim() >= 2, "logits: expected (..., V) with at least 2 dimensions, got " +
+                              logits.shape_str());
+  check_nonempty(logits, "logits");
+  check_index(targets, "targets");
+  check_shape(targets, "targets", drop_last(logits.shape()));
+  check_same_device(logits, targets, "logits", "targets");
+  const int64_t Vp = logits.size(-1);
+  const int64_t V = vocab_size ? *vocab_size : Vp;
+  need(V >= 1 && V <= Vp, "vocab_size: expected 1 <= vocab_size <= " + std::to_string(Vp) +
+                              " (logits' last dim), got " + std::to_string(V));
+  need(ignore_index < 0 || ignore_index >= V,
+       "ignore_index: " + std::to_string(ignore_index) + " is a real class in [0, " +
+           std::to_string(V) + "); use a negative value");
+  const int64_t N = targets.numel();
+  int64_t valid = N;
+  if (targets.device().is_cpu()) {
+    valid = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t t = targets.dtype() == DType::int32 ? targets.data<int32_t>()[i]
+                                                        : targets.data<int64_t>()[i];
+      if (t == ignore_index) continue;
+      if (t < 0 || t >= V)
+        throw ValueError("targets: " + std::to_string(t) + " at flat position " +
+                         std::to_string(i) + " is outside [0, " + std::to_string(V) +
+                         ") and is not ignore_index (" + std::to_string(ignore_index) + ")");
+      ++valid;
+    }
+  } else if (with_grad && std::isnan(grad_scale)) {
+    throw ValueError("grad_scale: pass it explicitly for CUDA tensors (the default, 1/valid "
+                     "targets, would need a device-to-host synchronisation)");
+  }
+  if (with_grad && std::isnan(grad_scale)) grad_scale = valid ? 1.0f / valid : 0.0f;
+  Tensor losses = empty(targets.shape(), DType::float32, logits.device());
+  Tensor dlogits;
+  if (with_grad) dlogits = inplace ? logits : empty(logits.shape(), logits.dtype(), logits.device());
+  Tensor logits2 = logits.view({N, Vp}), losses2 = losses.view({N}), targets2 = targets.view({N});
+  Tensor dlogits2 = with_grad ? dlogits.view({N, Vp}) : Tensor();
+  GPTCORE_DISPATCH(logits.device(), cross_entropy(losses2, dlogits2, logits2, targets2, V,
+                                                  ignore_index, grad_scale));
+  return {losses, dlogits};
+}
+
+// ---- optimiser ----------------------------------------------------------------------------
+
+void adamw_step(std::vector<Tensor> params, const std::vector<Tensor>& grads,
+                std::vector<Tensor> m, std::vector<Tensor> v, std::vector<Tensor> master,
+                const std::vector<bool>& decay, float lr, float beta1, float beta2, float eps,
+                float weight_decay, int64_t step, float grad_scale, uint64_t seed) {
+  const size_t n = params.size();
+  need(n > 0, "params: expected at least one tensor");
+  need(grads.size() == n, "grads: expected " + std::to_string(n) + " tensors (one per param), got " +
+                              std::to_string(grads.size()));
+  need(m.size() == n, "m: expected " + std::to_string(n) + " tensors, got " + std::to_string(m.size()));
+  need(v.size() == n, "v: expected " + std::to_string(n) + " tensors, got " + std::to_string(v.size()));
+  need(decay.size() == n, "decay: expected " + std::to_string(n) + " flags, got " +
+                              std::to_string(decay.size()));
+  need(master.empty() || master.size() == n,
+       "master: expected none or " + std::to_string(n) + " tensors, got " + std::to_string(master.size()));
+  need(step >= 1, "step: expected >= 1 (AdamW counts steps from 1), got " + std::to_string(step));
+  need(std::isfinite(lr) && lr >= 0, "lr: expected a finite value >= 0");
+  need(beta1 >= 0 && beta1 < 1, "beta1: expected 0 <= beta1 < 1");
+  need(beta2 >= 0 && beta2 < 1, "beta2: expected 0 <= beta2 < 1");
+  need(eps > 0, "eps: expected > 0");
+  need(std::isfinite(weight_decay) && weight_decay >= 0, "weight_decay: expected >= 0");
+  need(std::isfinite(grad_scale), "grad_scale: expected a finite value");
+  const Device dev = params[0].device();
+  for (size_t i = 0; i < n; ++i) {
+    const std::string idx = "[" + std::to_string(i) + "]";
+    const std::string pn = "params" + idx, gn = "grads" + idx, mn = "m" + idx, vn = "v" + idx;
+    check_float(params[i], pn.c_str());
+    check_same_device(params[0], params[i], "params[0]", pn.c_str());
+    check_float(grads[i], gn.c_str());
+    check_shape(grads[i], gn.c_str(), params[i].shape());
+    check_same_device(params[0], grads[i], "params[0]", gn.c_str());
+    check_f32(m[i], mn.c_str());
+    check_shape(m[i], mn.c_str(), params[i].shape());
+    check_same_device(params[0], m[i], "params[0]", mn.c_str());
+    check_f32(v[i], vn.c_str());
+    check_shape(v[i], vn.c_str(), params[i].shape());
+    check_same_device(params[0], v[i], "params[0]", vn.c_str());
+    if (!master.empty()) {
+      const std::string an = "master" + idx;
+      check_f32(master[i], an.c_str());
+      check_shape(master[i], an.c_str(), params[i].shape());
+      check_same_device(params[0], master[i], "params[0]", an.c_str());
+    } else if (params[i].dtype() != DType::float32) {
+      throw TypeError(pn + ": bfloat16 parameters need float32 master weights (pass master=)");
+    }
+  }
+  GPTCORE_DISPATCH(dev, adamw_step(params, grads, m, v, master, decay, lr, beta1, beta2, eps,
+                                   weight_decay, step, grad_scale, seed));
+}
+
+double global_norm(const std::vector<Tensor>& tensors) {
+  need(!tensors.empty(), "tensors: expected at least one tensor");
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const std::string name = "tensors[" + std::to_string(i) + "]";
+    check_float(tensors[i], name.c_str());
+    check_same_device(tensors[0], tensors[i], "tensors[0]", name.c_str());
+  }
+#ifdef GPTCORE_WITH_CUDA
+  if (tensors[0].is_cuda()) return cuda::global_norm(tensors);
+#endif
+  return cpu::global_norm(tensors);
+}
+
+}  // namespace ops
+}  // namespace gptcore

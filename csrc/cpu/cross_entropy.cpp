@@ -1,0 +1,67 @@
+// Fused softmax cross-entropy on the CPU. Per row: one pass for the running max and the sum
+// of exponentials (online softmax), then, if a gradient is wanted, one pass writing
+// grad_scale * (softmax - onehot) straight into dlogits (which may be the logits buffer).
+// The probabilities are never stored.
+#include <cmath>
+
+#include "core/ops.h"
+#include "cpu/common.h"
+
+namespace gptcore {
+namespace cpu {
+
+namespace {
+
+// log(sum(exp(x[0:V]))) with a blocked online max: the max of each 256-wide block first, then
+// the block's exponentials, so the inner loops vectorise.
+float row_logsumexp(const float* x, int64_t V) {
+  constexpr int64_t kBlock = 256;
+  float m = -INFINITY, l = 0.f;
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t j1 = std::min(V, j0 + kBlock);
+    float bm = -INFINITY;
+#pragma omp simd reduction(max : bm)
+    for (int64_t j = j0; j < j1; ++j) bm = std::fmax(bm, x[j]);
+    if (bm > m) {
+      l *= fast_exp(m - bm);
+      m = bm;
+    }
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = j0; j < j1; ++j) s += fast_exp(x[j] - m);
+    l += s;
+  }
+  return m + std::log(l);
+}
+
+}  // namespace
+
+void cross_entropy(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                   int64_t V, int64_t ignore_index, float grad_scale) {
+  const int64_t N = logits.size(0), Vp = logits.size(1);
+  const float* x = logits.data<float>();
+  float* loss = losses.data<float>();
+  float* dx = dlogits.defined() ? dlogits.data<float>() : nullptr;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    const float* row = x + i * Vp;
+    const int64_t t = index_at(targets, i);
+    const bool ignored = t == ignore_index;
+    const float lse = row_logsumexp(row, V);
+    loss[i] = ignored ? 0.f : lse - row[t];
+    if (!dx) continue;
+    float* drow = dx + i * Vp;
+    if (ignored) {
+      for (int64_t j = 0; j < Vp; ++j) drow[j] = 0.f;
+      continue;
+    }
+    const float row_t = row[t];  // read before an in-place write overwrites it
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) drow[j] = grad_scale * fast_exp(row[j] - lse);
+    drow[t] = grad_scale * (fast_exp(row_t - lse) - 1.f);
+    for (int64_t j = V; j < Vp; ++j) drow[j] = 0.f;
+  }
+}
+
+}  // namespace cpu
+}  // namespace gptcore

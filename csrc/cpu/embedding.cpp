@@ -1,0 +1,51 @@
+// Token + position embedding on the CPU: a gather and its scatter-add.
+#include <cstring>
+
+#include "core/ops.h"
+#include "cpu/common.h"
+
+namespace gptcore {
+namespace cpu {
+
+void embedding_forward(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe) {
+  const int64_t B = idx.size(0), T = idx.size(1), C = wte.size(1);
+  const float* te = wte.data<float>();
+  const float* pe = wpe.data<float>();
+  float* o = out.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t bt = 0; bt < B * T; ++bt) {
+    const float* a = te + index_at(idx, bt) * C;
+    const float* p = pe + (bt % T) * C;
+    float* y = o + bt * C;
+    for (int64_t c = 0; c < C; ++c) y[c] = a[c] + p[c];
+  }
+}
+
+// Deterministic: each thread owns a slice of channels, so no two threads touch one element,
+// and every element sums its contributions in (b, t) order.
+void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& idx) {
+  const int64_t B = idx.size(0), T = idx.size(1), C = dwte.size(1);
+  const float* d = dout.data<float>();
+  float* dte = dwte.data<float>();
+  float* dpe = dwpe.data<float>();
+  constexpr int64_t kChunk = 64;
+  const int64_t nchunks = (C + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t ch = 0; ch < nchunks; ++ch) {
+    const int64_t c0 = ch * kChunk, c1 = std::min(C, c0 + kChunk);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t t = 0; t < T; ++t) {
+        const float* g = d + (b * T + t) * C;
+        float* te = dte + index_at(idx, b * T + t) * C;
+        float* pe = dpe + t * C;
+        for (int64_t c = c0; c < c1; ++c) {
+          te[c] += g[c];
+          pe[c] += g[c];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace gptcore

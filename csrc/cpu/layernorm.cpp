@@ -1,0 +1,125 @@
+// LayerNorm on the CPU, one row per iteration: the statistics, the normalisation and (for the
+// fused variant) the residual add happen while the row is in L1, so each row is read once.
+#include <algorithm>
+#include <vector>
+
+#include "core/ops.h"
+#include "cpu/common.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace gptcore {
+namespace cpu {
+
+namespace {
+
+// Normalises one row x[0:C] into y; returns (mean, rstd). Two passes for a stable variance.
+inline void normalize_row(const float* x, float* y, const float* w, const float* b, int64_t C,
+                          float eps, float* mean_out, float* rstd_out) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t c = 0; c < C; ++c) s += x[c];
+  const float mean = s / C;
+  float v = 0.f;
+#pragma omp simd reduction(+ : v)
+  for (int64_t c = 0; c < C; ++c) {
+    const float d = x[c] - mean;
+    v += d * d;
+  }
+  const float rstd = 1.0f / std::sqrt(v / C + eps);
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) y[c] = (x[c] - mean) * rstd * w[c] + b[c];
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
+}  // namespace
+
+void layernorm_forward(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x,
+                       const Tensor& weight, const Tensor& bias, float eps) {
+  const int64_t C = x.size(-1), N = x.numel() / C;
+  const float *xp = x.data<float>(), *w = weight.data<float>(), *b = bias.data<float>();
+  float *y = out.data<float>(), *mu = mean.data<float>(), *rs = rstd.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) normalize_row(xp + i * C, y + i * C, w, b, C, eps, mu + i, rs + i);
+}
+
+void residual_layernorm_forward(Tensor& sum, Tensor& out, Tensor& mean, Tensor& rstd,
+                                const Tensor& x, const Tensor& residual, const Tensor& weight,
+                                const Tensor& bias, float eps) {
+  const int64_t C = x.size(-1), N = x.numel() / C;
+  const float *xp = x.data<float>(), *rp = residual.data<float>();
+  const float *w = weight.data<float>(), *b = bias.data<float>();
+  float *sp = sum.data<float>(), *y = out.data<float>();
+  float *mu = mean.data<float>(), *rs = rstd.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < N; ++i) {
+    float* srow = sp + i * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) srow[c] = xp[i * C + c] + rp[i * C + c];
+    normalize_row(srow, y + i * C, w, b, C, eps, mu + i, rs + i);
+  }
+}
+
+// dx = dresidual + rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * weight.
+// dweight/dbias are reduced per thread into private buffers, then summed in thread order so
+// the result does not depend on scheduling.
+void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dout,
+                        const Tensor& dresidual, const Tensor& x, const Tensor& weight,
+                        const Tensor& mean, const Tensor& rstd) {
+  const int64_t C = x.size(-1), N = x.numel() / C;
+  const float *xp = x.data<float>(), *dy = dout.data<float>(), *w = weight.data<float>();
+  const float *mu = mean.data<float>(), *rs = rstd.data<float>();
+  const float* dres = dresidual.defined() ? dresidual.data<float>() : nullptr;
+  float* dxp = dx.data<float>();
+  int nthreads = 1;
+#ifdef _OPENMP
+  nthreads = omp_get_max_threads();
+#endif
+  std::vector<float> partial(static_cast<size_t>(nthreads) * 2 * C, 0.f);
+#pragma omp parallel num_threads(nthreads)
+  {
+    int tid = 0;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+#endif
+    float* dw_t = partial.data() + static_cast<size_t>(tid) * 2 * C;
+    float* db_t = dw_t + C;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < N; ++i) {
+      const float* xr = xp + i * C;
+      const float* dyr = dy + i * C;
+      const float m = mu[i], r = rs[i];
+      float sum_g = 0.f, sum_gx = 0.f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+      for (int64_t c = 0; c < C; ++c) {
+        const float xhat = (xr[c] - m) * r;
+        const float g = dyr[c] * w[c];
+        sum_g += g;
+        sum_gx += g * xhat;
+        dw_t[c] += dyr[c] * xhat;
+        db_t[c] += dyr[c];
+      }
+      const float mg = sum_g / C, mgx = sum_gx / C;
+      float* dxr = dxp + i * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float xhat = (xr[c] - m) * r;
+        dxr[c] = r * (dyr[c] * w[c] - mg - xhat * mgx) + (dres ? dres[i * C + c] : 0.f);
+      }
+    }
+  }
+  float *dw = dweight.data<float>(), *db = dbias.data<float>();
+  for (int t = 0; t < nthreads; ++t) {
+    const float* dw_t = partial.data() + static_cast<size_t>(t) * 2 * C;
+    for (int64_t c = 0; c < C; ++c) {
+      dw[c] += dw_t[c];
+      db[c] += dw_t[C + c];
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace gptcore

@@ -1,0 +1,31 @@
+"""gptcore: GPT-1/2/3 with its own C++/CUDA kernels, a NumPy reference, and a small Python face.
+
+    >>> import gptcore, numpy as np
+    >>> x = gptcore.tensor(np.random.randn(4, 768), dtype="float32")
+    >>> out, mean, rstd = gptcore.ops.layernorm_forward(x, np.ones(768, np.float32), np.zeros(768, np.float32))
+"""
+
+from ._load import _C
+from .tensor import DTYPES, Tensor, as_tensor, empty, from_dlpack, from_numpy, tensor, zeros
+from . import cuda, ops
+try:
+    from . import reference
+except ImportError:  # TEMP until reference.py lands
+    pass
+
+__version__ = "0.1.0"
+
+
+def set_num_threads(n: int) -> None:
+    """Number of CPU threads gptcore's kernels use (0 restores the default)."""
+    _C.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return int(_C.get_num_threads())
+
+
+__all__ = [
+    "DTYPES", "Tensor", "as_tensor", "cuda", "empty", "from_dlpack", "from_numpy", "get_num_threads",
+    "ops", "reference", "set_num_threads", "tensor", "zeros",
+]

@@ -1,0 +1,23 @@
+"""Loads gptcore._C after making its OpenBLAS (from the scipy-openblas32 wheel) findable."""
+
+import ctypes
+import os
+
+
+def _preload_openblas() -> None:
+    # The extension links libscipy_openblas.so; its RPATH points at the installed wheel, but an
+    # editable or unusual install may not match, so load the library by path first.
+    try:
+        import scipy_openblas32
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise ImportError("gptcore needs the scipy-openblas32 package: pip install scipy-openblas32") from exc
+    path = os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so")
+    if os.path.exists(path):
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
+_preload_openblas()
+
+from . import _C  # noqa: E402
+
+__all__ = ["_C"]

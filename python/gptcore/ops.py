@@ -1,0 +1,232 @@
+"""gptcore's functional op table: one documented wrapper per op, forward and backward.
+
+Every function accepts a :class:`gptcore.Tensor` or anything that speaks DLPack or the buffer
+protocol (NumPy arrays, PyTorch tensors, ...). Inputs must be C-contiguous; they are wrapped
+without a copy. Outputs are :class:`gptcore.Tensor` on the inputs' device.
+
+Conventions (the same on every backend and in :mod:`gptcore.reference`):
+
+* Gradients of *parameters* (``dwte``, ``dweight``, ``dbias``...) are **accumulated** into
+  the buffers you pass (``+=``), so micro-batch gradient accumulation is free. Pass zeroed
+  buffers for a plain gradient.
+* Gradients of *activations* (``dx``, ``dqkv``...) are returned as new tensors.
+* Floating-point tensors are float32 on the CPU, float32 or bfloat16 on CUDA. Statistics saved
+  for backward (LayerNorm ``mean``/``rstd``, attention ``lse``) and losses are float32.
+* Token ids and targets are int32 or int64.
+
+Bad input raises ``ValueError`` (shapes, values, contiguity) or ``TypeError`` (dtypes) naming
+the argument; a CUDA failure raises ``RuntimeError`` naming the kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from . import _C
+from .tensor import Tensor, as_tensor
+
+__all__ = [
+    "embedding_forward",
+    "embedding_backward",
+    "layernorm_forward",
+    "layernorm_backward",
+    "residual_layernorm_forward",
+    "residual_layernorm_backward",
+    "linear_forward",
+    "linear_backward",
+    "attention_forward",
+    "attention_backward",
+    "cross_entropy_forward",
+    "cross_entropy_forward_backward",
+    "adamw_step",
+    "global_norm",
+]
+
+
+def _opt(x, name):
+    return None if x is None else as_tensor(x, name)
+
+
+# ---- embedding ------------------------------------------------------------------------------
+
+
+def embedding_forward(idx, wte, wpe) -> Tensor:
+    """Token + position embedding.
+
+    idx (B, T) int32/int64 token ids in [0, V); wte (V, C); wpe (maxT, C) with T <= maxT.
+    Returns out (B, T, C) with ``out[b, t] = wte[idx[b, t]] + wpe[t]``.
+    """
+    return _C.embedding_forward(as_tensor(idx, "idx"), as_tensor(wte, "wte"), as_tensor(wpe, "wpe"))
+
+
+def embedding_backward(dout, idx, dwte, dwpe) -> None:
+    """Accumulate embedding gradients: ``dwte[idx[b,t]] += dout[b,t]``, ``dwpe[t] += sum_b dout[b,t]``.
+
+    dout (B, T, C); idx (B, T); dwte (V, C) and dwpe (maxT, C) are updated in place. The
+    result is deterministic (no atomics race on repeated token ids).
+    """
+    _C.embedding_backward(as_tensor(dwte, "dwte"), as_tensor(dwpe, "dwpe"),
+                          as_tensor(dout, "dout"), as_tensor(idx, "idx"))
+
+
+# ---- layernorm ------------------------------------------------------------------------------
+
+
+def layernorm_forward(x, weight, bias, eps: float = 1e-5):
+    """LayerNorm over the last dimension.
+
+    x (..., C); weight, bias (C,). Returns ``(out, mean, rstd)``: out like x, and the float32
+    statistics mean, rstd of shape x.shape[:-1] that :func:`layernorm_backward` needs.
+    ``out = (x - mean) * rstd * weight + bias`` with ``rstd = 1 / sqrt(var + eps)`` (biased var).
+    """
+    return tuple(_C.layernorm_forward(as_tensor(x, "x"), as_tensor(weight, "weight"),
+                                      as_tensor(bias, "bias"), float(eps)))
+
+
+def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dresidual=None) -> Tensor:
+    """Backward of :func:`layernorm_forward`.
+
+    Returns dx (like x). ``dweight`` and ``dbias`` (C,) are accumulated in place. If
+    ``dresidual`` (like x) is given it is added to dx in the same pass (the gradient that
+    reaches a residual stream from both the LayerNorm and the skip connection).
+    """
+    return _C.layernorm_backward(as_tensor(dweight, "dweight"), as_tensor(dbias, "dbias"),
+                                 as_tensor(dout, "dout"), _opt(dresidual, "dresidual"),
+                                 as_tensor(x, "x"), as_tensor(weight, "weight"),
+                                 as_tensor(mean, "mean"), as_tensor(rstd, "rstd"))
+
+
+def residual_layernorm_forward(x, residual, weight, bias, eps: float = 1e-5):
+    """Fused residual add + LayerNorm: ``sum = x + residual; out = LayerNorm(sum)``.
+
+    x, residual (..., C); weight, bias (C,). Returns ``(sum, out, mean, rstd)``.
+    """
+    return tuple(_C.residual_layernorm_forward(as_tensor(x, "x"), as_tensor(residual, "residual"),
+                                               as_tensor(weight, "weight"), as_tensor(bias, "bias"),
+                                               float(eps)))
+
+
+def residual_layernorm_backward(dout, dsum, sum, weight, mean, rstd, dweight, dbias) -> Tensor:
+    """Backward of :func:`residual_layernorm_forward`.
+
+    dout is the gradient of ``out``, dsum the gradient that reaches ``sum`` from elsewhere
+    (the residual stream). Returns the total gradient of ``sum``, which is also the gradient
+    of both ``x`` and ``residual``. dweight, dbias are accumulated in place.
+    """
+    return layernorm_backward(dout, sum, weight, mean, rstd, dweight, dbias, dresidual=dsum)
+
+
+# ---- linear ---------------------------------------------------------------------------------
+
+
+def linear_forward(x, weight, bias=None, gelu: bool = False):
+    """Linear layer with an optional fused tanh-GELU epilogue.
+
+    x (..., K); weight (M, K) in (out, in) layout; bias (M,) or None.
+    Returns ``(out, pre)``: with ``gelu=False`` out = x @ weight.T + bias and pre is None;
+    with ``gelu=True`` pre = x @ weight.T + bias (kept for backward) and out = gelu_tanh(pre).
+    """
+    out, pre = _C.linear_forward(as_tensor(x, "x"), as_tensor(weight, "weight"),
+                                 _opt(bias, "bias"), bool(gelu))
+    return out, pre
+
+
+def linear_backward(dout, x, weight, dweight, dbias=None, pre=None, need_dx: bool = True):
+    """Backward of :func:`linear_forward`.
+
+    dout (..., M). If ``pre`` is given the layer had a GELU epilogue and the gradient is first
+    multiplied by GELU's derivative at ``pre`` (fused). ``dweight`` (M, K) and ``dbias`` (M,)
+    are accumulated in place. Returns dx (..., K), or None when ``need_dx`` is False.
+    """
+    dx = _C.linear_backward(as_tensor(dweight, "dweight"), _opt(dbias, "dbias"),
+                            as_tensor(dout, "dout"), as_tensor(x, "x"),
+                            as_tensor(weight, "weight"), _opt(pre, "pre"), bool(need_dx))
+    return dx if need_dx else None
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+
+def attention_forward(qkv, n_head: int, window: Optional[int] = None):
+    """Causal multi-head self-attention, flash-style (no (T, T) buffer).
+
+    qkv (B, T, 3C) packed as [q | k | v] along the last axis, each split into n_head heads of
+    D = C / n_head. Query t attends to keys s <= t, and with ``window=w`` only to the last w
+    positions (t - w < s <= t): GPT-3's locally banded layers. Scores are scaled by 1/sqrt(D).
+    Returns ``(out, lse)``: out (B, T, C) with heads concatenated, and lse (B, n_head, T)
+    float32, each row's log-sum-exp of scaled scores, the only thing backward keeps.
+    """
+    return tuple(_C.attention_forward(as_tensor(qkv, "qkv"), int(n_head),
+                                      None if window is None else int(window)))
+
+
+def attention_backward(dout, qkv, out, lse, n_head: int, window: Optional[int] = None) -> Tensor:
+    """Backward of :func:`attention_forward`. Returns dqkv (B, T, 3C)."""
+    return _C.attention_backward(as_tensor(dout, "dout"), as_tensor(qkv, "qkv"),
+                                 as_tensor(out, "out"), as_tensor(lse, "lse"), int(n_head),
+                                 None if window is None else int(window))
+
+
+# ---- cross-entropy --------------------------------------------------------------------------
+
+
+def cross_entropy_forward(logits, targets, vocab_size: Optional[int] = None,
+                          ignore_index: int = -1) -> Tensor:
+    """Per-position softmax cross-entropy.
+
+    logits (..., Vp); targets (...) int32/int64. Only the first ``vocab_size`` columns
+    (default Vp) are real classes; padding columns are ignored. Returns losses (...) float32,
+    ``logsumexp(logits[:V]) - logits[target]``, and 0 where ``targets == ignore_index``.
+    A target outside [0, V) that is not ignore_index raises ValueError.
+    """
+    losses, _ = _C.cross_entropy(as_tensor(logits, "logits"), as_tensor(targets, "targets"),
+                                 vocab_size, int(ignore_index), False, 0.0, False)
+    return losses
+
+
+def cross_entropy_forward_backward(logits, targets, vocab_size: Optional[int] = None,
+                                   ignore_index: int = -1, grad_scale: Optional[float] = None,
+                                   inplace: bool = False):
+    """Fused cross-entropy: per-position losses and the logits' gradient in one pass.
+
+    Returns ``(losses, dlogits)``; the softmax is never stored.
+    ``dlogits = grad_scale * (softmax(logits[:V]) - onehot(target))``, zero in padding columns
+    and ignored rows. ``grad_scale`` defaults to 1 / (number of non-ignored positions), the
+    gradient of the mean loss. With ``inplace=True`` dlogits overwrites ``logits`` (which must
+    then be a gptcore Tensor or a writable array) and no new (N, Vp) buffer is allocated.
+    """
+    return tuple(_C.cross_entropy(as_tensor(logits, "logits"), as_tensor(targets, "targets"),
+                                  vocab_size, int(ignore_index), True,
+                                  float("nan") if grad_scale is None else float(grad_scale),
+                                  bool(inplace)))
+
+
+# ---- optimiser ------------------------------------------------------------------------------
+
+
+def adamw_step(params: Sequence, grads: Sequence, m: Sequence, v: Sequence, *, lr: float,
+               step: int, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
+               weight_decay: float = 0.0, decay: Optional[Sequence[bool]] = None,
+               grad_scale: float = 1.0, master: Optional[Sequence] = None, seed: int = 0) -> None:
+    """One fused AdamW step over lists of tensors, updated in place.
+
+    For each i: ``g = grads[i] * grad_scale`` (clipping folded in), ``m = b1 m + (1-b1) g``,
+    ``v = b2 v + (1-b2) g^2``, ``p -= lr * (mhat / (sqrt(vhat) + eps) + wd_i * p)`` with bias
+    corrections ``mhat = m / (1 - b1^step)``, ``vhat = v / (1 - b2^step)`` and
+    ``wd_i = weight_decay if decay[i] else 0`` (decoupled weight decay; ``decay`` defaults to
+    all True). m and v are float32. ``step`` counts from 1. With ``master`` (float32 copies of
+    bfloat16 params, CUDA) the update runs on the master and params get a stochastically
+    rounded bf16 copy seeded by ``seed``.
+    """
+    n = len(params)
+    decay = [True] * n if decay is None else [bool(d) for d in decay]
+    _C.adamw_step([as_tensor(p, "params") for p in params], [as_tensor(g, "grads") for g in grads],
+                  [as_tensor(t, "m") for t in m], [as_tensor(t, "v") for t in v],
+                  [] if master is None else [as_tensor(t, "master") for t in master],
+                  decay, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+                  int(step), float(grad_scale), int(seed))
+
+
+def global_norm(tensors: Sequence) -> float:
+    """L2 norm over every element of every tensor (the global gradient norm for clipping)."""
+    return float(_C.global_norm([as_tensor(t, "tensors") for t in tensors]))
