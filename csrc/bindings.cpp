@@ -9,6 +9,7 @@
 #include "core/dlpack.h"
 #include "core/ops.h"
 #include "core/tensor.h"
+#include "tokenizer/tokenizer.h"
 
 namespace py = pybind11;
 using namespace gptcore;
@@ -213,6 +214,8 @@ CuPy or JAX without a copy.
              if (infer >= 0) shape[infer] = known ? t.numel() / known : 0;
              return t.view(shape);
            }, "The same memory with another shape (one dimension may be -1).")
+      .def("narrow", &Tensor::narrow, py::arg("start"), py::arg("length"),
+           "Rows [start, start + length) of the first dimension, sharing memory.")
       .def("copy_",
            [](Tensor& t, const Tensor& src) {
              py::gil_scoped_release nogil;
@@ -307,5 +310,234 @@ CuPy or JAX without a copy.
 #endif
 
   // ==== tokenizer (owned by tok) ====
+  // gptcore._C.tokenizer: the byte-level BPE core (csrc/tokenizer/). python/gptcore/tokenizer.py
+  // is the public face; these bindings only convert arguments and release the GIL.
+  {
+    namespace tk = gptcore::tokenizer;
+    py::module_ mt = m.def_submodule("tokenizer", "byte-level BPE core (use gptcore.Tokenizer)");
+
+    // str -> UTF-8. A str holding lone surrogates has no UTF-8 form; like tiktoken, each one
+    // becomes U+FFFD (the fallback string is kept in `spill`, which must outlive the view).
+    auto utf8_of = [](py::handle text, const char* arg, std::string* spill) -> std::string_view {
+      if (!PyUnicode_Check(text.ptr()))
+        throw TypeError(std::string(arg) + ": expected str, got " +
+                        py::str(py::type::handle_of(text).attr("__name__")).cast<std::string>());
+      Py_ssize_t n = 0;
+      if (const char* p = PyUnicode_AsUTF8AndSize(text.ptr(), &n)) return std::string_view(p, size_t(n));
+      PyErr_Clear();
+      py::bytes fixed = py::reinterpret_borrow<py::object>(text)
+                            .attr("encode")("utf-8", "surrogatepass")
+                            .attr("decode")("utf-8", "replace")
+                            .attr("encode")("utf-8");
+      *spill = std::string(fixed);
+      return *spill;
+    };
+    auto to_list = [](const std::vector<tk::TokenId>& ids) {
+      PyObject* list = PyList_New(static_cast<Py_ssize_t>(ids.size()));
+      if (!list) throw py::error_already_set();
+      for (size_t i = 0; i < ids.size(); ++i) {
+        PyObject* v = PyLong_FromUnsignedLong(ids[i]);
+        if (!v) {
+          Py_DECREF(list);
+          throw py::error_already_set();
+        }
+        PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), v);
+      }
+      return py::reinterpret_steal<py::list>(list);
+    };
+    // Views of the UTF-8 of each str in `texts`; `keep` holds references (and fallback strings)
+    // so the views stay valid while the GIL is released.
+    struct TextBatch {
+      std::vector<py::object> keep;
+      std::vector<std::unique_ptr<std::string>> spill;
+      std::vector<std::string_view> views;
+    };
+    auto batch_of = [utf8_of](const py::sequence& texts, TextBatch* b) {
+      const size_t n = py::len(texts);
+      b->keep.reserve(n);
+      b->views.reserve(n);
+      for (size_t i = 0; i < n; ++i) {
+        b->keep.push_back(texts[i]);
+        auto spill = std::make_unique<std::string>();
+        const std::string arg = "texts[" + std::to_string(i) + "]";
+        b->views.push_back(utf8_of(b->keep.back(), arg.c_str(), spill.get()));
+        if (!spill->empty()) b->spill.push_back(std::move(spill));
+      }
+    };
+
+    py::class_<tk::BPE>(mt, "BPE", "A byte-level BPE vocabulary with GPT-2's pre-tokenizer")
+        .def(py::init<const std::vector<std::pair<std::string, int64_t>>&,
+                      const std::vector<std::pair<std::string, std::string>>&,
+                      const std::vector<std::pair<std::string, int64_t>>&>(),
+             py::arg("vocab"), py::arg("merges"), py::arg("specials"),
+             "vocab: [(token bytes, id)], merges: [(left bytes, right bytes)] in rank order, "
+             "specials: [(text, id)]")
+        .def_static("from_ranks", &tk::BPE::from_ranks, py::arg("ranks"), py::arg("specials"),
+                    "tiktoken-style vocabulary: [(token bytes, rank)]; merges are recovered")
+        .def_property_readonly("vocab_size", &tk::BPE::vocab_size)
+        .def_property_readonly("num_tokens", &tk::BPE::num_tokens)
+        .def_property_readonly("num_merges", &tk::BPE::num_merges)
+        .def_property_readonly("heap_path_exact", &tk::BPE::heap_path_exact)
+        .def("encode",
+             [utf8_of, to_list](const tk::BPE& self, py::handle text, const std::vector<std::string>& allowed) {
+               std::string spill;
+               const std::string_view view = utf8_of(text, "text", &spill);
+               std::vector<tk::TokenId> ids;
+               {
+                 py::gil_scoped_release nogil;
+                 ids = self.encode(view, allowed);
+               }
+               return to_list(ids);
+             },
+             py::arg("text"), py::arg("allowed"))
+        .def("encode_ordinary",
+             [utf8_of, to_list](const tk::BPE& self, py::handle text) {
+               std::string spill;
+               const std::string_view view = utf8_of(text, "text", &spill);
+               std::vector<tk::TokenId> ids;
+               {
+                 py::gil_scoped_release nogil;
+                 ids = self.encode_ordinary(view);
+               }
+               return to_list(ids);
+             },
+             py::arg("text"))
+        .def("encode_batch",
+             [batch_of, to_list](const tk::BPE& self, const py::sequence& texts,
+                                 const std::vector<std::string>& allowed, int num_threads) {
+               TextBatch b;
+               batch_of(texts, &b);
+               std::vector<std::vector<tk::TokenId>> ids;
+               {
+                 py::gil_scoped_release nogil;
+                 ids = self.encode_batch(b.views, allowed, num_threads);
+               }
+               py::list out(ids.size());
+               for (size_t i = 0; i < ids.size(); ++i) out[i] = to_list(ids[i]);
+               return out;
+             },
+             py::arg("texts"), py::arg("allowed"), py::arg("num_threads"))
+        .def("encode_batch_flat",
+             [batch_of](const tk::BPE& self, const py::sequence& texts,
+                        const std::vector<std::string>& allowed, int num_threads) {
+               TextBatch b;
+               batch_of(texts, &b);
+               std::vector<std::vector<tk::TokenId>> ids;
+               {
+                 py::gil_scoped_release nogil;
+                 ids = self.encode_batch(b.views, allowed, num_threads);
+               }
+               py::array_t<int64_t> offsets(static_cast<py::ssize_t>(ids.size() + 1));
+               int64_t* off = offsets.mutable_data();
+               off[0] = 0;
+               for (size_t i = 0; i < ids.size(); ++i) off[i + 1] = off[i] + int64_t(ids[i].size());
+               py::array_t<uint32_t> flat(static_cast<py::ssize_t>(off[ids.size()]));
+               uint32_t* dst = flat.mutable_data();
+               {
+                 py::gil_scoped_release nogil;
+                 for (size_t i = 0; i < ids.size(); ++i)
+                   std::copy(ids[i].begin(), ids[i].end(), dst + off[i]);
+               }
+               return py::make_tuple(flat, offsets);
+             },
+             py::arg("texts"), py::arg("allowed"), py::arg("num_threads"),
+             "(tokens as one uint32 array, int64 offsets: text i is tokens[offsets[i]:offsets[i+1]])")
+        .def("encode_piece",
+             [to_list](const tk::BPE& self, const py::bytes& piece) {
+               return to_list(self.encode_piece(std::string_view(piece)));
+             },
+             py::arg("piece"), "BPE of one piece's bytes, without pre-tokenization or cache")
+        .def("decode",
+             [](const tk::BPE& self, const py::array_t<int64_t, py::array::c_style>& ids) {
+               if (ids.ndim() != 1) throw ValueError("ids: expected a 1-D sequence of token ids");
+               std::string out;
+               {
+                 py::gil_scoped_release nogil;
+                 out = self.decode(ids.data(), static_cast<size_t>(ids.size()));
+               }
+               return py::bytes(out);
+             },
+             py::arg("ids"))
+        .def("vocab",
+             [](const tk::BPE& self) {
+               py::list out;
+               for (uint32_t id = 0; id < self.vocab_size(); ++id)
+                 if (self.has_token(id) && !self.is_special(id))
+                   out.append(py::make_tuple(py::bytes(std::string(self.token_bytes(id))), id));
+               return out;
+             },
+             "[(token bytes, id)] of the ordinary tokens, by id")
+        .def("merges",
+             [](const tk::BPE& self) {
+               py::list out;
+               for (const auto& m : self.merges())
+                 out.append(py::make_tuple(py::bytes(std::string(self.token_bytes(m.left))),
+                                           py::bytes(std::string(self.token_bytes(m.right)))));
+               return out;
+             },
+             "[(left bytes, right bytes)] in rank order")
+        .def("specials", [](const tk::BPE& self) { return self.specials(); }, "[(text, id)]")
+        .def("token_bytes",
+             [](const tk::BPE& self, int64_t id) {
+               if (id < 0 || !self.has_token(static_cast<uint32_t>(id)))
+                 throw ValueError("id: " + std::to_string(id) + " is not a token id of this tokenizer");
+               return py::bytes(std::string(self.token_bytes(static_cast<uint32_t>(id))));
+             },
+             py::arg("id"));
+
+    mt.def("train",
+           [batch_of](const py::sequence& texts, const std::vector<std::string>& files, size_t vocab_size,
+                      const std::vector<std::string>& special_tokens, uint64_t min_frequency,
+                      int num_threads) {
+             TextBatch b;
+             batch_of(texts, &b);
+             tk::TrainConfig config;
+             config.vocab_size = vocab_size;
+             config.special_tokens = special_tokens;
+             config.min_frequency = min_frequency;
+             config.num_threads = num_threads;
+             py::gil_scoped_release nogil;
+             return tk::train_bpe(b.views, files, config);
+           },
+           py::arg("texts"), py::arg("files"), py::arg("vocab_size"), py::arg("special_tokens"),
+           py::arg("min_frequency"), py::arg("num_threads"));
+    mt.def("pretokenize",
+           [utf8_of](py::handle text) {
+             std::string spill;
+             const std::string_view view = utf8_of(text, "text", &spill);
+             py::list out;
+             tk::pretokenize(view, [&](size_t off, size_t len) {
+               out.append(py::str(view.data() + off, len));
+             });
+             return out;
+           },
+           py::arg("text"), "GPT-2's pre-tokenization pieces of a str");
+    mt.def("char_class", [](uint32_t cp) { return static_cast<int>(tk::char_class(cp)); },
+           py::arg("cp"), "0 other, 1 letter (\\p{L}), 2 number (\\p{N}), 3 white space (\\s)");
+    mt.attr("unicode_version") = tk::unicode_version();
+    mt.def("bytes_to_vocab_strings",
+           [](const std::vector<std::string>& tokens) {
+             py::list out;
+             for (const std::string& t : tokens) {
+               const std::string s = tk::bytes_to_vocab_string(t);
+               out.append(py::str(s.data(), s.size()));
+             }
+             return out;
+           },
+           py::arg("tokens"), "token bytes -> GPT-2 vocabulary-file spelling");
+    mt.def("vocab_strings_to_bytes",
+           [](const std::vector<std::string>& strings) {
+             py::list out;
+             std::string b;
+             for (size_t i = 0; i < strings.size(); ++i) {
+               if (!tk::vocab_string_to_bytes(strings[i], &b))
+                 throw ValueError("vocabulary entry " + std::to_string(i) + " (" + strings[i].substr(0, 40) +
+                                  ") holds a character outside GPT-2's byte alphabet");
+               out.append(py::bytes(b));
+             }
+             return out;
+           },
+           py::arg("strings"), "GPT-2 vocabulary-file spelling -> token bytes");
+  }
   // ==== end tokenizer ====
 }

@@ -1,5 +1,6 @@
 #include "tensor.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -86,6 +87,24 @@ Tensor Tensor::view(std::vector<int64_t> shape) const {
     throw ValueError("view: cannot view " + shape_str() + " as " + tmp.shape_str());
   }
   return Tensor(storage_, std::move(shape), dtype_);
+}
+
+Tensor Tensor::narrow(int64_t start, int64_t length) const {
+  if (dim() < 1) throw ValueError("narrow: a 0-D tensor has no rows");
+  if (start < 0 || length < 0 || start + length > shape_[0])
+    throw ValueError("narrow: rows [" + std::to_string(start) + ", " +
+                     std::to_string(start + length) + ") are outside " + shape_str());
+  const size_t row_bytes = static_cast<size_t>(numel() / std::max<int64_t>(shape_[0], 1)) *
+                           dtype_size(dtype_);
+  auto sub = std::make_shared<Storage>();
+  sub->data = static_cast<char*>(storage_->data) + start * row_bytes;
+  sub->nbytes = length * row_bytes;
+  sub->device = storage_->device;
+  std::shared_ptr<Storage> parent = storage_;
+  sub->deleter = [parent](void*) {};  // keeps the parent alive; frees nothing itself
+  std::vector<int64_t> shape = shape_;
+  shape[0] = length;
+  return Tensor(sub, shape, dtype_);
 }
 
 std::string Tensor::shape_str() const {

@@ -83,6 +83,8 @@ class Tensor {
 
   // Same storage, another shape with the same number of elements.
   Tensor view(std::vector<int64_t> shape) const;
+  // Rows [start, start + length) of dimension 0, sharing memory (still contiguous).
+  Tensor narrow(int64_t start, int64_t length) const;
   std::string shape_str() const;  // "(2, 3, 4)"
 
  private:

@@ -21,7 +21,7 @@ float row_logsumexp(const float* x, int64_t V) {
     const int64_t j1 = std::min(V, j0 + kBlock);
     float bm = -INFINITY;
 #pragma omp simd reduction(max : bm)
-    for (int64_t j = j0; j < j1; ++j) bm = std::fmax(bm, x[j]);
+    for (int64_t j = j0; j < j1; ++j) bm = max_f(bm, x[j]);
     if (bm > m) {
       l *= fast_exp(m - bm);
       m = bm;
@@ -46,15 +46,15 @@ void cross_entropy(Tensor& losses, Tensor& dlogits, const Tensor& logits, const 
   for (int64_t i = 0; i < N; ++i) {
     const float* row = x + i * Vp;
     const int64_t t = index_at(targets, i);
-    const bool ignored = t == ignore_index;
-    const float lse = row_logsumexp(row, V);
-    loss[i] = ignored ? 0.f : lse - row[t];
-    if (!dx) continue;
-    float* drow = dx + i * Vp;
-    if (ignored) {
-      for (int64_t j = 0; j < Vp; ++j) drow[j] = 0.f;
+    if (t == ignore_index) {  // masked position: no loss, no gradient
+      loss[i] = 0.f;
+      if (dx) std::fill(dx + i * Vp, dx + (i + 1) * Vp, 0.f);
       continue;
     }
+    const float lse = row_logsumexp(row, V);
+    loss[i] = lse - row[t];
+    if (!dx) continue;
+    float* drow = dx + i * Vp;
     const float row_t = row[t];  // read before an in-place write overwrites it
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) drow[j] = grad_scale * fast_exp(row[j] - lse);

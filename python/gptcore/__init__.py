@@ -7,11 +7,7 @@
 
 from ._load import _C
 from .tensor import DTYPES, Tensor, as_tensor, empty, from_dlpack, from_numpy, tensor, zeros
-from . import cuda, ops
-try:
-    from . import reference
-except ImportError:  # TEMP until reference.py lands
-    pass
+from . import cuda, ops, reference
 
 __version__ = "0.1.0"
 

@@ -128,7 +128,7 @@ def linear_forward(x, weight, bias=None, gelu: bool = False):
     """
     out, pre = _C.linear_forward(as_tensor(x, "x"), as_tensor(weight, "weight"),
                                  _opt(bias, "bias"), bool(gelu))
-    return out, pre
+    return out, (pre if gelu else None)  # the binding returns an undefined Tensor otherwise
 
 
 def linear_backward(dout, x, weight, dweight, dbias=None, pre=None, need_dx: bool = True):

@@ -1,0 +1,440 @@
+"""NumPy reference for every op in gptcore's op table: the oracle the kernels are tested against.
+
+Each function computes in float64 (inputs of any float dtype are cast) and returns float64
+NumPy arrays, with exactly the semantics documented in :mod:`gptcore.ops` and
+``csrc/core/ops.h``. It imports nothing but NumPy, so it works before the extension is built,
+and it doubles as the speed baseline in ``benchmarks/``: everything is vectorised, and the only
+Python loop (over attention heads) is there to keep the (T, T) score matrices small.
+
+Two differences from :mod:`gptcore.ops`, both for ease of testing:
+
+* Functions are pure. Parameter gradients are returned as fresh arrays instead of being
+  accumulated into buffers, and :func:`adamw_step` returns the new state instead of updating
+  in place.
+* :func:`cross_entropy_backward` returns only the logits' gradient; the fused kernel's losses
+  are :func:`cross_entropy_forward`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "gelu_forward",
+    "gelu_backward",
+    "embedding_forward",
+    "embedding_backward",
+    "layernorm_forward",
+    "layernorm_backward",
+    "residual_layernorm_forward",
+    "residual_layernorm_backward",
+    "linear_forward",
+    "linear_backward",
+    "attention_forward",
+    "attention_backward",
+    "cross_entropy_forward",
+    "cross_entropy_backward",
+    "adamw_step",
+    "global_norm",
+]
+
+
+def _f64(x, name: str) -> np.ndarray:
+    """``x`` as a float64 array (a copy only where a cast is needed)."""
+    a = np.asarray(x)
+    if a.dtype.kind in "bcOSUMm":  # bool, complex, object, strings, dates
+        raise TypeError(f"{name}: expected a float array, got dtype {a.dtype}")
+    return a.astype(np.float64, copy=False)  # also bfloat16 (ml_dtypes) and friends
+
+
+def _index(x, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name}: expected an integer array, got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
+def _same_shape(a: np.ndarray, want: Tuple[int, ...], name: str) -> None:
+    if a.shape != tuple(want):
+        raise ValueError(f"{name}: expected shape {tuple(want)}, got {a.shape}")
+
+
+# ---- GELU (tanh approximation) --------------------------------------------------------------
+
+_GELU_S = math.sqrt(2.0 / math.pi)
+_GELU_C = 0.044715
+
+
+def gelu_forward(x) -> np.ndarray:
+    """``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, elementwise; same shape as x."""
+    x = _f64(x, "x")
+    return 0.5 * x * (1.0 + np.tanh(_GELU_S * (x + _GELU_C * x ** 3)))
+
+
+def gelu_backward(dout, x) -> np.ndarray:
+    """``dout * gelu'(x)``, elementwise; dout and x have the same shape."""
+    dout, x = _f64(dout, "dout"), _f64(x, "x")
+    _same_shape(dout, x.shape, "dout")
+    th = np.tanh(_GELU_S * (x + _GELU_C * x ** 3))
+    dth = (1.0 - th * th) * _GELU_S * (1.0 + 3.0 * _GELU_C * x * x)
+    return dout * (0.5 * (1.0 + th) + 0.5 * x * dth)
+
+
+# ---- embedding ------------------------------------------------------------------------------
+
+
+def _check_idx(idx: np.ndarray, vocab_size: int, max_positions: int) -> None:
+    if idx.ndim != 2:
+        raise ValueError(f"idx: expected shape (B, T), got {idx.shape}")
+    if idx.shape[1] > max_positions:
+        raise ValueError(f"idx: sequence length {idx.shape[1]} exceeds max positions {max_positions}")
+    if idx.size and (idx.min() < 0 or idx.max() >= vocab_size):
+        raise ValueError(f"idx: token ids must lie in [0, {vocab_size})")
+
+
+def embedding_forward(idx, wte, wpe) -> np.ndarray:
+    """Token + position embedding.
+
+    idx (B, T) integer ids in [0, V); wte (V, C); wpe (maxT, C), T <= maxT.
+    Returns out (B, T, C) with ``out[b, t] = wte[idx[b, t]] + wpe[t]``.
+    """
+    idx, wte, wpe = _index(idx, "idx"), _f64(wte, "wte"), _f64(wpe, "wpe")
+    if wte.ndim != 2 or wpe.ndim != 2 or wpe.shape[1] != wte.shape[1]:
+        raise ValueError(f"wte, wpe: expected (V, C) and (maxT, C), got {wte.shape} and {wpe.shape}")
+    _check_idx(idx, wte.shape[0], wpe.shape[0])
+    T = idx.shape[1]
+    return wte[idx] + wpe[:T]
+
+
+def embedding_backward(dout, idx, vocab_size: int, max_positions: int):
+    """Gradients of :func:`embedding_forward`, as fresh arrays.
+
+    dout (B, T, C); idx (B, T). Returns ``(dwte, dwpe)`` of shapes (vocab_size, C) and
+    (max_positions, C): ``dwte[v] = sum of dout[b, t] over idx[b, t] == v`` and
+    ``dwpe[t] = sum_b dout[b, t]`` (rows t >= T are zero).
+    """
+    dout, idx = _f64(dout, "dout"), _index(idx, "idx")
+    _check_idx(idx, vocab_size, max_positions)
+    B, T = idx.shape
+    if dout.ndim != 3 or dout.shape[:2] != (B, T):
+        raise ValueError(f"dout: expected shape ({B}, {T}, C), got {dout.shape}")
+    C = dout.shape[2]
+    dwte = np.zeros((vocab_size, C))
+    np.add.at(dwte, idx.reshape(-1), dout.reshape(-1, C))  # unbuffered: repeated ids all add
+    dwpe = np.zeros((max_positions, C))
+    dwpe[:T] = dout.sum(axis=0)
+    return dwte, dwpe
+
+
+# ---- layernorm ------------------------------------------------------------------------------
+
+
+def layernorm_forward(x, weight, bias, eps: float = 1e-5):
+    """LayerNorm over the last dimension.
+
+    x (..., C); weight, bias (C,). Returns ``(out, mean, rstd)``: out like x, mean and rstd of
+    shape x.shape[:-1], ``rstd = 1 / sqrt(var + eps)`` with the biased variance, and
+    ``out = (x - mean) * rstd * weight + bias``.
+    """
+    x, weight, bias = _f64(x, "x"), _f64(weight, "weight"), _f64(bias, "bias")
+    if x.ndim < 1:
+        raise ValueError("x: expected at least one dimension (..., C)")
+    C = x.shape[-1]
+    _same_shape(weight, (C,), "weight")
+    _same_shape(bias, (C,), "bias")
+    mean = x.mean(axis=-1)
+    xc = x - mean[..., None]
+    var = (xc * xc).mean(axis=-1)
+    rstd = 1.0 / np.sqrt(var + eps)
+    out = xc * rstd[..., None] * weight + bias
+    return out, mean, rstd
+
+
+def layernorm_backward(dout, x, weight, mean, rstd, dresidual=None):
+    """Backward of :func:`layernorm_forward`, using the saved ``mean`` and ``rstd``.
+
+    dout, x (..., C); weight (C,); mean, rstd x.shape[:-1]; dresidual like x or None.
+    Returns ``(dx, dweight, dbias)``: dx like x (plus ``dresidual`` when given), dweight and
+    dbias (C,) summed over every leading position (fresh arrays).
+    """
+    dout, x, weight = _f64(dout, "dout"), _f64(x, "x"), _f64(weight, "weight")
+    mean, rstd = _f64(mean, "mean"), _f64(rstd, "rstd")
+    _same_shape(dout, x.shape, "dout")
+    _same_shape(weight, x.shape[-1:], "weight")
+    _same_shape(mean, x.shape[:-1], "mean")
+    _same_shape(rstd, x.shape[:-1], "rstd")
+    C = x.shape[-1]
+    xhat = (x - mean[..., None]) * rstd[..., None]
+    dxhat = dout * weight
+    # d/dx of (x - mean) * rstd: remove the gradient's mean and its component along xhat.
+    dx = rstd[..., None] * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                            - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    if dresidual is not None:
+        dresidual = _f64(dresidual, "dresidual")
+        _same_shape(dresidual, x.shape, "dresidual")
+        dx = dx + dresidual
+    dweight = (dout * xhat).reshape(-1, C).sum(axis=0)
+    dbias = dout.reshape(-1, C).sum(axis=0)
+    return dx, dweight, dbias
+
+
+def residual_layernorm_forward(x, residual, weight, bias, eps: float = 1e-5):
+    """Residual add then LayerNorm: ``sum = x + residual; out = LayerNorm(sum)``.
+
+    x, residual (..., C); weight, bias (C,). Returns ``(sum, out, mean, rstd)``.
+    """
+    x, residual = _f64(x, "x"), _f64(residual, "residual")
+    _same_shape(residual, x.shape, "residual")
+    s = x + residual
+    out, mean, rstd = layernorm_forward(s, weight, bias, eps)
+    return s, out, mean, rstd
+
+
+def residual_layernorm_backward(dout, dsum, sum, weight, mean, rstd):
+    """Backward of :func:`residual_layernorm_forward`.
+
+    dout: gradient of ``out``; dsum: gradient reaching ``sum`` from elsewhere (the residual
+    stream). Returns ``(dsum_total, dweight, dbias)``; dsum_total is the gradient of ``sum``,
+    and so of both ``x`` and ``residual``.
+    """
+    return layernorm_backward(dout, sum, weight, mean, rstd, dresidual=dsum)
+
+
+# ---- linear ---------------------------------------------------------------------------------
+
+
+def linear_forward(x, weight, bias=None, gelu: bool = False):
+    """Linear layer with an optional tanh-GELU epilogue.
+
+    x (..., K); weight (M, K) in (out, in) layout; bias (M,) or None.
+    Returns ``(out, pre)`` of shape (..., M): ``pre = x @ weight.T + bias`` and
+    ``out = gelu(pre)`` when ``gelu``; otherwise ``out = x @ weight.T + bias`` and pre is None.
+    """
+    x, weight = _f64(x, "x"), _f64(weight, "weight")
+    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x, weight: expected (..., K) and (M, K), got {x.shape} and {weight.shape}")
+    y = x @ weight.T
+    if bias is not None:
+        bias = _f64(bias, "bias")
+        _same_shape(bias, weight.shape[:1], "bias")
+        y = y + bias
+    if gelu:
+        return gelu_forward(y), y
+    return y, None
+
+
+def linear_backward(dout, x, weight, pre=None, has_bias: bool = True):
+    """Backward of :func:`linear_forward`.
+
+    dout (..., M); x (..., K); weight (M, K); pre (..., M) when the layer had a GELU epilogue
+    (the gradient is multiplied by gelu'(pre) first). Returns ``(dx, dweight, dbias)``:
+    dx (..., K), dweight (M, K), dbias (M,) or None when ``has_bias`` is False.
+    """
+    dout, x, weight = _f64(dout, "dout"), _f64(x, "x"), _f64(weight, "weight")
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x, weight: expected (..., K) and (M, K), got {x.shape} and {weight.shape}")
+    M, K = weight.shape
+    _same_shape(dout, x.shape[:-1] + (M,), "dout")
+    if pre is not None:
+        pre = _f64(pre, "pre")
+        _same_shape(pre, dout.shape, "pre")
+    g = dout if pre is None else gelu_backward(dout, pre)
+    g2, x2 = g.reshape(-1, M), x.reshape(-1, K)
+    dx = g @ weight
+    dweight = g2.T @ x2
+    dbias = g2.sum(axis=0) if has_bias else None
+    return dx, dweight, dbias
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+
+def _split_heads(qkv: np.ndarray, n_head: int):
+    """(B, T, 3C) -> q, k, v each (B, H, T, D), plus C and D."""
+    if qkv.ndim != 3 or qkv.shape[2] % 3 != 0:
+        raise ValueError(f"qkv: expected shape (B, T, 3C), got {qkv.shape}")
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    if n_head < 1 or C % n_head != 0:
+        raise ValueError(f"n_head: must be >= 1 and divide C={C}, got {n_head}")
+    D = C // n_head
+    q, k, v = (qkv[:, :, i * C:(i + 1) * C].reshape(B, T, n_head, D).transpose(0, 2, 1, 3)
+               for i in range(3))
+    return q, k, v, C, D
+
+
+def _attention_mask(T: int, window: Optional[int]) -> np.ndarray:
+    """(T, T) bool: True where query t may see key s (s <= t, and t - window < s)."""
+    if window is not None and window < 0:
+        raise ValueError(f"window: must be None, 0 (dense) or positive, got {window}")
+    t = np.arange(T)[:, None]
+    s = np.arange(T)[None, :]
+    allowed = s <= t
+    if window:  # None or 0: dense causal
+        allowed &= s > t - window
+    return allowed
+
+
+def _attention_probs(q_h, k_h, allowed, scale, lse_h=None):
+    """Scaled, masked scores for one head (B, T, T); softmax probabilities and row lse."""
+    scores = np.where(allowed, (q_h @ k_h.transpose(0, 2, 1)) * scale, -np.inf)
+    if lse_h is None:
+        mx = scores.max(axis=-1, keepdims=True)  # the diagonal is always allowed: finite
+        lse_h = (mx + np.log(np.exp(scores - mx).sum(axis=-1, keepdims=True)))[..., 0]
+    return np.exp(scores - lse_h[..., None]), lse_h
+
+
+def attention_forward(qkv, n_head: int, window: Optional[int] = None):
+    """Causal multi-head self-attention.
+
+    qkv (B, T, 3C) packed as [q | k | v]; head h uses columns h*D:(h+1)*D of each third,
+    D = C / n_head. Query t attends to keys s <= t, and with ``window=w`` (w > 0) only to
+    t - w < s <= t (None or 0: dense causal). Scores are scaled by 1/sqrt(D).
+    Returns ``(out, lse)``: out (B, T, C) with heads concatenated; lse (B, n_head, T), the
+    natural-log log-sum-exp of each row of scaled, masked scores.
+    """
+    qkv = _f64(qkv, "qkv")
+    q, k, v, C, D = _split_heads(qkv, int(n_head))
+    B, H, T, _ = q.shape
+    allowed = _attention_mask(T, window)
+    scale = 1.0 / math.sqrt(D)
+    out = np.empty((B, H, T, D))
+    lse = np.empty((B, H, T))
+    for h in range(H):  # one (B, T, T) score matrix at a time
+        p, lse[:, h] = _attention_probs(q[:, h], k[:, h], allowed, scale)
+        out[:, h] = p @ v[:, h]
+    return out.transpose(0, 2, 1, 3).reshape(B, T, C), lse
+
+
+def attention_backward(dout, qkv, out, lse, n_head: int, window: Optional[int] = None):
+    """Backward of :func:`attention_forward`, from the saved ``out`` and ``lse``.
+
+    dout, out (B, T, C); qkv (B, T, 3C); lse (B, n_head, T). Returns dqkv (B, T, 3C).
+    The probabilities are rebuilt as ``exp(score - lse)``; with ``delta = rowsum(dout * out)``
+    the score gradient is ``p * (dout @ v^T - delta)``.
+    """
+    qkv, dout, out, lse = _f64(qkv, "qkv"), _f64(dout, "dout"), _f64(out, "out"), _f64(lse, "lse")
+    q, k, v, C, D = _split_heads(qkv, int(n_head))
+    B, H, T, _ = q.shape
+    _same_shape(dout, (B, T, C), "dout")
+    _same_shape(out, (B, T, C), "out")
+    _same_shape(lse, (B, H, T), "lse")
+    allowed = _attention_mask(T, window)
+    scale = 1.0 / math.sqrt(D)
+    do = dout.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+    delta = (dout * out).reshape(B, T, H, D).sum(axis=-1).transpose(0, 2, 1)  # (B, H, T)
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    for h in range(H):
+        p, _ = _attention_probs(q[:, h], k[:, h], allowed, scale, lse[:, h])
+        dv[:, h] = p.transpose(0, 2, 1) @ do[:, h]
+        dp = do[:, h] @ v[:, h].transpose(0, 2, 1)
+        ds = p * (dp - delta[:, h, :, None]) * scale  # gradient of the unscaled q.k
+        dq[:, h] = ds @ k[:, h]
+        dk[:, h] = ds.transpose(0, 2, 1) @ q[:, h]
+    merge = lambda a: a.transpose(0, 2, 1, 3).reshape(B, T, C)  # noqa: E731
+    return np.concatenate([merge(dq), merge(dk), merge(dv)], axis=-1)
+
+
+# ---- cross-entropy --------------------------------------------------------------------------
+
+
+def _ce_prepare(logits, targets, vocab_size, ignore_index):
+    """Flatten to (N, Vp) / (N,), check the targets, and take each row's log-sum-exp over the
+    real classes. Returns (logits, real-class view (N, V), safe targets, valid mask, lse)."""
+    logits, targets = _f64(logits, "logits"), _index(targets, "targets")
+    if logits.ndim < 1 or logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits, targets: expected (..., Vp) and (...), got {logits.shape} "
+                         f"and {targets.shape}")
+    Vp = logits.shape[-1]
+    V = Vp if vocab_size is None else int(vocab_size)
+    if not 1 <= V <= Vp:
+        raise ValueError(f"vocab_size: must lie in [1, {Vp}], got {V}")
+    lg = logits.reshape(-1, Vp)[:, :V]
+    t = targets.reshape(-1)
+    valid = t != ignore_index
+    if ((t[valid] < 0) | (t[valid] >= V)).any():
+        raise ValueError(f"targets: must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    t_safe = np.where(valid, t, 0)
+    mx = lg.max(axis=1, keepdims=True)
+    shifted = lg - mx  # the one (N, V) temporary
+    np.exp(shifted, out=shifted)
+    lse = mx[:, 0] + np.log(shifted.sum(axis=1))
+    return logits, lg, t_safe, valid, lse
+
+
+def cross_entropy_forward(logits, targets, vocab_size: Optional[int] = None,
+                          ignore_index: int = -1) -> np.ndarray:
+    """Per-position softmax cross-entropy.
+
+    logits (..., Vp); targets (...) integers. Only the first V = vocab_size (default Vp)
+    columns are classes. Returns losses shaped like targets:
+    ``logsumexp(logits[:V]) - logits[target]``, 0 where ``targets == ignore_index``.
+    A target outside [0, V) that is not ignore_index raises ValueError.
+    """
+    _, lg, t, valid, lse = _ce_prepare(logits, targets, vocab_size, ignore_index)
+    losses = np.where(valid, lse - lg[np.arange(lg.shape[0]), t], 0.0)
+    return losses.reshape(np.shape(targets))
+
+
+def cross_entropy_backward(logits, targets, vocab_size: Optional[int] = None,
+                           ignore_index: int = -1, grad_scale: Optional[float] = None) -> np.ndarray:
+    """Gradient of ``grad_scale * sum(losses)`` with respect to the logits.
+
+    Returns dlogits shaped like logits: ``grad_scale * (softmax(logits[:V]) - onehot(target))``
+    in the first V columns, 0 in padding columns and in ignored rows. grad_scale defaults to
+    1 / (number of non-ignored targets), the gradient of the mean loss (all zeros when every
+    target is ignored).
+    """
+    logits, lg, t, valid, lse = _ce_prepare(logits, targets, vocab_size, ignore_index)
+    n_valid = int(valid.sum())
+    if grad_scale is None:
+        grad_scale = 1.0 / n_valid if n_valid else 0.0
+    N, V = lg.shape
+    dlogits = np.zeros((N, logits.shape[-1]))
+    g = dlogits[:, :V]  # a view: padding columns stay 0
+    np.subtract(lg, lse[:, None], out=g)
+    np.exp(g, out=g)  # softmax
+    g[np.arange(N), t] -= 1.0
+    g *= np.where(valid, float(grad_scale), 0.0)[:, None]
+    return dlogits.reshape(logits.shape)
+
+
+# ---- optimiser ------------------------------------------------------------------------------
+
+
+def adamw_step(param, grad, m, v, *, lr: float, step: int, beta1: float = 0.9,
+               beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
+               decay: bool = True, grad_scale: float = 1.0):
+    """One AdamW step on one tensor, functional (the inputs are not modified).
+
+    ``g = grad * grad_scale``; ``m' = b1 m + (1-b1) g``; ``v' = b2 v + (1-b2) g^2``;
+    ``p' = p - lr * (mhat / (sqrt(vhat) + eps) + wd * p)`` with ``mhat = m' / (1 - b1^step)``,
+    ``vhat = v' / (1 - b2^step)`` and ``wd = weight_decay if decay else 0``. ``step`` counts
+    from 1. Returns ``(new_param, new_m, new_v)``, all shaped like param.
+    """
+    p, g = _f64(param, "param"), _f64(grad, "grad")
+    m, v = _f64(m, "m"), _f64(v, "v")
+    for a, name in ((g, "grad"), (m, "m"), (v, "v")):
+        _same_shape(a, p.shape, name)
+    if int(step) < 1:
+        raise ValueError(f"step: counts from 1, got {step}")
+    g = g * grad_scale
+    m_new = beta1 * m + (1.0 - beta1) * g
+    v_new = beta2 * v + (1.0 - beta2) * g * g
+    mhat = m_new / (1.0 - beta1 ** step)
+    vhat = v_new / (1.0 - beta2 ** step)
+    wd = weight_decay if decay else 0.0
+    p_new = p - lr * (mhat / (np.sqrt(vhat) + eps) + wd * p)
+    return p_new, m_new, v_new
+
+
+def global_norm(arrays: Sequence) -> float:
+    """sqrt of the sum of squares of every element of every array (float64 accumulation)."""
+    total = 0.0
+    for i, a in enumerate(arrays):
+        a = _f64(a, f"arrays[{i}]").reshape(-1)
+        total += float(a @ a)
+    return math.sqrt(total)

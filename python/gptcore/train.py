@@ -1,0 +1,546 @@
+"""The training loop behind ``gptcore train``: data, schedule, evaluation, logs, checkpoints.
+
+    from gptcore.train import TrainConfig, train
+    result = train(TrainConfig(preset="tiny", steps=50))
+
+A run writes into ``out``: ``log.jsonl`` (one JSON object per step and per evaluation) and
+``checkpoint/`` (replaced atomically at every evaluation and at the end). ``resume=True``
+continues from that checkpoint exactly: the same batches, the same updates, the same losses
+as a run that was never interrupted. Ctrl-C stops at the next step boundary and checkpoints.
+
+Checkpoints here are gptcore's native format (a directory: config.json, model.npz, optim.npz,
+state.json); all reading and writing of it lives in :func:`save_checkpoint` and
+:func:`load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import data as gdata
+from ._progress import Progress, format_duration
+from .config import DEMO_PRESETS, GPTConfig
+from .model import GPT
+from .optim import AdamW, lr_at
+
+__all__ = ["TrainConfig", "train", "save_checkpoint", "load_checkpoint", "generate",
+           "default_corpus_dir", "RUN_CONTROL_FIELDS"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. ``data=None`` uses the built-in demo corpus."""
+
+    preset: str = "mini"
+    data: Optional[str] = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    steps: int = 600
+    batch_size: int = 16
+    seq_len: Optional[int] = None  # default: min(block_size, 256)
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup: int = 50
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    seed: int = 1337
+    eval_every: int = 100
+    eval_batches: int = 8
+    out: str = "gptcore-run"
+    resume: Union[bool, str] = False
+    checkpoint: bool = True
+    stop_after: Optional[int] = None  # stop (and checkpoint) after this many steps, as if interrupted
+    sample_tokens: int = 300
+    temperature: float = 0.8
+    top_k: Optional[int] = 40
+    prompt: Optional[str] = None
+    threads: Optional[int] = None
+    progress: bool = True
+    model_overrides: Dict[str, Any] = field(default_factory=dict)  # e.g. {"n_layer": 2}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields a resumed run may change; everything else comes from the checkpoint (it decides the math).
+RUN_CONTROL_FIELDS = ("steps", "eval_every", "eval_batches", "out", "resume", "checkpoint",
+                      "stop_after", "sample_tokens", "temperature", "top_k", "prompt", "threads",
+                      "progress", "device")
+
+
+def _check_train_config(cfg: TrainConfig) -> None:
+    def pos_int(name, allow_zero=False):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+            raise ValueError(f"{name}: expected an int >= {0 if allow_zero else 1}, got {v!r}")
+
+    for n in ("steps", "batch_size", "grad_accum", "eval_batches"):
+        pos_int(n)
+    for n in ("warmup", "eval_every", "sample_tokens"):
+        pos_int(n, allow_zero=True)
+    if cfg.seq_len is not None:
+        pos_int("seq_len")
+    for n in ("lr", "grad_clip", "weight_decay", "min_lr_ratio", "temperature"):
+        v = getattr(cfg, n)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{n}: expected a finite number >= 0, got {v!r}")
+    if cfg.schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"schedule: expected cosine, linear or constant, got {cfg.schedule!r}")
+    if cfg.top_k is not None and (not isinstance(cfg.top_k, int) or cfg.top_k < 1):
+        raise ValueError(f"top_k: expected a positive int or None, got {cfg.top_k!r}")
+    GPTConfig.preset(cfg.preset)  # an unknown preset fails here, before any data work
+
+
+# ---- the default corpus -------------------------------------------------------------------
+
+DEFAULT_CORPUS_BYTES = 4_000_000
+
+
+def _stdlib_files(max_bytes: int) -> List[str]:
+    """A deterministic few-MB subset of the running Python's standard-library sources."""
+    root = os.path.dirname(os.__file__)
+    candidates = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        parts = rel_dir.split(os.sep)
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages",
+                                                                "__pycache__", "test", "tests",
+                                                                "idle_test", "lib2to3"))
+        if any(p.startswith(".") for p in parts if p != "."):
+            continue
+        for fn in sorted(filenames):
+            if fn.endswith(".py"):
+                path = os.path.join(dirpath, fn)
+                rel = os.path.relpath(path, root).replace(os.sep, "/")
+                candidates.append((hashlib.sha1(rel.encode()).hexdigest(), path))
+    candidates.sort()  # a fixed pseudo-random order: a mix of modules, not one package
+    chosen, total = [], 0
+    for _, path in candidates:
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            continue
+        if size < 200 or size > 400_000:
+            continue
+        chosen.append(path)
+        total += size
+        if total >= max_bytes:
+            break
+    if not chosen:
+        raise RuntimeError(f"no Python sources found under {root!r} for the default corpus; "
+                           "pass --data DIR (see `gptcore prepare`)")
+    return chosen
+
+
+def _cache_root() -> str:
+    env = os.environ.get("GPTCORE_CACHE")
+    if env:
+        return env
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "gptcore")
+
+
+def default_corpus_dir(progress: bool = True, max_bytes: int = DEFAULT_CORPUS_BYTES) -> str:
+    """Prepare (once) and return the demo data: stdlib sources, byte-level tokens."""
+    files = _stdlib_files(max_bytes)
+    key = hashlib.sha1()
+    for f in files:
+        key.update(f.encode())
+        key.update(str(os.path.getsize(f)).encode())
+    name = f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}-byte-{key.hexdigest()[:10]}"
+    for root in (_cache_root(), os.path.join(tempfile.gettempdir(), "gptcore-cache")):
+        out = os.path.join(root, name)
+        try:
+            gdata.load_meta(out)
+            if gdata.shard_paths(out, "train") and gdata.shard_paths(out, "val"):
+                return out
+        except (OSError, ValueError):
+            pass
+        try:
+            os.makedirs(root, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=".tmp-" + name, dir=root)
+        except OSError:
+            continue  # not writable: try the next place
+        try:
+            if progress:
+                print(f"Preparing the default corpus: {len(files)} files of Python's standard "
+                      f"library ({sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB) -> {out}",
+                      flush=True)
+            gdata.prepare(files, tmp, val_fraction=0.05, tokenizer="byte", progress=progress)
+            if os.path.exists(out):
+                shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    raise RuntimeError("could not write the default corpus to any cache directory; "
+                       "set GPTCORE_CACHE to a writable directory")
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+CHECKPOINT_NAME = "checkpoint"
+CHECKPOINT_FILES = ("config.json", "model.npz", "optim.npz", "state.json")
+
+
+def save_checkpoint(path: str, model: GPT, optimizer: Optional[AdamW], state: Dict[str, Any]) -> None:
+    """Write a checkpoint directory atomically: build it under a temporary name, then rename.
+
+    ``state`` is any JSON-serialisable dict (step, data-loader state, training config...).
+    An existing checkpoint at ``path`` is replaced only once the new one is complete.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            f.write(model.config.to_json())
+        np.savez(os.path.join(tmp, "model.npz"), **model.state_dict())
+        opt_arrays, opt_state = {}, {}
+        if optimizer is not None:
+            sd = optimizer.state_dict()
+            for group in ("m", "v", "master"):
+                for name, arr in sd.pop(group, {}).items():
+                    opt_arrays[f"{group}/{name}"] = arr
+            opt_state = sd
+        np.savez(os.path.join(tmp, "optim.npz"), **opt_arrays)
+        full_state = dict(state)
+        full_state["optimizer"] = opt_state
+        full_state["format"] = "gptcore-native-1"
+        with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
+            json.dump(full_state, f, indent=2)
+        for name in CHECKPOINT_FILES:
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=parent)
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Read a checkpoint directory: {"config": GPTConfig, "model": {...}, "optim": {...}, "state": {...}}.
+
+    Missing or damaged files raise FileNotFoundError / ValueError naming the file.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        base = os.path.basename(path)
+        olds = sorted(p for p in os.listdir(parent) if p.startswith(".old-" + base + "-")) \
+            if os.path.isdir(parent) else []
+        if olds:  # a crash between the two renames of save_checkpoint
+            path = os.path.join(parent, olds[-1])
+        else:
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    for name in CHECKPOINT_FILES:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"checkpoint {path!r} is incomplete: {name} is missing")
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            config = GPTConfig.from_dict(json.load(f))
+        with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"checkpoint {path!r}: damaged config.json or state.json ({e})") from None
+    if state.get("format") != "gptcore-native-1":
+        raise ValueError(f"checkpoint {path!r}: unknown format {state.get('format')!r}")
+    try:
+        with np.load(os.path.join(path, "model.npz")) as z:
+            model = {k: z[k] for k in z.files}
+        optim: Dict[str, Any] = dict(state.get("optimizer", {}))
+        with np.load(os.path.join(path, "optim.npz")) as z:
+            for key in z.files:
+                group, name = key.split("/", 1)
+                optim.setdefault(group, {})[name] = z[key]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {path!r}: damaged array file ({e})") from None
+    return {"config": config, "model": model, "optim": optim, "state": state, "path": path}
+
+
+# ---- sampling ----------------------------------------------------------------------------
+
+
+def generate(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
+             top_k: Optional[int] = None, seed: int = 0, stop_token: Optional[int] = None) -> List[int]:
+    """Sample tokens after ``prompt_ids`` (temperature, top-k), recomputing the whole context.
+
+    Simple and exact but O(T^2) per token: the KV-cache sampler lives in gptcore.sample.
+    """
+    rng = np.random.default_rng(seed)
+    ids = [int(i) for i in prompt_ids]
+    if not ids:
+        raise ValueError("prompt_ids: expected at least one token")
+    block = model.config.block_size
+    out: List[int] = []
+    for _ in range(int(max_new_tokens)):
+        ctx = np.array(ids[-block:], dtype=np.int32)[None, :]
+        logits = model.logits(ctx, last_only=True)[0].astype(np.float64)
+        if temperature <= 0:
+            nxt = int(np.argmax(logits))
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.size:
+                kth = np.partition(logits, -top_k)[-top_k]
+                logits = np.where(logits < kth, -np.inf, logits)
+            p = np.exp(logits - logits.max())
+            p /= p.sum()
+            nxt = int(rng.choice(p.size, p=p))
+        ids.append(nxt)
+        out.append(nxt)
+        if stop_token is not None and nxt == stop_token:
+            break
+    return out
+
+
+# ---- the loop ----------------------------------------------------------------------------
+
+
+def _model_config(cfg: TrainConfig, meta: Dict[str, Any]) -> GPTConfig:
+    overrides = dict(cfg.model_overrides or {})
+    if cfg.preset.lower() in DEMO_PRESETS and "vocab_size" not in overrides:
+        overrides["vocab_size"] = int(meta["vocab_size"])
+    mc = GPTConfig.preset(cfg.preset, **overrides)
+    if meta["vocab_size"] > mc.vocab_size:
+        raise ValueError(f"data: its tokenizer ({meta.get('tokenizer')}) has {meta['vocab_size']} "
+                         f"tokens but preset {cfg.preset!r} only {mc.vocab_size}")
+    return mc
+
+
+def _emit(log_file, record: Dict[str, Any]) -> None:
+    if log_file is not None:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[gptcore] stopping after this step (Ctrl-C again to abort without a checkpoint)",
+              file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _tokenizer_for(meta: Dict[str, Any]):
+    name = meta.get("tokenizer", "byte")
+    try:
+        return gdata.get_tokenizer(name)
+    except ValueError:
+        return None
+
+
+def evaluate(model: GPT, val: gdata.TokenData, batch_size: int, seq_len: int, max_batches: int) -> float:
+    """Mean validation loss over up to ``max_batches`` deterministic batches."""
+    total, count = 0.0, 0
+    for x, y in gdata.eval_batches(val, batch_size, seq_len, max_batches):
+        n = x.size
+        total += model.loss(x, y) * n
+        count += n
+    return total / count if count else float("nan")
+
+
+def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Run (or resume) training; returns a summary with per-step losses and the final sample."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
+    ckpt = None
+    if cfg.resume:
+        ckpt_path = cfg.resume if isinstance(cfg.resume, str) else os.path.join(cfg.out, CHECKPOINT_NAME)
+        ckpt = load_checkpoint(ckpt_path)
+        saved = ckpt["state"].get("train_config", {})
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        merged = {k: v for k, v in saved.items() if k in known}
+        for k in RUN_CONTROL_FIELDS:
+            merged[k] = getattr(cfg, k)
+        cfg = TrainConfig(**merged)
+    _check_train_config(cfg)
+    if cfg.threads:
+        from . import set_num_threads
+
+        set_num_threads(cfg.threads)
+
+    say = print if cfg.progress else (lambda *a, **k: None)
+    # data
+    data_dir = cfg.data if cfg.data is not None else default_corpus_dir(progress=cfg.progress)
+    meta = gdata.load_meta(data_dir)
+    train_paths, val_paths = gdata.shard_paths(data_dir, "train"), gdata.shard_paths(data_dir, "val")
+    if not train_paths:
+        raise FileNotFoundError(f"data directory {data_dir!r} has no train_*.bin shards")
+    model_cfg = ckpt["config"] if ckpt else _model_config(cfg, meta)
+    train_data = gdata.TokenData(train_paths, model_cfg.vocab_size)
+    val_data = gdata.TokenData(val_paths, model_cfg.vocab_size) if val_paths else None
+    seq_len = cfg.seq_len or min(model_cfg.block_size, 256)
+    if seq_len > model_cfg.block_size:
+        raise ValueError(f"seq_len: {seq_len} exceeds the model's block_size {model_cfg.block_size}")
+    loader = gdata.BatchLoader(train_data, cfg.batch_size, seq_len, seed=cfg.seed)
+
+    # model and optimiser
+    model = GPT(model_cfg, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+    opt = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                seed=cfg.seed)
+    start_step, tokens_seen, elapsed_before = 0, 0, 0.0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optim"])
+        st = ckpt["state"]
+        start_step, tokens_seen = int(st["step"]), int(st.get("tokens", 0))
+        elapsed_before = float(st.get("elapsed", 0.0))
+        loader.load_state_dict(st["loader"])
+        say(f"Resumed from {ckpt['path']} at step {start_step}")
+
+    tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
+    say(f"{model!r}\ndata: {data_dir} ({meta.get('tokenizer')} tokens, {train_data.total:,} train"
+        f"{'' if val_data is None else f', {val_data.total:,} val'}); {cfg.steps} steps x "
+        f"{tokens_per_step:,} tokens (batch {cfg.batch_size} x seq {seq_len} x accum {cfg.grad_accum})")
+
+    os.makedirs(cfg.out, exist_ok=True)
+    log_path = os.path.join(cfg.out, "log.jsonl")
+    log_file = open(log_path, "a" if ckpt else "w", encoding="utf-8")
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    losses: List[float] = []
+    val_history: List[Dict[str, float]] = []
+    last_val = None
+
+    def state_now(step: int) -> Dict[str, Any]:
+        return {"step": step, "tokens": tokens_seen, "loader": loader.state_dict(),
+                "train_config": cfg.to_dict(), "data_meta": meta, "data_dir": os.path.abspath(data_dir),
+                "elapsed": elapsed_before + (time.perf_counter() - t_start), "val_loss": last_val}
+
+    def checkpoint(step: int) -> None:
+        if cfg.checkpoint:
+            save_checkpoint(os.path.join(cfg.out, CHECKPOINT_NAME), model, opt, state_now(step))
+
+    def run_eval(step: int) -> None:
+        nonlocal last_val
+        if val_data is None:
+            return
+        vl = evaluate(model, val_data, cfg.batch_size, seq_len, cfg.eval_batches)
+        last_val = vl
+        ppl = math.exp(vl) if vl < 50 else float("inf")
+        val_history.append({"step": step, "val_loss": vl, "val_ppl": ppl})
+        _emit(log_file, {"step": step, "val_loss": vl, "val_ppl": ppl})
+        bar.write(f"step {step:>6}: val loss {vl:.4f}  perplexity {ppl:.2f}")
+
+    bar = Progress(total=cfg.steps, desc="train", unit="step", enabled=cfg.progress, initial=start_step)
+    t_start = time.perf_counter()
+    step = start_step
+    stopped_early = False
+    try:
+        with _StopFlag() as stop:
+            if start_step == 0 and cfg.eval_every:
+                run_eval(0)
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                lr = lr_at(cfg.schedule, step, cfg.lr, cfg.warmup, cfg.steps, min_lr)
+                model.zero_grad()
+                loss = 0.0
+                for _ in range(cfg.grad_accum):
+                    x, y = loader.next()
+                    loss += model.forward(x, y, loss_scale=1.0 / cfg.grad_accum)
+                    model.backward()
+                loss /= cfg.grad_accum
+                norm = opt.step(lr=lr, grad_clip=cfg.grad_clip or None)
+                step += 1
+                tokens_seen += tokens_per_step
+                dt = time.perf_counter() - t0
+                losses.append(loss)
+                record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                          "tokens": tokens_seen, "dt": dt, "tok_per_s": tokens_per_step / dt}
+                _emit(log_file, record)
+                if on_step is not None:
+                    on_step(record)
+                if not math.isfinite(loss) or not math.isfinite(norm):
+                    bar.write(f"step {step}: non-finite loss {loss} / gradient norm {norm}; stopping "
+                              "(try a lower --lr)")
+                    stopped_early = True
+                    break
+                bar.update(1, postfix=f"loss {loss:.4f} | {tokens_per_step / dt:,.0f} tok/s | lr {lr:.2e}")
+                at_eval = cfg.eval_every and step % cfg.eval_every == 0
+                if at_eval and step < cfg.steps:
+                    run_eval(step)
+                    checkpoint(step)
+                if stop.requested or (cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps):
+                    stopped_early = True
+                    checkpoint(step)
+                    bar.write(f"stopped at step {step}; continue with --resume")
+                    break
+            if not stopped_early:
+                if cfg.eval_every or val_data is not None:
+                    run_eval(step)
+                checkpoint(step)
+    finally:
+        bar.close()
+        log_file.close()
+
+    summary: Dict[str, Any] = {"steps": step, "losses": losses, "val": val_history,
+                               "val_loss": last_val, "out": cfg.out, "model": model,
+                               "stopped_early": stopped_early,
+                               "elapsed": elapsed_before + time.perf_counter() - t_start}
+    if not stopped_early and cfg.sample_tokens:
+        tok = _tokenizer_for(meta)
+        prompt = cfg.prompt if cfg.prompt is not None else ("def " if meta.get("tokenizer") == "byte" else "\n")
+        if tok is not None:
+            prompt_ids = tok.encode(prompt) or [meta.get("eot_token", 0)]
+        else:
+            prompt_ids = [meta.get("eot_token", 0)]
+        ids = generate(model, prompt_ids, cfg.sample_tokens, cfg.temperature, cfg.top_k, seed=cfg.seed)
+        text = tok.decode(list(prompt_ids) + ids) if tok is not None else " ".join(map(str, ids))
+        summary["sample"] = text
+        say(f"\n---- sample (temperature {cfg.temperature}, top-k {cfg.top_k}) ----\n{text}\n"
+            f"---- end of sample ----")
+    if cfg.progress:
+        msg = f"done: {step} steps in {format_duration(summary['elapsed'])}"
+        if losses:
+            msg += f", train loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        if last_val is not None:
+            msg += f", val loss {last_val:.3f}"
+        if cfg.checkpoint:
+            msg += f"; checkpoint in {os.path.join(cfg.out, CHECKPOINT_NAME)}"
+        print(msg)
+    return summary

@@ -1,0 +1,54 @@
+"""Shared fixtures for gptcore's tests.
+
+* ``rng``: a NumPy Generator with a fresh seed per test. The seed is printed (pytest shows it
+  for a failing test) and named in every comparison message, so a failure can be replayed with
+  ``GPTCORE_TEST_SEED=<seed> pytest ...``.
+* Tests marked ``gpu`` are skipped when ``gptcore.cuda.is_available()`` is False.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import numpy as np
+import pytest
+
+import gptcore
+
+
+def pytest_collection_modifyitems(config, items):
+    if gptcore.cuda.is_available():
+        return
+    why = ("no CUDA GPU available" if gptcore.cuda.is_compiled()
+           else "this gptcore build has no CUDA support")
+    skip_gpu = pytest.mark.skip(reason=f"gpu test: {why}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+class SeededRng:
+    """A ``numpy.random.Generator`` that remembers its seed (for failure messages)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.gen = np.random.default_rng(seed)
+
+    def __getattr__(self, name):
+        return getattr(self.gen, name)
+
+    def randn(self, *shape, scale: float = 1.0) -> np.ndarray:
+        """Standard-normal float32 array of ``shape`` times ``scale``."""
+        return (self.gen.standard_normal(shape) * scale).astype(np.float32)
+
+    def __repr__(self) -> str:
+        return f"seed={self.seed}"
+
+
+@pytest.fixture
+def rng() -> SeededRng:
+    env = os.environ.get("GPTCORE_TEST_SEED")
+    seed = int(env) if env else secrets.randbits(32)
+    print(f"rng seed = {seed} (replay with GPTCORE_TEST_SEED={seed})")
+    return SeededRng(seed)

@@ -1,0 +1,99 @@
+"""The `gptcore` command line: help texts, prepare, a tiny training run, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gptcore.cli import main
+
+
+def test_top_level_help_lists_commands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "prepare" in out
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "gptcore train" in capsys.readouterr().out
+
+
+def test_train_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--preset", "--data", "--device", "--dtype", "--steps", "--batch-size", "--seq-len",
+                 "--lr", "--warmup", "--grad-accum", "--eval-every", "--out", "--resume", "--seed",
+                 "gpt2-medium", "gpt3-175b", "examples"):
+        assert flag in out, flag
+
+
+def test_prepare_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    out = capsys.readouterr().out
+    assert "--out" in out and "--tokenizer" in out and "llm.c" in out
+
+
+def test_module_entry_point_runs_as_a_process():
+    r = subprocess.run([sys.executable, "-m", "gptcore.cli", "train", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--grad-accum" in r.stdout
+
+
+def test_prepare_then_train_then_resume(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    data = tmp_path / "data"
+    assert main(["prepare", str(text), "--out", str(data), "--tokenizer", "byte", "--no-progress"]) == 0
+    assert "train" in capsys.readouterr().out
+    out = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--data", str(data), "--steps", "4", "--batch-size", "2",
+            "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1", "--out", str(out),
+            "--sample-tokens", "10", "--prompt", "the ", "--no-progress", "--seed", "3"]
+    assert main(args + ["--stop-after", "2"]) == 0
+    assert (out / "checkpoint" / "model.npz").is_file()
+    assert main(["train", "--out", str(out), "--resume", "--no-progress", "--lr", "9"]) == 0
+    captured = capsys.readouterr()
+    assert "ignoring --lr" in captured.err
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["lr"] < 1 for r in records if "lr" in r), "resume must keep the checkpoint's lr"
+    state = json.load(open(out / "checkpoint" / "state.json"))
+    assert state["step"] == 4
+
+
+def test_train_prints_progress_and_sample(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("abcabcabd " * 300)
+    data = tmp_path / "data"
+    main(["prepare", str(text), "--out", str(data), "--tokenizer", "byte", "--no-progress"])
+    rc = main(["train", "--preset", "tiny", "--data", str(data), "--steps", "3", "--batch-size", "2",
+               "--seq-len", "16", "--eval-every", "0", "--out", str(tmp_path / "r"),
+               "--sample-tokens", "8", "--prompt", "abc"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert "sample" in cap.out and "abc" in cap.out
+    assert "val loss" in cap.out and "perplexity" in cap.out
+    assert "train:" in cap.err and "tok/s" in cap.err and "loss" in cap.err  # the progress bar
+
+
+def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", str(tmp_path / "nothing"), "--no-progress",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "does not exist" in err and "gptcore prepare" in err
+    assert main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "d")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--steps", "0"])
+    assert e.value.code == 2
+    assert ">= 1" in capsys.readouterr().err
+    assert main(["train", "--preset", "gpt9", "--no-progress"]) == 2
+    assert "unknown preset 'gpt9'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "gptcore-run")

@@ -1,0 +1,341 @@
+"""gptcore.Tensor: construction, conversion, bfloat16 rounding, DLPack with NumPy and PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gptcore
+
+INT_DTYPES = [np.int32, np.int64, np.uint16]
+
+
+# ---- construction and properties ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, *INT_DTYPES])
+def test_tensor_from_numpy_copies(rng, dtype):
+    src = (rng.standard_normal((3, 5, 7)) * 100).astype(dtype)
+    t = gptcore.tensor(src)
+    assert isinstance(t, gptcore.Tensor)
+    assert t.shape == (3, 5, 7) and t.ndim == 3 and len(t) == 3
+    assert t.dtype == np.dtype(dtype).name and t.device == "cpu"
+    assert t.numel() == src.size and t.nbytes == src.nbytes
+    out = t.numpy()
+    assert out.dtype == dtype and out.shape == src.shape
+    np.testing.assert_array_equal(out, src, err_msg=f"{rng}")
+    src[0, 0, 0] += 1  # tensor() copies: the source is independent of the tensor
+    assert out[0, 0, 0] != src[0, 0, 0]
+    assert "shape=(3, 5, 7)" in repr(t) and "cpu" in repr(t)
+
+
+def test_tensor_from_python_data():
+    t = gptcore.tensor([[1.5, 2.0], [3.0, -4.25]])
+    assert t.dtype == "float32" and t.shape == (2, 2)  # float64 data becomes float32
+    np.testing.assert_array_equal(t.numpy(), [[1.5, 2.0], [3.0, -4.25]])
+    t = gptcore.tensor([1, 2, 3])
+    assert t.dtype == "int64"
+    np.testing.assert_array_equal(t.numpy(), [1, 2, 3])
+    t = gptcore.tensor([True, False])
+    assert t.dtype == "int32"
+    np.testing.assert_array_equal(t.numpy(), [1, 0])
+    t = gptcore.tensor(np.arange(4, dtype=np.int8))  # unsupported ints widen to int64
+    assert t.dtype == "int64"
+    t = gptcore.tensor([0.5, 1.5], dtype="int32")
+    assert t.dtype == "int32"
+    np.testing.assert_array_equal(t.numpy(), [0, 1])
+
+
+def test_tensor_of_tensor_copies(rng):
+    a = gptcore.tensor(rng.randn(4, 4))
+    b = gptcore.tensor(a)
+    assert b.data_ptr() != a.data_ptr()
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    a.numpy()[0, 0] = 123.0
+    assert b.numpy()[0, 0] != 123.0
+
+
+def test_numpy_views_cpu_memory(rng):
+    t = gptcore.tensor(rng.randn(6, 3))
+    view = t.numpy()
+    view[2, 1] = 42.0
+    assert t.numpy()[2, 1] == 42.0
+    assert np.asarray(t)[2, 1] == 42.0
+
+
+def test_array_protocol(rng):
+    x = rng.randn(2, 3)
+    t = gptcore.tensor(x)
+    a = np.asarray(t)
+    assert a.dtype == np.float32
+    np.testing.assert_array_equal(a, x)
+    a64 = np.asarray(t, dtype=np.float64)
+    assert a64.dtype == np.float64
+    np.testing.assert_array_equal(a64, x.astype(np.float64))
+    c = np.array(t, copy=True)
+    c[0, 0] = -1.0
+    assert t.numpy()[0, 0] == x[0, 0]
+
+
+def test_empty_zeros_view_copy(rng):
+    z = gptcore.zeros((3, 4))
+    assert z.dtype == "float32" and z.shape == (3, 4)
+    np.testing.assert_array_equal(z.numpy(), np.zeros((3, 4), np.float32))
+    e = gptcore.empty((2, 5), dtype="int32")
+    assert e.dtype == "int32" and e.shape == (2, 5)
+    assert e.data_ptr() % 64 == 0  # CPU buffers are 64-byte aligned
+    x = rng.randn(3, 4)
+    z.copy_(gptcore.tensor(x))
+    np.testing.assert_array_equal(z.numpy(), x)
+    v = z.view([4, -1])
+    assert v.shape == (4, 3) and v.data_ptr() == z.data_ptr()
+    np.testing.assert_array_equal(v.numpy(), x.reshape(4, 3))
+    z.zero_()
+    np.testing.assert_array_equal(v.numpy(), 0)
+    with pytest.raises(ValueError, match="view"):
+        z.view([5, 5])
+    with pytest.raises(ValueError, match="copy_"):
+        z.copy_(gptcore.zeros((4, 3), dtype="int32"))
+
+
+def test_zero_size_tensor():
+    t = gptcore.tensor(np.zeros((0, 3), np.float32))
+    assert t.shape == (0, 3) and t.numel() == 0
+    assert t.numpy().shape == (0, 3)
+    assert t.to(dtype="bfloat16").numpy().shape == (0, 3)
+
+
+# ---- .to(): dtype conversions ---------------------------------------------------------------
+
+
+def test_to_same_is_self(rng):
+    t = gptcore.tensor(rng.randn(3))
+    assert t.to().data_ptr() == t.data_ptr()
+    assert t.to(device="cpu", dtype="float32").data_ptr() == t.data_ptr()
+
+
+def test_to_int_float_conversions(rng):
+    x = np.array([-2.75, -0.5, 0.0, 0.5, 1.999, 1e6], np.float32)
+    i32 = gptcore.tensor(x).to(dtype="int32")
+    assert i32.dtype == "int32"
+    np.testing.assert_array_equal(i32.numpy(), x.astype(np.int32))  # C truncation toward zero
+    ints = rng.integers(-(2**40), 2**40, size=50)
+    t64 = gptcore.tensor(ints)
+    np.testing.assert_array_equal(t64.to(dtype="float32").numpy(), ints.astype(np.float32))
+    small = rng.integers(0, 65535, size=50)
+    u = gptcore.tensor(small, dtype="uint16")
+    assert u.dtype == "uint16"
+    np.testing.assert_array_equal(u.to(dtype="int64").numpy(), small)
+    np.testing.assert_array_equal(u.to(dtype="int32").to(dtype="uint16").numpy(), small)
+    big = np.array([2**40 + 3, -(2**35) - 1], np.int64)  # int64 -> float32 -> int64 stays close
+    np.testing.assert_array_equal(gptcore.tensor(big).to(dtype="int32").to(dtype="int64").numpy(),
+                                  big.astype(np.int32).astype(np.int64))
+
+
+# ---- bfloat16 -------------------------------------------------------------------------------
+
+
+def bf16_round_numpy(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 -> float32 with round-to-nearest-even, written from the definition:
+    keep the top 16 bits; if the dropped 16 bits are above half an ulp round up, below round
+    down, exactly half round to the even neighbour. NaN stays NaN."""
+    x = np.ascontiguousarray(x, np.float32)
+    bits = x.view(np.uint32).astype(np.uint64)
+    upper, lower = bits >> 16, bits & 0xFFFF
+    round_up = (lower > 0x8000) | ((lower == 0x8000) & ((upper & 1) == 1))
+    upper = upper + round_up.astype(np.uint64)
+    out = (upper << 16).astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(x), np.float32(np.nan), out)
+
+
+def test_bf16_round_to_nearest_even_cases():
+    one = np.float32(1.0)
+    ulp = np.float32(2.0**-7)  # bf16 spacing at 1.0
+    cases = np.array([
+        one + ulp / 2,            # tie, 1.0 is even -> 1.0
+        one + 3 * ulp / 2,        # tie, 1 + ulp is odd -> 1 + 2 ulp
+        one + ulp / 2 + 2.0**-20,  # just above the tie -> 1 + ulp
+        -(one + 3 * ulp / 2),     # sign symmetric
+        np.float32(3.4e38),        # rounds up past the largest bf16 -> inf
+        np.inf, -np.inf, 0.0, -0.0,
+        np.float32(1e-40),         # subnormal
+    ], np.float32)
+    expected = np.array([1.0, 1.0 + 2.0**-6, 1.0 + 2.0**-7, -(1.0 + 2.0**-6), np.inf,
+                         np.inf, -np.inf, 0.0, -0.0], np.float32)
+    got = gptcore.tensor(cases).to(dtype="bfloat16").numpy()
+    np.testing.assert_array_equal(got[:-1], expected)
+    np.testing.assert_array_equal(got, bf16_round_numpy(cases))
+    assert np.signbit(got[8])
+    nan = gptcore.tensor(np.array([np.nan, -np.nan], np.float32)).to(dtype="bfloat16").numpy()
+    assert np.isnan(nan).all()
+
+
+def test_bf16_round_trip_random(rng):
+    # Wide exponent range, plus values built to sit exactly on a rounding tie.
+    x = (rng.standard_normal(4096) * np.exp2(rng.integers(-60, 60, 4096))).astype(np.float32)
+    ties = (rng.integers(0, 2**15, 1024, dtype=np.uint32) << 17 | 0x8000 | (0x3F << 24)).view(np.float32)
+    x = np.concatenate([x, ties])
+    t = gptcore.tensor(x, dtype="bfloat16")
+    assert t.dtype == "bfloat16" and t.nbytes == 2 * x.size
+    want = bf16_round_numpy(x)
+    got = t.numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want, err_msg=f"{rng}")
+    np.testing.assert_array_equal(t.to(dtype="float32").numpy(), want)
+    # A second round trip is exact: bf16 values are representable in bf16.
+    np.testing.assert_array_equal(gptcore.tensor(want, dtype="bfloat16").numpy(), want)
+    np.testing.assert_array_equal(np.asarray(t), want)
+
+
+def test_bf16_to_int(rng):
+    x = np.array([1.5, -2.5, 300.0], np.float32)
+    t = gptcore.tensor(x, dtype="bfloat16").to(dtype="int32")
+    np.testing.assert_array_equal(t.numpy(), [1, -2, 300])
+
+
+# ---- DLPack with NumPy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, *INT_DTYPES])
+def test_dlpack_numpy_zero_copy_both_ways(rng, dtype):
+    src = (rng.standard_normal((4, 6)) * 50).astype(dtype)
+    t = gptcore.from_dlpack(src)  # NumPy -> gptcore
+    assert t.shape == src.shape and t.dtype == np.dtype(dtype).name
+    assert t.data_ptr() == src.ctypes.data
+    back = np.from_dlpack(t)  # gptcore -> NumPy
+    assert back.ctypes.data == src.ctypes.data
+    back[1, 2] = 7
+    assert src[1, 2] == 7 and t.numpy()[1, 2] == 7
+    src[3, 5] = 9
+    assert back[3, 5] == 9
+    assert t.__dlpack_device__() == (1, 0)
+
+
+def test_dlpack_keeps_memory_alive(rng):
+    x = rng.randn(1000)
+    want = x.copy()
+    t = gptcore.from_dlpack(x)
+    del x
+    np.testing.assert_array_equal(t.numpy(), want)
+    g = gptcore.tensor(want)
+    arr = np.from_dlpack(g)
+    del g
+    np.testing.assert_array_equal(arr, want)
+
+
+def test_from_dlpack_capsule_and_reuse(rng):
+    t = gptcore.tensor(rng.randn(5))
+    cap = t.__dlpack__()
+    u = gptcore.from_dlpack(cap)
+    assert u.data_ptr() == t.data_ptr()
+    with pytest.raises(ValueError, match="consumed"):
+        gptcore.from_dlpack(cap)
+    versioned = t.__dlpack__(max_version=(1, 0))
+    assert gptcore.from_dlpack(versioned).data_ptr() == t.data_ptr()
+
+
+def test_from_dlpack_non_contiguous_raises(rng):
+    x = rng.randn(6, 8)
+    for bad in (x[:, ::2], x.T, x[::2]):
+        with pytest.raises(ValueError, match="contiguous"):
+            gptcore.from_dlpack(bad)
+    # size-1 dimensions may carry any stride: still a dense buffer
+    one = x[2:3, :]
+    assert gptcore.from_dlpack(one).shape == (1, 8)
+
+
+def test_from_dlpack_unsupported_dtype():
+    with pytest.raises(TypeError, match="dtype"):
+        gptcore.from_dlpack(np.zeros(3, np.float64))
+    with pytest.raises(TypeError, match="DLPack"):
+        gptcore.from_dlpack(object())
+
+
+def test_as_tensor_accepts_buffers(rng):
+    x = rng.randn(3, 4)
+    t = gptcore.as_tensor(x)
+    assert t.data_ptr() == x.ctypes.data
+    m = gptcore.as_tensor(memoryview(x))
+    assert m.data_ptr() == x.ctypes.data
+    assert gptcore.as_tensor(t) is t
+
+
+# ---- PyTorch (only when installed) -----------------------------------------------------------
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32", "int64"])
+def test_torch_round_trip_zero_copy(rng, torch, dtype):
+    tt = torch.from_numpy(rng.randn(5, 7) * 10).to(getattr(torch, dtype))
+    g = gptcore.from_dlpack(tt)  # torch -> gptcore
+    assert g.dtype == dtype and g.shape == (5, 7)
+    assert g.data_ptr() == tt.data_ptr()
+    back = torch.from_dlpack(g)  # gptcore -> torch
+    assert back.dtype == tt.dtype and back.data_ptr() == tt.data_ptr()
+    back[0, 0] = 3
+    assert tt[0, 0].item() == 3
+    np.testing.assert_array_equal(g.numpy(), tt.float().numpy() if dtype == "bfloat16" else tt.numpy())
+
+
+def test_torch_bf16_rounding_matches(rng, torch):
+    x = (rng.standard_normal(2048) * np.exp2(rng.integers(-30, 30, 2048))).astype(np.float32)
+    ours = torch.from_dlpack(gptcore.tensor(x, dtype="bfloat16"))
+    theirs = torch.from_numpy(x).to(torch.bfloat16)
+    assert torch.equal(ours, theirs), f"{rng}"
+
+
+def test_torch_non_contiguous_raises(rng, torch):
+    tt = torch.randn(4, 6).t()
+    with pytest.raises(ValueError, match="contiguous"):
+        gptcore.from_dlpack(tt)
+    with pytest.raises(ValueError, match="x: must be C-contiguous"):
+        gptcore.ops.layernorm_forward(tt, torch.ones(4), torch.zeros(4))
+
+
+def test_torch_tensors_into_ops(rng, torch):
+    x = torch.randn(3, 16)
+    w, b = torch.ones(16), torch.zeros(16)
+    out, mean, rstd = gptcore.ops.layernorm_forward(x, w, b)
+    want = torch.nn.functional.layer_norm(x, (16,), w, b, eps=1e-5)
+    assert torch.allclose(torch.from_dlpack(out), want, atol=1e-5)
+
+
+# ---- CUDA availability ----------------------------------------------------------------------
+
+
+def test_cuda_flags():
+    assert isinstance(gptcore.cuda.is_compiled(), bool)
+    assert isinstance(gptcore.cuda.is_available(), bool)
+    assert gptcore.cuda.is_available() == (gptcore.cuda.is_compiled() and gptcore.cuda.device_count() > 0)
+    if not gptcore.cuda.is_compiled():
+        assert gptcore.cuda.device_count() == 0
+        assert gptcore.cuda.current_stream() == 0
+
+
+def test_cuda_request_without_gpu_raises():
+    if gptcore.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    x = np.ones(3, np.float32)
+    for make in (lambda: gptcore.tensor(x, device="cuda"),
+                 lambda: gptcore.tensor(x).to(device="cuda:0"),
+                 lambda: gptcore.zeros((2,), device="cuda"),
+                 lambda: gptcore.empty((2,), device="cuda:1")):
+        with pytest.raises(RuntimeError, match="CUDA"):
+            make()
+
+
+def test_bad_device_and_dtype_names():
+    with pytest.raises(ValueError, match="device"):
+        gptcore.tensor([1.0], device="gpu")
+    with pytest.raises(ValueError, match="device"):
+        gptcore.zeros((2,), device="cuda:x")
+    with pytest.raises(TypeError, match="dtype"):
+        gptcore.tensor([1.0], dtype="float16")
+    with pytest.raises(TypeError, match="dtype"):
+        gptcore.zeros((2,), dtype="complex64")
+    with pytest.raises(TypeError, match="data"):
+        gptcore.tensor(np.array([1 + 2j]))

@@ -1,0 +1,242 @@
+"""Optimiser, schedules, the training loop, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from gptcore import data as gd
+from gptcore import reference as R
+from gptcore.config import GPTConfig
+from gptcore.model import GPT
+from gptcore.optim import AdamW, cosine_lr, linear_lr, lr_at
+from gptcore.train import TrainConfig, generate, load_checkpoint, save_checkpoint, train
+
+
+def tiny_cfg(**kw):
+    base = dict(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=37)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small byte-level dataset with some structure to learn."""
+    root = tmp_path_factory.mktemp("corpus")
+    gen = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "lambda", "yield", "for", "in", "if"]
+    files = []
+    for i in range(3):
+        text = "\n".join(" ".join(gen.choice(words, 6)) + ":" for _ in range(300))
+        p = root / f"f{i}.py"
+        p.write_text(text)
+        files.append(str(p))
+    out = root / "data"
+    gd.prepare(files, str(out), val_fraction=0.1, tokenizer="byte", progress=False)
+    return str(out)
+
+
+# ---- optimiser ----------------------------------------------------------------------------
+
+
+def test_adamw_matches_reference_with_clipping_and_decay_mask(rng):
+    model = GPT(tiny_cfg(), seed=0)
+    x = rng.integers(0, 37, (2, 16))
+    opt = AdamW(model, lr=1e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.5)
+    names = list(model.parameters())
+    assert [n for n, d in zip(opt.names, opt.decay) if d] == \
+        [n for n in names if n.endswith("weight") and "ln_" not in n or n in ("wte", "wpe")]
+    state = {n: (p.numpy().astype(np.float64), np.zeros(p.shape), np.zeros(p.shape))
+             for n, p in model.parameters().items()}
+    for step in (1, 2, 3):
+        model.zero_grad()
+        model.forward(x, x)
+        model.backward()
+        grads = {n: g.numpy().astype(np.float64) for n, g in model.grads().items()}
+        ref_norm = R.global_norm(list(grads.values()))
+        clip = 0.5 * ref_norm if step != 2 else None  # clipping active on steps 1 and 3
+        norm = opt.step(grad_clip=clip)
+        assert abs(norm - ref_norm) < 1e-5 * ref_norm
+        scale = 1.0 if clip is None else clip / (ref_norm + 1e-6)
+        for (n, p), d in zip(model.parameters().items(), opt.decay):
+            p0, m0, v0 = state[n]
+            p1, m1, v1 = R.adamw_step(p0, grads[n], m0, v0, lr=1e-2, step=step, beta1=0.8, beta2=0.9,
+                                      eps=1e-6, weight_decay=0.5, decay=d, grad_scale=scale)
+            np.testing.assert_allclose(p.numpy(), p1, rtol=1e-5, atol=1e-6, err_msg=n)
+            state[n] = (p.numpy().astype(np.float64), m1, v1)
+    assert opt.t == 3
+
+
+def test_adamw_state_round_trip_and_errors():
+    model = GPT(tiny_cfg(), seed=0)
+    opt = AdamW(model, lr=1e-3)
+    x = np.arange(32).reshape(2, 16) % 37
+    model.forward(x, x)
+    model.backward()
+    opt.step()
+    sd = opt.state_dict()
+    other = AdamW(GPT(tiny_cfg(), seed=1), lr=5.0)
+    other.load_state_dict(sd)
+    assert other.t == 1 and other.lr == 1e-3
+    for a, b in zip(opt.m + opt.v, other.m + other.v):
+        assert np.array_equal(a.numpy(), b.numpy())
+    sd["m"]["wpe"] = sd["m"]["wpe"][:2]
+    with pytest.raises(ValueError, match="wpe"):
+        other.load_state_dict(sd)
+    with pytest.raises(ValueError, match="betas"):
+        AdamW(model, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="lr"):
+        AdamW(model, lr=-1.0)
+    with pytest.raises(TypeError, match="model"):
+        AdamW(object())
+    with pytest.raises(ValueError, match="lr"):
+        opt.step(lr=float("nan"))
+
+
+def test_lr_schedules():
+    assert cosine_lr(0, 1.0, 10, 100) == pytest.approx(0.1)
+    assert cosine_lr(9, 1.0, 10, 100) == pytest.approx(1.0)
+    assert cosine_lr(10, 1.0, 10, 100, min_lr=0.1) == pytest.approx(1.0)
+    assert cosine_lr(55, 1.0, 10, 100, min_lr=0.1) == pytest.approx(0.55)
+    assert cosine_lr(100, 1.0, 10, 100, min_lr=0.1) == pytest.approx(0.1)
+    assert linear_lr(55, 1.0, 10, 100, min_lr=0.0) == pytest.approx(0.5)
+    lrs = [lr_at("cosine", s, 1.0, 10, 100, 0.1) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at("constant", 50, 2.0, 10, 100) == 2.0
+    with pytest.raises(ValueError, match="schedule"):
+        lr_at("step", 1, 1.0, 0, 10)
+
+
+# ---- learning -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_loss_falls_when_overfitting_one_batch(rng, prenorm):
+    cfg = tiny_cfg(prenorm=prenorm, attn_window=[None, 4])
+    model = GPT(cfg, seed=int(rng.integers(1000)))
+    opt = AdamW(model, lr=1e-2, weight_decay=0.0)
+    x = rng.integers(0, 37, (4, 16))
+    y = rng.integers(0, 37, (4, 16))
+    losses = []
+    for _ in range(40):
+        model.zero_grad()
+        losses.append(model.forward(x, y))
+        model.backward()
+        opt.step(grad_clip=1.0)
+    assert losses[0] > math.log(37) - 0.3, losses[0]
+    assert losses[-1] < 0.3 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f} ({rng})"
+
+
+def test_generate_is_seeded_and_greedy_is_argmax(rng):
+    model = GPT(tiny_cfg(), seed=0)
+    a = generate(model, [1, 2, 3], 20, temperature=1.0, top_k=5, seed=3)
+    assert a == generate(model, [1, 2, 3], 20, temperature=1.0, top_k=5, seed=3)
+    assert len(a) == 20 and all(0 <= t < 37 for t in a)
+    g = generate(model, [1, 2, 3], 5, temperature=0.0)
+    ids = [1, 2, 3]
+    for t in g:
+        assert t == int(np.argmax(model(np.array([ids]))[0, -1]))
+        ids.append(t)
+    assert generate(model, [4], 5, temperature=1.0, top_k=1) == generate(model, [4], 5, temperature=0.0)
+    assert len(generate(model, list(range(30)), 3)) == 3  # longer than block_size: cropped
+
+
+# ---- the trainer ------------------------------------------------------------------------------
+
+
+def run_cfg(corpus, out, **kw):
+    base = dict(preset="tiny", data=corpus, steps=8, batch_size=4, seq_len=32, lr=3e-3, warmup=2,
+                eval_every=3, eval_batches=2, out=str(out), sample_tokens=0, progress=False, seed=11)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_equals_uninterrupted(corpus, tmp_path):
+    full = train(run_cfg(corpus, tmp_path / "a", grad_accum=2))
+    assert len(full["losses"]) == 8 and not full["stopped_early"]
+    part = train(run_cfg(corpus, tmp_path / "b", grad_accum=2, stop_after=5))
+    assert part["stopped_early"] and len(part["losses"]) == 5
+    rest = train(run_cfg(corpus, tmp_path / "b", resume=True))
+    assert rest["steps"] == 8
+    assert part["losses"] + rest["losses"] == full["losses"], "resumed losses differ"
+    assert rest["val_loss"] == full["val_loss"]
+    for name, p in full["model"].parameters().items():
+        assert np.array_equal(p.numpy(), rest["model"].parameters()[name].numpy()), name
+    # the log has every step once and the evaluations
+    lines = [json.loads(s) for s in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in lines if "val_loss" in r] == [0, 3, 6, 8]
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in lines if "val_loss" in r)
+
+
+def test_training_reduces_loss_and_samples(corpus, tmp_path):
+    res = train(run_cfg(corpus, tmp_path / "c", steps=30, eval_every=0, sample_tokens=40,
+                        prompt="def ", lr=1e-2))
+    assert np.mean(res["losses"][-5:]) < 0.75 * np.mean(res["losses"][:3])
+    assert res["sample"].startswith("def ") and len(res["sample"]) > 4
+    ck = load_checkpoint(str(tmp_path / "c" / "checkpoint"))
+    assert ck["state"]["step"] == 30 and ck["config"].vocab_size == 257
+
+
+def test_checkpoint_save_is_atomic_and_load_validates(tmp_path):
+    model = GPT(tiny_cfg(), seed=0)
+    opt = AdamW(model)
+    path = str(tmp_path / "ck")
+    save_checkpoint(path, model, opt, {"step": 1})
+    first = load_checkpoint(path)
+    assert first["state"]["step"] == 1 and first["config"] == model.config
+    model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
+    with pytest.raises(TypeError):  # not JSON-serialisable: the save fails midway
+        save_checkpoint(path, model, opt, {"step": 2, "bad": object()})
+    again = load_checkpoint(path)
+    assert again["state"]["step"] == 1, "a failed save must leave the old checkpoint"
+    assert np.array_equal(again["model"]["wpe"], first["model"]["wpe"])
+    assert sorted(os.listdir(tmp_path)) == ["ck"], "no temporary directories left behind"
+    save_checkpoint(path, model, opt, {"step": 2})
+    assert load_checkpoint(path)["state"]["step"] == 2
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nope"))
+    os.unlink(os.path.join(path, "optim.npz"))
+    with pytest.raises(FileNotFoundError, match="optim.npz"):
+        load_checkpoint(path)
+    with open(os.path.join(path, "optim.npz"), "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(ValueError, match="damaged"):
+        load_checkpoint(path)
+
+
+def test_trainer_rejects_bad_settings(corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(run_cfg(str(tmp_path / "missing"), tmp_path / "o"))
+    with pytest.raises(ValueError, match="seq_len"):
+        train(run_cfg(corpus, tmp_path / "o", seq_len=500))
+    with pytest.raises(ValueError, match="steps"):
+        train(run_cfg(corpus, tmp_path / "o", steps=0))
+    with pytest.raises(ValueError, match="vocabulary|tokens"):
+        train(run_cfg(corpus, tmp_path / "o", preset="tiny", model_overrides={"vocab_size": 100}))
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        train(run_cfg(corpus, tmp_path / "fresh", resume=True))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text(json.dumps({"vocab_size": 257, "tokenizer": "byte"}))
+    (foreign / "train_000000.bin").write_bytes(b"\x00" * 4096)
+    with pytest.raises(ValueError, match="not a token shard"):
+        train(run_cfg(str(foreign), tmp_path / "o"))
+
+
+def test_default_corpus_comes_from_the_standard_library(tmp_path, monkeypatch):
+    from gptcore import train as gt
+
+    monkeypatch.setenv("GPTCORE_CACHE", str(tmp_path / "cache"))
+    files = gt._stdlib_files(300_000)
+    assert files == gt._stdlib_files(300_000), "the subset must be deterministic"
+    assert all(f.endswith(".py") and "site-packages" not in f for f in files)
+    d = gt.default_corpus_dir(progress=False, max_bytes=300_000)
+    meta = gd.load_meta(d)
+    assert meta["tokenizer"] == "byte" and meta["train_tokens"] > 250_000
+    assert d.startswith(str(tmp_path / "cache"))
+    assert gt.default_corpus_dir(progress=False, max_bytes=300_000) == d  # cached
