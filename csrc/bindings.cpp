@@ -290,6 +290,7 @@ CuPy or JAX without a copy.
   m.def("linear_backward", &ops::linear_backward, nogil);
   m.def("attention_forward", &ops::attention_forward, nogil);
   m.def("attention_backward", &ops::attention_backward, nogil);
+  m.def("attention_kvcache", &ops::attention_kvcache, nogil);
   m.def("cross_entropy", &ops::cross_entropy, nogil);
   m.def("adamw_step", &ops::adamw_step, nogil);
   m.def("global_norm", &ops::global_norm, nogil);
@@ -326,8 +327,8 @@ CuPy or JAX without a copy.
       if (const char* p = PyUnicode_AsUTF8AndSize(text.ptr(), &n)) return std::string_view(p, size_t(n));
       PyErr_Clear();
       py::bytes fixed = py::reinterpret_borrow<py::object>(text)
-                            .attr("encode")("utf-8", "surrogatepass")
-                            .attr("decode")("utf-8", "replace")
+                            .attr("encode")("utf-16", "surrogatepass")
+                            .attr("decode")("utf-16", "replace")
                             .attr("encode")("utf-8");
       *spill = std::string(fixed);
       return *spill;
@@ -402,6 +403,17 @@ CuPy or JAX without a copy.
                return to_list(ids);
              },
              py::arg("text"))
+        .def("encode_bytes",
+             [to_list](const tk::BPE& self, const py::bytes& data) {
+               const std::string_view view(data);
+               std::vector<tk::TokenId> ids;
+               {
+                 py::gil_scoped_release nogil;
+                 ids = self.encode_ordinary(view);
+               }
+               return to_list(ids);
+             },
+             py::arg("data"), "encode_ordinary of raw bytes; invalid UTF-8 bytes count as 'other'")
         .def("encode_batch",
              [batch_of, to_list](const tk::BPE& self, const py::sequence& texts,
                                  const std::vector<std::string>& allowed, int num_threads) {
@@ -458,6 +470,32 @@ CuPy or JAX without a copy.
                return py::bytes(out);
              },
              py::arg("ids"))
+        .def("decode_list",
+             [](const tk::BPE& self, const py::list& ids) {
+               // A Python list of ints, read without a NumPy round trip.
+               std::vector<int64_t> v(py::len(ids));
+               for (size_t i = 0; i < v.size(); ++i) {
+                 PyObject* o = PyList_GET_ITEM(ids.ptr(), static_cast<Py_ssize_t>(i));
+                 if (!PyLong_Check(o) || PyBool_Check(o))
+                   throw TypeError("tokens[" + std::to_string(i) + "]: expected an int token id, got " +
+                                   std::string(Py_TYPE(o)->tp_name));
+                 int overflow = 0;
+                 const long long x = PyLong_AsLongLongAndOverflow(o, &overflow);
+                 if (overflow != 0 || (x == -1 && PyErr_Occurred())) {
+                   PyErr_Clear();
+                   throw ValueError("tokens[" + std::to_string(i) +
+                                    "]: not a token id of this tokenizer (too large)");
+                 }
+                 v[i] = x;
+               }
+               std::string out;
+               {
+                 py::gil_scoped_release nogil;
+                 out = self.decode(v.data(), v.size());
+               }
+               return py::bytes(out);
+             },
+             py::arg("ids"))
         .def("vocab",
              [](const tk::BPE& self) {
                py::list out;
@@ -485,22 +523,47 @@ CuPy or JAX without a copy.
              },
              py::arg("id"));
 
+    auto train_config = [](size_t vocab_size, const std::vector<std::string>& special_tokens,
+                           uint64_t min_frequency, int num_threads, uint64_t chunk_bytes) {
+      tk::TrainConfig config;
+      config.vocab_size = vocab_size;
+      config.special_tokens = special_tokens;
+      config.min_frequency = min_frequency;
+      config.num_threads = num_threads;
+      if (chunk_bytes > 0) config.chunk_bytes = chunk_bytes;
+      return config;
+    };
     mt.def("train",
-           [batch_of](const py::sequence& texts, const std::vector<std::string>& files, size_t vocab_size,
-                      const std::vector<std::string>& special_tokens, uint64_t min_frequency,
-                      int num_threads) {
+           [batch_of, train_config](const py::sequence& texts, const std::vector<std::string>& files,
+                                    size_t vocab_size, const std::vector<std::string>& special_tokens,
+                                    uint64_t min_frequency, int num_threads, uint64_t chunk_bytes) {
              TextBatch b;
              batch_of(texts, &b);
-             tk::TrainConfig config;
-             config.vocab_size = vocab_size;
-             config.special_tokens = special_tokens;
-             config.min_frequency = min_frequency;
-             config.num_threads = num_threads;
+             const tk::TrainConfig config =
+                 train_config(vocab_size, special_tokens, min_frequency, num_threads, chunk_bytes);
              py::gil_scoped_release nogil;
              return tk::train_bpe(b.views, files, config);
            },
            py::arg("texts"), py::arg("files"), py::arg("vocab_size"), py::arg("special_tokens"),
-           py::arg("min_frequency"), py::arg("num_threads"));
+           py::arg("min_frequency"), py::arg("num_threads"), py::arg("chunk_bytes") = 0);
+    mt.def("count_pieces",
+           [batch_of, train_config](const py::sequence& texts, const std::vector<std::string>& files,
+                                    const std::vector<std::string>& special_tokens, int num_threads,
+                                    uint64_t chunk_bytes) {
+             TextBatch b;
+             batch_of(texts, &b);
+             const tk::TrainConfig config = train_config(0, special_tokens, 1, num_threads, chunk_bytes);
+             std::vector<std::pair<std::string, uint64_t>> counts;
+             {
+               py::gil_scoped_release nogil;
+               counts = tk::count_pieces(b.views, files, config);
+             }
+             py::dict out;
+             for (const auto& [piece, n] : counts) out[py::bytes(piece)] = n;
+             return out;
+           },
+           py::arg("texts"), py::arg("files"), py::arg("special_tokens"), py::arg("num_threads"),
+           py::arg("chunk_bytes") = 0, "training's first step: {piece bytes: count}");
     mt.def("pretokenize",
            [utf8_of](py::handle text) {
              std::string spill;
@@ -538,6 +601,13 @@ CuPy or JAX without a copy.
              return out;
            },
            py::arg("strings"), "GPT-2 vocabulary-file spelling -> token bytes");
+    mt.def("vocab_string_to_bytes_or_none",
+           [](const std::string& s) -> py::object {
+             std::string b;
+             if (!tk::vocab_string_to_bytes(s, &b)) return py::none();
+             return py::bytes(b);
+           },
+           py::arg("string"));
   }
   // ==== end tokenizer ====
 }

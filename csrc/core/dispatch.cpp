@@ -369,6 +369,43 @@ Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& o
   return dqkv;
 }
 
+// ---- KV-cache attention (decoding) --------------------------------------------------------
+
+Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int64_t pos,
+                         int64_t n_head, std::optional<int64_t> window) {
+  check_attention_args(qkv, n_head, std::nullopt);
+  const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3, D = C / n_head;
+  for (const auto& [t, name] :
+       {std::pair<const Tensor*, const char*>{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+    check_float(*t, name);
+    check_dim(*t, name, 4, "(B, n_head, max_T, head_dim) cache");
+    check_same_device(qkv, *t, "qkv", name);
+    check_same_dtype(qkv, *t, "qkv", name);
+    need(t->size(0) == B && t->size(1) == n_head && t->size(3) == D && t->size(2) >= 1,
+         std::string(name) + ": expected shape (" + std::to_string(B) + ", " +
+             std::to_string(n_head) + ", max_T, " + std::to_string(D) +
+             ") for qkv " + qkv.shape_str() + " and n_head " + std::to_string(n_head) + ", got " +
+             t->shape_str());
+  }
+  check_shape(v_cache, "v_cache", k_cache.shape());
+  need(k_cache.raw() != v_cache.raw(), "v_cache: is the same memory as k_cache; pass two buffers");
+  const int64_t Tmax = k_cache.size(2);
+  need(pos >= 0, "pos: expected >= 0, got " + std::to_string(pos));
+  need(pos + Tn <= Tmax, "pos: " + std::to_string(pos) + " + " + std::to_string(Tn) +
+                             " new tokens exceeds the cache's " + std::to_string(Tmax) +
+                             " positions");
+  int w = 0;
+  if (window) {
+    need(*window >= 1, "window: expected >= 1 (or None for full causal attention), got " +
+                           std::to_string(*window));
+    w = static_cast<int>(std::min<int64_t>(*window, Tmax));  // a window >= Tmax is dense
+  }
+  Tensor out = empty({B, Tn, C}, qkv.dtype(), qkv.device());
+  GPTCORE_DISPATCH(qkv.device(), attention_kvcache(out, k_cache, v_cache, qkv, pos,
+                                                   static_cast<int>(n_head), w));
+  return out;
+}
+
 // ---- cross-entropy ------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& targets,

@@ -59,6 +59,12 @@ namespace gptcore {
                          int window);                                                          \
   void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv,                 \
                           const Tensor& out, const Tensor& lse, int n_head, int window);       \
+  /* Decoding attention over a KV cache. qkv (B,Tn,3C) holds Tn new tokens at absolute        \
+     positions pos..pos+Tn-1; k_cache, v_cache (B,H,Tmax,D), qkv's dtype. Writes the new k, v  \
+     into the caches at those positions (in place), then new token i attends causally to       \
+     cache positions 0..pos+i (with window w > 0 only the last w of them). out (B,Tn,C). */    \
+  void attention_kvcache(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,     \
+                         int64_t pos, int n_head, int window);                                 \
                                                                                                \
   /* logits (N,Vp), targets (N,), only the first V columns are real (V <= Vp).                 \
      losses[i] = logsumexp(logits[i,:V]) - logits[i,targets[i]], 0 where targets[i] ==         \
@@ -139,6 +145,10 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t n_head,
                                              std::optional<int64_t> window);
 Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out,
                           const Tensor& lse, int64_t n_head, std::optional<int64_t> window);
+// KV-cache attention for decoding: writes qkv's k, v into k_cache, v_cache (B, H, Tmax, D) at
+// positions pos..pos+Tn-1 (in place), returns out (B, Tn, C).
+Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int64_t pos,
+                         int64_t n_head, std::optional<int64_t> window);
 
 // returns (losses, dlogits) -- dlogits undefined unless with_grad
 std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& targets,

@@ -90,9 +90,13 @@ void linear_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& d
   float* dw = dweight.data<float>();
   float* db = dbias.defined() ? dbias.data<float>() : nullptr;
   // g = dout * gelu'(pre) needs its own buffer (dout belongs to the caller); without GELU g is
-  // dout itself.
-  std::vector<float> gbuf(p ? static_cast<size_t>(N * M) : 0);
-  const float* g = p ? gbuf.data() : dout.data<float>();
+  // dout itself. The buffer is kept per calling thread and reused, so a training step does not
+  // page-fault a fresh (N, M) allocation for every MLP layer.
+  static thread_local std::vector<float> gbuf;
+  if (p && gbuf.size() < static_cast<size_t>(N * M)) gbuf.resize(static_cast<size_t>(N * M));
+  // Taken here: inside the parallel region `gbuf` would name each worker's own (empty) buffer.
+  float* gelu_g = gbuf.data();
+  const float* g = p ? gelu_g : dout.data<float>();
 #pragma omp parallel
   {
     const int tid = thread_id(), nt = thread_count();
@@ -101,10 +105,10 @@ void linear_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& d
     if (m1 > m0) {
       if (p) {  // GELU derivative for this thread's columns
         const float* d = dout.data<float>();
-        float* gg = gbuf.data();
         for (int64_t i = 0; i < N; ++i) {
 #pragma omp simd
-          for (int64_t j = m0; j < m1; ++j) gg[i * M + j] = d[i * M + j] * cpu::gelu_grad(p[i * M + j]);
+          for (int64_t j = m0; j < m1; ++j)
+            gelu_g[i * M + j] = d[i * M + j] * cpu::gelu_grad(p[i * M + j]);
         }
       }
       if (db) {  // column sums, rows in order (deterministic)

@@ -6,6 +6,7 @@
 #include <exception>
 #include <limits>
 #include <queue>
+#include <system_error>
 #include <thread>
 
 #include "core/tensor.h"  // ValueError
@@ -24,6 +25,8 @@ constexpr size_t kMaxCachedPiece = 256;
 // A cache is emptied when it grows past either bound.
 constexpr size_t kCacheMaxEntries = size_t{1} << 18;
 constexpr size_t kCacheMaxTokens = size_t{1} << 22;
+// More threads than this are never started, whatever the caller asks for.
+constexpr size_t kMaxThreads = 256;
 
 // Bytes for an error message: printable ASCII as is, everything else as \xNN.
 std::string show(std::string_view b) {
@@ -115,9 +118,11 @@ void BPE::set_vocab(const std::vector<std::pair<std::string, int64_t>>& vocab,
                        " has no token; a byte-level BPE needs all 256");
     byte_token_[b] = static_cast<TokenId>(*v);
   }
+  special_index_ = BytesMap(specials.size());
   for (const auto& [text, id] : specials) {
-    for (const auto& s : specials_)
-      if (s.first == text) throw ValueError("special tokens: " + show(text) + " is listed twice");
+    if (special_index_.find(text))
+      throw ValueError("special tokens: " + show(text) + " is listed twice");
+    special_index_.put(text, static_cast<uint64_t>(id));
     if (present_[id])
       throw ValueError("special token " + show(text) + " has id " + std::to_string(id) +
                        ", which already belongs to " + show(bytes_of[id]));
@@ -390,11 +395,10 @@ void BPE::encode_into(std::string_view text, const std::vector<std::string>& all
   // Resolve the allowed names to ids.
   std::vector<std::pair<std::string_view, TokenId>> specials;
   for (const std::string& name : allowed) {
-    auto it = std::find_if(specials_.begin(), specials_.end(),
-                           [&](const auto& s) { return s.first == name; });
-    if (it == specials_.end())
+    const uint64_t* id = special_index_.find(name);
+    if (!id)
       throw ValueError("allowed_special: " + show(name) + " is not a special token of this tokenizer");
-    specials.emplace_back(it->first, it->second);
+    specials.emplace_back(name, static_cast<TokenId>(*id));
   }
   if (specials.empty()) {
     encode_ordinary_into(text, cache, out);
@@ -473,7 +477,7 @@ std::vector<std::vector<TokenId>> BPE::encode_batch(const std::vector<std::strin
   }
   size_t threads = num_threads > 0 ? static_cast<size_t>(num_threads)
                                    : std::max(1u, std::thread::hardware_concurrency());
-  threads = std::min(threads, texts.size());
+  threads = std::min({threads, texts.size(), kMaxThreads});
   std::atomic<size_t> next{0};
   std::exception_ptr error;
   std::mutex error_mutex;
@@ -491,15 +495,14 @@ std::vector<std::vector<TokenId>> BPE::encode_batch(const std::vector<std::strin
     }
     give_cache(cache);
   };
-  if (threads <= 1) {
-    work();
-  } else {
-    std::vector<std::thread> pool;
-    pool.reserve(threads - 1);
+  std::vector<std::thread> pool;
+  try {
     for (size_t t = 0; t + 1 < threads; ++t) pool.emplace_back(work);
-    work();
-    for (std::thread& th : pool) th.join();
+  } catch (const std::system_error&) {
+    // The system would not give us more threads: the ones we have (and this one) do the work.
   }
+  work();
+  for (std::thread& th : pool) th.join();
   if (error) std::rethrow_exception(error);
   return results;
 }
@@ -511,7 +514,7 @@ std::string BPE::decode(const int64_t* ids, size_t n) const {
   for (size_t i = 0; i < n; ++i) {
     const int64_t t = ids[i];
     if (t < 0 || t >= int64_t(vocab_size_) || !present_[t])
-      throw ValueError("ids: position " + std::to_string(i) + " holds " + std::to_string(t) +
+      throw ValueError("tokens: position " + std::to_string(i) + " holds " + std::to_string(t) +
                        ", which is not a token id of this tokenizer (vocab_size " +
                        std::to_string(vocab_size_) + ")");
     total += offset_[t + 1] - offset_[t];

@@ -114,6 +114,7 @@ class BPE {
   std::vector<MergeRule> merges_;
   bool consistent_ = false;
   std::vector<std::pair<std::string, TokenId>> specials_;
+  BytesMap special_index_;  // special text -> id
 
   mutable std::mutex pool_mutex_;
   mutable std::vector<Cache*> pool_;

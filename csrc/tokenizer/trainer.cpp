@@ -8,6 +8,7 @@
 #include <mutex>
 #include <queue>
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 
@@ -130,7 +131,7 @@ BytesMap count_all(const std::vector<std::string_view>& texts, const std::vector
       units.push_back({i, true, b, std::min<uint64_t>(file_size[i], b + chunk)});
   }
   size_t threads = config.num_threads > 0 ? size_t(config.num_threads) : std::max(1u, std::thread::hardware_concurrency());
-  threads = std::max<size_t>(1, std::min(threads, units.size()));
+  threads = std::max<size_t>(1, std::min<size_t>({threads, units.size(), 256}));
 
   std::vector<BytesMap> partial(threads, BytesMap(1 << 12));
   std::atomic<size_t> next{0};
@@ -162,7 +163,11 @@ BytesMap count_all(const std::vector<std::string_view>& texts, const std::vector
     }
   };
   std::vector<std::thread> pool;
-  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  try {
+    for (size_t t = 1; t < threads; ++t) pool.emplace_back(work, t);
+  } catch (const std::system_error&) {
+    // fewer threads than asked for: the ones started (and this one) share the units
+  }
   work(0);
   for (std::thread& th : pool) th.join();
   if (error) std::rethrow_exception(error);
@@ -278,7 +283,7 @@ class Learner {
       if (!hit) continue;  // a stale entry: the word no longer holds the pair
       for (size_t i = 0; i + 1 < s.size(); ++i) {
         auto it = pair_count_.find(pair_key(s[i], s[i + 1]));
-        if ((it->second -= n) == 0) pair_count_.erase(it);
+        if (it != pair_count_.end() && (it->second -= n) == 0) pair_count_.erase(it);
       }
       for (size_t i = 0; i + 1 < out.size(); ++i) {
         const uint64_t k = pair_key(out[i], out[i + 1]);

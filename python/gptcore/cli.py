@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gptcore",
         description="Train and prepare data for GPT-1/2/3 models on gptcore's own C++/CUDA kernels.",
-        epilog="Run `gptcore COMMAND --help` for a command's options. "
+        epilog="Run `gptcore COMMAND --help` for a command's options.\n"
                "Start with `gptcore train` (no arguments): a 5-minute CPU demo.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"gptcore {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads for the kernels (default: all cores)")
     g = t.add_argument_group("optimisation")
-    g.add_argument("--steps", type=_positive_int, default=None, help=f"optimiser steps (default {d.steps})")
+    g.add_argument("--steps", type=_positive_int, default=None, help="optimiser steps (default 600)")
     g.add_argument("--batch-size", type=_positive_int, default=None,
                    help=f"sequences per micro-batch (default {d.batch_size})")
     g.add_argument("--seq-len", type=_positive_int, default=None,
@@ -113,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help=f"seed for init and batches (default {d.seed})")
     g = t.add_argument_group("evaluation, output and resuming")
     g.add_argument("--eval-every", type=_nonneg_int, default=None,
-                   help=f"evaluate and checkpoint every N steps, 0 = only at the end (default {d.eval_every})")
+                   help="evaluate and checkpoint every N steps, 0 = only at the end (default 100)")
     g.add_argument("--eval-batches", type=_positive_int, default=None,
-                   help=f"validation batches per evaluation (default {d.eval_batches})")
+                   help="validation batches per evaluation (default 8)")
     g.add_argument("--out", default=None, metavar="DIR",
                    help=f"run directory for log.jsonl and checkpoint/ (default ./{d.out})")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",

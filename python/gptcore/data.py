@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -127,52 +126,44 @@ class ByteTokenizer:
 
 
 class _GPT2Adapter:
-    """Wraps gptcore.tokenizer.Tokenizer.gpt2() with the small interface data.py needs."""
+    """Wraps gptcore.tokenizer.Tokenizer.gpt2() with the small interface data.py needs.
+
+    Text is encoded as ordinary text: a literal "<|endoftext|>" inside a file is not special.
+    """
 
     name = "gpt2"
 
     def __init__(self, tok):
         self._tok = tok
-        self.vocab_size = int(getattr(tok, "vocab_size", 50257))
-        eot = getattr(tok, "eot_token", None)
-        if eot is None:
-            eot = getattr(tok, "eot_id", None)
-        self.eot_token = 50256 if eot is None else int(eot)
+        self.vocab_size = int(tok.vocab_size)
+        self.eot_token = int(tok.eot_token) if tok.eot_token is not None else 50256
 
     def encode(self, text: str) -> List[int]:
-        return list(self._tok.encode(text))
+        return list(self._tok.encode_ordinary(text))
 
     def encode_array(self, text: str) -> np.ndarray:
-        return np.asarray(self._tok.encode(text), dtype=np.uint16)
+        return np.asarray(self._tok.encode_ordinary(text), dtype=np.uint16)
 
     def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size
-                                 and int(i) != self.eot_token])
-
-
-def gpt2_available() -> bool:
-    try:
-        from .tokenizer import Tokenizer  # noqa: F401  (issue 5)
-    except Exception:
-        return False
-    return hasattr(Tokenizer, "gpt2")
+        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
 
 def get_tokenizer(name: str = "auto"):
-    """``"byte"``, ``"gpt2"``, or ``"auto"`` (GPT-2 when gptcore.tokenizer is there, else byte)."""
+    """``"byte"``, ``"gpt2"``, or ``"auto"`` (GPT-2 when its vocabulary is installed, else byte)."""
     if not isinstance(name, str):
         raise TypeError(f"tokenizer: expected a name, got {type(name).__name__}")
     name = name.lower()
     if name == "byte":
         return ByteTokenizer()
     if name in ("gpt2", "auto"):
-        if gpt2_available():
-            from .tokenizer import Tokenizer
+        try:
+            from .tokenizer import Tokenizer  # issue 5
 
             return _GPT2Adapter(Tokenizer.gpt2())
-        if name == "gpt2":
-            raise ValueError("tokenizer: 'gpt2' needs gptcore.tokenizer, which this install lacks")
-        return ByteTokenizer()
+        except (ImportError, AttributeError, OSError, RuntimeError) as e:
+            if name == "gpt2":
+                raise ValueError(f"tokenizer: 'gpt2' is not available here ({e})") from None
+            return ByteTokenizer()
     raise ValueError(f"tokenizer: expected 'byte', 'gpt2' or 'auto', got {name!r}")
 
 

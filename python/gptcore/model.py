@@ -374,10 +374,13 @@ class GPT:
         if not last_only:
             return self._logits_numpy(self._run(idx_t)["logits"])
         x = self._run(idx_t, head=False)["final"]["x"]
-        # (B, 1, C): the last position, through the host (there is no slicing op)
-        last = np.ascontiguousarray(np.asarray(x.numpy())[:, -1:, :])
-        out, _ = ops.linear_forward(_upload(last, self.device, self.dtype), self._params["wte"], None)
-        return np.ascontiguousarray(np.asarray(out.numpy())[:, 0, : self.config.vocab_size])
+        B, T, C = x.shape
+        if B == 1:  # the last row of a (T, C) view, on the device
+            last = x.view([T, C]).narrow(T - 1, 1)
+        else:  # (B, C): one row per sequence, gathered through the host
+            last = _upload(np.ascontiguousarray(np.asarray(x.numpy())[:, -1, :]), self.device, self.dtype)
+        out, _ = ops.linear_forward(last, self._params["wte"], None)
+        return np.ascontiguousarray(np.asarray(out.numpy())[:, : self.config.vocab_size])
 
     def _logits_numpy(self, logits: Tensor) -> np.ndarray:
         arr = np.asarray(logits.numpy())

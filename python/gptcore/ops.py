@@ -36,6 +36,7 @@ __all__ = [
     "linear_backward",
     "attention_forward",
     "attention_backward",
+    "attention_kvcache",
     "cross_entropy_forward",
     "cross_entropy_forward_backward",
     "adamw_step",
@@ -165,6 +166,24 @@ def attention_backward(dout, qkv, out, lse, n_head: int, window: Optional[int] =
     return _C.attention_backward(as_tensor(dout, "dout"), as_tensor(qkv, "qkv"),
                                  as_tensor(out, "out"), as_tensor(lse, "lse"), int(n_head),
                                  None if window is None else int(window))
+
+
+def attention_kvcache(qkv, k_cache, v_cache, pos: int, n_head: int,
+                      window: Optional[int] = None) -> Tensor:
+    """Attention for decoding: append new tokens to a KV cache and attend over it.
+
+    qkv (B, Tn, 3C) packed like :func:`attention_forward`, holding Tn new tokens at absolute
+    positions ``pos .. pos+Tn-1`` (every row of the batch shares ``pos``). k_cache and v_cache
+    (B, n_head, Tmax, D) have qkv's dtype and device and are updated **in place**: the new
+    keys and values are written at those positions (they must be gptcore Tensors or writable
+    arrays). New token i then attends causally to cache positions ``0 .. pos+i``, and with
+    ``window=w`` only to the last w of them (``pos+i-w < s <= pos+i``). Requires
+    ``pos + Tn <= Tmax``. Returns out (B, Tn, C), heads concatenated; with ``pos=0`` it equals
+    ``attention_forward(qkv, n_head, window)[0]``.
+    """
+    return _C.attention_kvcache(as_tensor(qkv, "qkv"), as_tensor(k_cache, "k_cache"),
+                                as_tensor(v_cache, "v_cache"), int(pos), int(n_head),
+                                None if window is None else int(window))
 
 
 # ---- cross-entropy --------------------------------------------------------------------------

@@ -13,12 +13,12 @@ Gradient accumulation needs nothing here: parameter gradients accumulate (+=) ac
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from . import ops
-from .tensor import Tensor, from_numpy, zeros
+from .tensor import from_numpy, zeros
 
 __all__ = ["AdamW", "lr_at", "cosine_lr", "linear_lr"]
 
@@ -70,6 +70,12 @@ class AdamW:
         if any(p.dtype != "float32" for p in self.params):
             self.master = [p.to(dtype="float32") for p in self.params]
         self.t = 0  # completed steps (AdamW's bias correction counts from 1)
+
+    def sync_master(self) -> None:
+        """Refresh the float32 master weights from the parameters (after loading new weights)."""
+        if self.master is not None:
+            for mw, p in zip(self.master, self.params):
+                mw.copy_(p.to(dtype="float32"))
 
     def grad_norm(self) -> float:
         """The global L2 norm of every gradient."""
@@ -132,6 +138,8 @@ class AdamW:
                 if tuple(arr.shape) != tuple(p.shape):
                     raise ValueError(f"state[{group!r}][{n!r}]: expected shape {tuple(p.shape)}, got {arr.shape}")
                 staged[(group, n)] = arr
+        if self.master is not None and state.get("master") is None:
+            self.sync_master()  # a float32 checkpoint: the masters start from the parameters
         for (group, n), arr in staged.items():
             i = self.names.index(n)
             target = getattr(self, group)[i]

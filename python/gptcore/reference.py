@@ -35,6 +35,7 @@ __all__ = [
     "linear_backward",
     "attention_forward",
     "attention_backward",
+    "attention_kvcache",
     "cross_entropy_forward",
     "cross_entropy_backward",
     "adamw_step",
@@ -438,3 +439,46 @@ def global_norm(arrays: Sequence) -> float:
         a = _f64(a, f"arrays[{i}]").reshape(-1)
         total += float(a @ a)
     return math.sqrt(total)
+
+
+# ---- KV-cache attention (decoding) ----------------------------------------------------------
+
+
+def attention_kvcache(qkv, k_cache, v_cache, pos: int, n_head: int,
+                      window: Optional[int] = None):
+    """Decoding attention over a KV cache (the semantics of ``ops.attention_kvcache``).
+
+    qkv (B, Tn, 3C) holds Tn new tokens at absolute positions pos .. pos+Tn-1; k_cache and
+    v_cache are (B, n_head, Tmax, D). The new keys and values are written at those positions,
+    then new token i attends to cache positions s <= pos+i (and, with ``window=w``, s >
+    pos+i-w). Pure: returns ``(out, k_cache_new, v_cache_new)``, out (B, Tn, C), leaving the
+    inputs untouched (the op updates its caches in place).
+    """
+    qkv = _f64(qkv, "qkv")
+    q, k, v, C, D = _split_heads(qkv, int(n_head))
+    B, H, Tn, _ = q.shape
+    kc = _f64(k_cache, "k_cache").copy()
+    vc = _f64(v_cache, "v_cache").copy()
+    if kc.ndim != 4 or kc.shape[:2] != (B, H) or kc.shape[3] != D:
+        raise ValueError(f"k_cache: expected shape ({B}, {H}, Tmax, {D}), got {kc.shape}")
+    _same_shape(vc, kc.shape, "v_cache")
+    Tmax = kc.shape[2]
+    pos = int(pos)
+    if pos < 0 or pos + Tn > Tmax:
+        raise ValueError(f"pos: need 0 <= pos and pos + {Tn} <= {Tmax}, got pos={pos}")
+    if window is not None and window < 1:
+        raise ValueError(f"window: expected None or >= 1, got {window}")
+    kc[:, :, pos:pos + Tn] = k
+    vc[:, :, pos:pos + Tn] = v
+    L = pos + Tn  # keys that exist after the append
+    t = pos + np.arange(Tn)[:, None]
+    s = np.arange(L)[None, :]
+    allowed = s <= t
+    if window is not None:
+        allowed &= s > t - window
+    scores = np.where(allowed, (q @ kc[:, :, :L].transpose(0, 1, 3, 2)) / math.sqrt(D), -np.inf)
+    scores -= scores.max(axis=-1, keepdims=True)  # each query sees itself: finite
+    p = np.exp(scores)
+    p /= p.sum(axis=-1, keepdims=True)
+    out = p @ vc[:, :, :L]  # (B, H, Tn, D)
+    return out.transpose(0, 2, 1, 3).reshape(B, Tn, C), kc, vc

@@ -41,8 +41,7 @@ Saved format
 * ``special_tokens.json``: a JSON object ``{text: id}`` of the special tokens.
 
 ``load(directory)`` reads them back. ``from_files`` without ``special_tokens`` treats as special
-every ``encoder.json`` entry that is neither a single byte nor made by a merge (for GPT-2:
-``<|endoftext|>``).
+every ``encoder.json`` entry spelled ``<...>`` that no merge makes (for GPT-2: ``<|endoftext|>``).
 """
 
 from __future__ import annotations
@@ -134,15 +133,18 @@ def _build_from_gpt2_files(encoder_data: bytes, bpe_data: bytes, special_tokens,
     ids = [encoder[k] for k in keys]
 
     if special_tokens is None:
-        # Entries that are neither a single byte nor the result of a merge are special tokens.
+        # Entries spelled <...> that are neither a single byte nor made by a merge are special
+        # tokens (GPT-2: <|endoftext|>). Other unreachable entries stay ordinary tokens: BPE never
+        # produces them, but they decode.
         made = {a + b for a, b in merges_str}
-        special_tokens = {k: encoder[k] for k in keys if k not in made and len(k) > 1}
+        special_tokens = {k: encoder[k] for k in keys
+                          if len(k) > 2 and k[0] == "<" and k[-1] == ">" and k not in made}
         # A special token's text is stored as is when every character is in GPT-2's alphabet
         # as itself (true of "<|endoftext|>"); otherwise decode the spelling.
         fixed = {}
         for k, v in special_tokens.items():
-            raw = _unmap([k], where_enc)[0] if _is_mapped(k) else k.encode("utf-8")
-            fixed[raw.decode("utf-8", errors="replace")] = v
+            raw = _core.vocab_string_to_bytes_or_none(k)
+            fixed[(k.encode("utf-8") if raw is None else raw).decode("utf-8", errors="replace")] = v
         special_names = set(special_tokens)
         special_tokens = fixed
     else:
@@ -163,14 +165,6 @@ def _build_from_gpt2_files(encoder_data: bytes, bpe_data: bytes, special_tokens,
         return _core.BPE(vocab, merges, sorted(special_tokens.items(), key=lambda kv: kv[1]))
     except ValueError as exc:
         raise ValueError(f"{where_enc} / {where_bpe}: {exc}") from None
-
-
-def _is_mapped(s: str) -> bool:
-    try:
-        _core.vocab_strings_to_bytes([s])
-        return True
-    except ValueError:
-        return False
 
 
 def _check_special_map(special_tokens, arg: str) -> dict:
@@ -252,7 +246,7 @@ class Tokenizer:
     def from_files(cls, encoder_json: PathLike, vocab_bpe: PathLike,
                    special_tokens: Optional[dict] = None) -> "Tokenizer":
         """A vocabulary in GPT-2's format. ``special_tokens`` ({text: id}) defaults to the entries
-        of ``encoder.json`` that are neither single bytes nor made by a merge."""
+        of ``encoder.json`` spelled ``<...>`` that no merge makes (GPT-2: ``<|endoftext|>``)."""
         enc = _read_bytes(encoder_json, "encoder_json")
         bpe = _read_bytes(vocab_bpe, "vocab_bpe")
         core = _build_from_gpt2_files(enc, bpe, special_tokens, f"encoder_json ({os.fspath(encoder_json)})",
@@ -357,7 +351,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts_or_files, vocab_size: int,
               special_tokens: Sequence[str] = (EOT,), min_frequency: int = 2,
-              num_threads: Optional[int] = None) -> "Tokenizer":
+              num_threads: Optional[int] = None, _chunk_bytes: int = 0) -> "Tokenizer":
         """Learns a byte-level BPE with GPT-2's pre-tokenizer, in C++.
 
         ``texts_or_files``: a str (one text), a ``pathlib.Path`` (one file), or an iterable of
@@ -396,10 +390,13 @@ class Tokenizer:
                 raise ValueError(f"special_tokens: expected non-empty str, got {s!r}")
         if len(set(special_tokens)) != len(special_tokens):
             raise ValueError("special_tokens: a special token is listed twice")
+        if vocab_size < 256 + len(special_tokens):
+            raise ValueError(f"vocab_size: {vocab_size} is too small; it must cover the 256 byte "
+                             f"tokens and the {len(special_tokens)} special token(s)")
         if not isinstance(min_frequency, int) or min_frequency < 1:
             raise ValueError(f"min_frequency: expected an int >= 1, got {min_frequency!r}")
         core = _core.train(texts, files, int(vocab_size), special_tokens, int(min_frequency),
-                           _threads(num_threads))
+                           _threads(num_threads), int(_chunk_bytes))
         return cls(core, name="trained")
 
     @classmethod
@@ -525,6 +522,16 @@ class Tokenizer:
             raise TypeError(f"text: expected str, got {type(text).__name__}")
         return self._core.encode_ordinary(text)
 
+    def encode_bytes(self, data: bytes) -> list:
+        """``encode_ordinary`` of raw bytes. Valid UTF-8 gives exactly ``encode_ordinary`` of the
+        decoded text; a byte that is not part of valid UTF-8 counts as a punctuation-like code
+        point, so any byte string round-trips through ``decode_bytes``."""
+        if isinstance(data, (bytearray, memoryview)):
+            data = bytes(data)
+        if not isinstance(data, bytes):
+            raise TypeError(f"data: expected bytes, got {type(data).__name__}")
+        return self._core.encode_bytes(data)
+
     def encode_batch(self, texts: Sequence[str], *, allowed_special: SpecialSet = frozenset(),
                      disallowed_special: SpecialSet = "all", num_threads: Optional[int] = None) -> list:
         """``[encode(t) for t in texts]``, on ``num_threads`` C++ threads (default: all cores)."""
@@ -552,6 +559,8 @@ class Tokenizer:
 
     def decode_bytes(self, tokens) -> bytes:
         """The bytes the token ids stand for (any ids, including ones that split a character)."""
+        if type(tokens) is list:
+            return self._core.decode_list(tokens)
         return self._core.decode(_ids_array(tokens))
 
     def decode(self, tokens, errors: str = "replace") -> str:
@@ -610,7 +619,10 @@ def _ids_array(tokens) -> np.ndarray:
     if arr.ndim != 1:
         raise ValueError(f"tokens: expected a 1-D sequence of ids, got shape {arr.shape}")
     if arr.dtype.kind == "O":
-        raise TypeError("tokens: expected int token ids; an element is not an int (or is too large)")
+        for x in arr:
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise TypeError(f"tokens: expected int token ids, got {type(x).__name__}")
+        raise ValueError(f"tokens: {max(arr, key=abs)} is not a token id of this tokenizer")
     if arr.dtype.kind not in "iu":
         raise TypeError(f"tokens: expected int token ids, got dtype {arr.dtype}")
     if arr.dtype.kind == "u" and arr.dtype.itemsize == 8 and arr.size and arr.max() > np.iinfo(np.int64).max:

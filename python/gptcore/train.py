@@ -49,7 +49,7 @@ class TrainConfig:
     data: Optional[str] = None
     device: str = "cpu"
     dtype: str = "float32"
-    steps: int = 600
+    steps: Optional[int] = None  # default 600; on resume: the checkpoint's
     batch_size: int = 16
     seq_len: Optional[int] = None  # default: min(block_size, 256)
     lr: float = 2e-3
@@ -62,8 +62,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     seed: int = 1337
-    eval_every: int = 100
-    eval_batches: int = 8
+    eval_every: Optional[int] = None  # default 100; on resume: the checkpoint's
+    eval_batches: Optional[int] = None  # default 8; on resume: the checkpoint's
     out: str = "gptcore-run"
     resume: Union[bool, str] = False
     checkpoint: bool = True
@@ -80,10 +80,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Fields a resumed run may change; everything else comes from the checkpoint (it decides the math).
+# Fields a resumed run takes from its new TrainConfig; everything else comes from the checkpoint
+# (it decides the math). Of these, the ones that are None in the new config keep the
+# checkpoint's value. Changing steps changes the LR schedule: no longer an exact continuation.
 RUN_CONTROL_FIELDS = ("steps", "eval_every", "eval_batches", "out", "resume", "checkpoint",
                       "stop_after", "sample_tokens", "temperature", "top_k", "prompt", "threads",
                       "progress", "device")
+_DEFAULTS_IF_UNSET = {"steps": 600, "eval_every": 100, "eval_batches": 8}
 
 
 def _check_train_config(cfg: TrainConfig) -> None:
@@ -397,8 +400,11 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         merged = {k: v for k, v in saved.items() if k in known}
         for k in RUN_CONTROL_FIELDS:
-            merged[k] = getattr(cfg, k)
+            if getattr(cfg, k) is not None or k not in _DEFAULTS_IF_UNSET:
+                merged[k] = getattr(cfg, k)
         cfg = TrainConfig(**merged)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in _DEFAULTS_IF_UNSET.items()
+                                      if getattr(cfg, k) is None})
     _check_train_config(cfg)
     if cfg.threads:
         from . import set_num_threads
@@ -422,11 +428,12 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
 
     # model and optimiser
     model = GPT(model_cfg, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
     opt = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                 seed=cfg.seed)
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     if ckpt:
-        model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optim"])
         st = ckpt["state"]
         start_step, tokens_seen = int(st["step"]), int(st.get("tokens", 0))

@@ -1,0 +1,897 @@
+"""Generation: a KV-cache sampler with GPT-3's completion controls.
+
+    >>> tokens = generate(model, idx, 50, temperature=0.8, top_p=0.95, seed=0)   # (B, T + 50)
+    >>> text = complete(model, tokenizer, "Once upon a time", max_new_tokens=50, stop=["\\n\\n"])
+
+How a batch is decoded (:class:`Decoder`):
+
+* The prompt is run through the model once (*prefill*), writing every layer's keys and values
+  into a cache allocated once per call, (B, n_head, max_len, head_dim) per layer, in the model's
+  dtype and on its device. After that each step feeds one position per row and attends over
+  the cache with :func:`gptcore.ops.attention_kvcache` (GPT-3's banded layers keep their window).
+* All rows share one position counter. Prompts of different lengths are left-aligned: the
+  common prefix (the shortest prompt) is prefilled for every row at once, then rows still inside
+  their prompt are fed their next prompt token instead of a sample until they reach its end.
+  A row's result is therefore exactly what running it alone gives.
+* Only the last position's logits are computed by the LM head; sampling runs in NumPy (float64)
+  on those (B, V) logits.
+
+Sampling controls, applied in this order to each row's next-token logits:
+
+1. ``logit_bias``  {token id: bias} added to the logits (``-inf`` bans a token).
+2. ``frequency_penalty``, ``presence_penalty`` (OpenAI's definition): ``logit[j] -= count[j] *
+   frequency_penalty + (count[j] > 0) * presence_penalty``, where ``count[j]`` counts how often the
+   row has *generated* token j so far (the prompt does not count).
+3. ``temperature``: the logits are divided by it; ``temperature=0`` is greedy (argmax, the
+   filters below cannot change it).
+4. ``top_k``: only the k most likely tokens stay.
+5. ``top_p`` (nucleus): of those, only the smallest most-likely-first set whose probability
+   reaches ``top_p`` stays (the most likely token always does).
+
+The next token is then drawn from the renormalised probabilities by inverse-CDF with one
+uniform number from the row's own ``numpy.random.Generator`` (``seed`` seeds them all; row b
+uses the b-th child of ``numpy.random.SeedSequence(seed)``), so seeded runs repeat and a row's
+draws do not depend on how many other rows are in the batch.
+
+``logprobs=k`` reports, per generated token, its log-probability and the k most likely tokens
+with theirs, under the distribution after steps 1-2 (logit bias and penalties) but before
+temperature and the filters, i.e. what the model (as adjusted) believes, not the sampler.
+
+Stopping: a row stops after ``max_new_tokens`` tokens, when it produces the tokenizer's
+end-of-text token (when a tokenizer is given; the token is not returned), or when it produces
+one of the ``stop`` sequences (not returned either). Stop sequences are strings, matched on the
+decoded text (they need a tokenizer), or sequences of token ids, matched on the tokens. Rows
+that stop early are padded with ``PAD`` (-1) and their lengths can be returned.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import sys
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import ops
+from .tensor import Tensor, empty, tensor, zeros
+
+__all__ = ["generate", "complete", "Decoder", "Logprobs", "TokenLogprob", "PAD",
+           "add_sample_subcommand", "sample_command", "load_for_sampling"]
+
+PAD = -1  # fills the end of rows that stopped early (never a token id)
+
+
+# ---- incremental inference --------------------------------------------------------------------
+
+
+class Decoder:
+    """Incremental inference over a KV cache for one batch of ``batch_size`` rows.
+
+    ``forward(tokens)`` takes the next (B, Tn) token ids of every row, at positions
+    ``pos .. pos+Tn-1``, appends their keys and values to the cache, advances ``pos`` and returns
+    the float32 logits (B, vocab_size) of the last of those positions. The caches hold
+    ``max_len`` positions (at most the model's block_size) and are allocated here, once.
+
+        >>> dec = Decoder(model, batch_size=1, max_len=64)
+        >>> logits = dec.forward(prompt_ids[None, :])     # prefill
+        >>> logits = dec.forward([[next_id]])              # one step
+    """
+
+    def __init__(self, model, batch_size: int, max_len: int):
+        cfg = getattr(model, "config", None)
+        if cfg is None or not hasattr(model, "parameters"):
+            raise TypeError(f"model: expected a gptcore.GPT, got {type(model).__name__}")
+        for name, v in (("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if max_len > cfg.block_size:
+            raise ValueError(f"max_len: {max_len} exceeds the model's block_size {cfg.block_size}")
+        self.model = model
+        self.config = cfg
+        self.batch_size = int(batch_size)
+        self.max_len = int(max_len)
+        self.device = getattr(model, "device", "cpu")
+        self.dtype = getattr(model, "dtype", "float32")
+        self.params: Dict[str, Tensor] = model.parameters()
+        B, H, D = self.batch_size, cfg.n_head, cfg.n_embd // cfg.n_head
+        shape = [B, H, self.max_len, D]
+        self.k_cache = [empty(shape, self.dtype, self.device) for _ in range(cfg.n_layer)]
+        self.v_cache = [empty(shape, self.dtype, self.device) for _ in range(cfg.n_layer)]
+        # bias-free models still hand LayerNorm a bias: a zero vector
+        self._zero = None if cfg.bias else zeros([cfg.n_embd], self.dtype, self.device)
+        self.pos = 0
+
+    def reset(self) -> None:
+        """Start over at position 0 (the caches are reused)."""
+        self.pos = 0
+
+    def _ids(self, tokens) -> Tensor:
+        arr = np.asarray(tokens)
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"tokens: expected integer token ids, got dtype {arr.dtype}")
+        if arr.ndim != 2 or arr.shape[0] != self.batch_size or arr.shape[1] < 1:
+            raise ValueError(f"tokens: expected shape ({self.batch_size}, Tn >= 1), got {arr.shape}")
+        V = self.config.vocab_size
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"tokens: id {lo if lo < 0 else hi} is outside the vocabulary [0, {V})")
+        Tn = arr.shape[1]
+        if self.pos + Tn > self.max_len:
+            raise ValueError(f"tokens: {Tn} more positions after {self.pos} exceed the cache's "
+                             f"{self.max_len}")
+        host = tensor(np.ascontiguousarray(arr, dtype=np.int32))
+        return host if self.device == "cpu" else host.to(device=self.device)
+
+    def _ln_bias(self, name: str) -> Tensor:
+        return self.params[name] if self.config.bias else self._zero
+
+    def _lin(self, x, prefix: str, gelu: bool = False) -> Tensor:
+        P = self.params
+        out, _ = ops.linear_forward(x, P[prefix + ".weight"], P.get(prefix + ".bias"), gelu=gelu)
+        return out
+
+    def forward(self, tokens) -> np.ndarray:
+        """Feed (B, Tn) tokens; returns the last position's logits, float32 (B, vocab_size)."""
+        idx = self._ids(tokens)
+        cfg, P, eps = self.config, self.params, self.config.ln_eps
+        B, Tn = idx.shape
+        pos, H = self.pos, cfg.n_head
+        x = ops.embedding_forward(idx, P["wte"], P["wpe"].narrow(pos, Tn))
+
+        def attend(h_in, i):
+            qkv = self._lin(h_in, f"h.{i}.attn.c_attn")
+            att = ops.attention_kvcache(qkv, self.k_cache[i], self.v_cache[i], pos, H,
+                                        cfg.attn_window[i])
+            return self._lin(att, f"h.{i}.attn.c_proj")
+
+        if cfg.prenorm:  # GPT-2/3: residual adds fused with the next LayerNorm
+            res, mlp = x, None
+            for i in range(cfg.n_layer):
+                h = f"h.{i}"
+                if mlp is None:
+                    ln1, _, _ = ops.layernorm_forward(res, P[h + ".ln_1.weight"],
+                                                      self._ln_bias(h + ".ln_1.bias"), eps)
+                else:
+                    res, ln1, _, _ = ops.residual_layernorm_forward(
+                        mlp, res, P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias"), eps)
+                res, ln2, _, _ = ops.residual_layernorm_forward(
+                    attend(ln1, i), res, P[h + ".ln_2.weight"], self._ln_bias(h + ".ln_2.bias"), eps)
+                mlp = self._lin(self._lin(ln2, h + ".mlp.c_fc", gelu=True), h + ".mlp.c_proj")
+            _, xf, _, _ = ops.residual_layernorm_forward(mlp, res, P["ln_f.weight"],
+                                                         self._ln_bias("ln_f.bias"), eps)
+        else:  # GPT-1: x = LN(x + attn(x)); x = LN(x + mlp(x))
+            xf = x
+            for i in range(cfg.n_layer):
+                h = f"h.{i}"
+                _, n1, _, _ = ops.residual_layernorm_forward(
+                    attend(xf, i), xf, P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias"), eps)
+                mlp = self._lin(self._lin(n1, h + ".mlp.c_fc", gelu=True), h + ".mlp.c_proj")
+                _, xf, _, _ = ops.residual_layernorm_forward(
+                    mlp, n1, P[h + ".ln_2.weight"], self._ln_bias(h + ".ln_2.bias"), eps)
+        self.pos = pos + Tn
+        C = cfg.n_embd
+        if Tn == 1:
+            last = xf.view([B, C])
+        elif B == 1:  # the last row, without a copy
+            last = xf.view([Tn, C]).narrow(Tn - 1, 1)
+        else:  # the last position of every row, through the host (prefill only)
+            host = np.ascontiguousarray(np.asarray(xf.numpy())[:, -1, :], dtype=np.float32)
+            last = tensor(host, device=self.device, dtype=self.dtype)
+        logits, _ = ops.linear_forward(last, P["wte"], None)  # tied head, padded vocabulary
+        out = np.asarray(logits.numpy())
+        return np.ascontiguousarray(out[:, : cfg.vocab_size], dtype=np.float32)
+
+
+# ---- results -----------------------------------------------------------------------------------
+
+
+class Logprobs(NamedTuple):
+    """Per generated token: ``token_logprobs`` (B, N) the chosen token's log-probability,
+    ``top_tokens`` (B, N, k) and ``top_logprobs`` (B, N, k) the k most likely tokens, most likely
+    first. N = max_new_tokens; entries past a row's last generated token are NaN / PAD."""
+
+    token_logprobs: np.ndarray
+    top_tokens: np.ndarray
+    top_logprobs: np.ndarray
+
+
+class TokenLogprob(NamedTuple):
+    """One streamed token with its log-probability and the top-k alternatives [(id, logprob)]."""
+
+    token: int
+    logprob: float
+    top: List[Tuple[int, float]]
+
+
+# ---- argument checks ---------------------------------------------------------------------------
+
+
+def _is_int(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, np.integer))
+
+
+def _is_num(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+
+
+def _prompts(idx, V: int) -> Tuple[List[np.ndarray], bool]:
+    """idx -> list of int64 rows (lengths may differ) and whether the input was one 1-D row."""
+    if isinstance(idx, Tensor):
+        if idx.dtype not in ("int32", "int64", "uint16"):
+            raise TypeError(f"idx: expected integer token ids, got a {idx.dtype} tensor")
+        idx = np.asarray(idx.numpy())
+    if isinstance(idx, np.ndarray) or hasattr(idx, "__array__") and not isinstance(idx, (list, tuple)):
+        arr = np.asarray(idx)
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"idx: expected integer token ids, got dtype {arr.dtype}")
+        if arr.ndim == 1:
+            rows, single = [arr], True
+        elif arr.ndim == 2:
+            rows, single = list(arr), False
+        else:
+            raise ValueError(f"idx: expected a (B, T) array of token ids, got shape {arr.shape}")
+    elif isinstance(idx, (list, tuple)):
+        if len(idx) == 0:
+            raise ValueError("idx: empty batch")
+        if all(_is_int(t) for t in idx):
+            rows, single = [np.asarray(idx)], True
+        else:
+            rows, single = [], False
+            for b, r in enumerate(idx):
+                a = np.asarray(r.numpy() if isinstance(r, Tensor) else r)
+                if a.ndim != 1 or (a.size and (a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer))):
+                    raise TypeError(f"idx[{b}]: expected a sequence of integer token ids")
+                rows.append(a)
+    else:
+        raise TypeError(f"idx: expected a (B, T) integer array or a list of token-id lists, "
+                        f"got {type(idx).__name__}")
+    if not rows:
+        raise ValueError("idx: empty batch")
+    out = []
+    for b, r in enumerate(rows):
+        r = np.asarray(r, dtype=np.int64).reshape(-1)
+        if r.size == 0:
+            raise ValueError(f"idx[{b}]: empty prompt (give at least one token, e.g. end-of-text)")
+        lo, hi = int(r.min()), int(r.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"idx[{b}]: token id {lo if lo < 0 else hi} is outside the "
+                             f"vocabulary [0, {V})")
+        out.append(r)
+    return out, single
+
+
+class _Controls:
+    """Validated sampling controls."""
+
+    def __init__(self, V, max_new_tokens, temperature, top_k, top_p, frequency_penalty,
+                 presence_penalty, logit_bias, stop, seed, logprobs, tokenizer):
+        if not _is_int(max_new_tokens) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if not _is_num(temperature) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature: expected a finite number >= 0 (0 = greedy), got {temperature!r}")
+        if top_k is not None and (not _is_int(top_k) or top_k < 1):
+            raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+        if top_p is not None and (not _is_num(top_p) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
+        for name, v in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+            if not _is_num(v) or not math.isfinite(v):
+                raise ValueError(f"{name}: expected a finite number, got {v!r}")
+        if seed is not None and not _is_int(seed):
+            raise TypeError(f"seed: expected None or an int, got {type(seed).__name__}")
+        if seed is not None and seed < 0:
+            raise ValueError(f"seed: expected an int >= 0, got {seed}")
+        if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= V):
+            raise ValueError(f"logprobs: expected None or an int in [0, {V}], got {logprobs!r}")
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self.top_k = None if top_k is None or top_k >= V else int(top_k)
+        self.top_p = None if top_p is None or top_p >= 1 else float(top_p)
+        self.frequency_penalty = float(frequency_penalty)
+        self.presence_penalty = float(presence_penalty)
+        self.seed = seed
+        self.logprobs = None if logprobs is None else int(logprobs)
+        # logit_bias -> (ids, biases)
+        self.bias_ids = self.bias_vals = None
+        if logit_bias is not None:
+            if not isinstance(logit_bias, dict):
+                raise TypeError(f"logit_bias: expected a dict {{token id: bias}}, got {type(logit_bias).__name__}")
+            ids, vals = [], []
+            for t, b in logit_bias.items():
+                if isinstance(t, str) and t.strip().lstrip("-").isdigit():
+                    t = int(t)  # JSON keys are strings (as in OpenAI's API)
+                if not _is_int(t) or not 0 <= t < V:
+                    raise ValueError(f"logit_bias: key {t!r} is not a token id in [0, {V})")
+                if not _is_num(b) or math.isnan(b) or b == math.inf:
+                    raise ValueError(f"logit_bias[{t}]: expected a finite number (or -inf to ban), got {b!r}")
+                ids.append(int(t))
+                vals.append(float(b))
+            if ids:
+                self.bias_ids, self.bias_vals = np.asarray(ids), np.asarray(vals)
+        # stop -> text stops and/or token-sequence stops
+        self.stop_text: List[str] = []
+        self.stop_ids: List[List[int]] = []
+        if stop is not None:
+            items = [stop] if isinstance(stop, str) else stop
+            if not isinstance(items, (list, tuple)):
+                raise TypeError(f"stop: expected a str, a list of str or a list of token-id lists, "
+                                f"got {type(stop).__name__}")
+            for n, s in enumerate(items):
+                if isinstance(s, str):
+                    if not s:
+                        raise ValueError(f"stop[{n}]: empty string")
+                    self.stop_text.append(s)
+                elif isinstance(s, (list, tuple, np.ndarray)) and len(s) > 0 and all(_is_int(t) for t in s):
+                    self.stop_ids.append([int(t) for t in s])
+                else:
+                    raise TypeError(f"stop[{n}]: expected a non-empty str or a non-empty list of token ids, "
+                                    f"got {s!r}")
+            if self.stop_text and (tokenizer is None or not hasattr(tokenizer, "decode")):
+                raise ValueError("stop: text stop sequences are matched on decoded text and need a "
+                                 "tokenizer (pass tokenizer=, or give stop sequences as token-id lists)")
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    m = z.max(axis=-1, keepdims=True)
+    return z - (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))
+
+
+def _nucleus(ids: np.ndarray, p: np.ndarray, top_p: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Of candidates (ids, unnormalised p), the smallest most-likely-first set reaching top_p."""
+    order = np.argsort(-p, kind="stable")
+    ids, p = ids[order], p[order]
+    c = np.cumsum(p)
+    keep = int(np.searchsorted(c, top_p * c[-1], side="left")) + 1  # first index reaching top_p
+    return ids[:keep], p[:keep]
+
+
+def _candidates(z: np.ndarray, temperature: float, top_k: Optional[int],
+                top_p: Optional[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """One row's sampling set: (token ids, unnormalised probabilities) after temperature,
+    top-k and top-p. z (V,) float64 adjusted logits with at least one finite entry."""
+    V = z.shape[0]
+    if top_k is not None:
+        ids = np.argpartition(z, V - top_k)[V - top_k:]
+    else:
+        ids = None
+    zs = z if ids is None else z[ids]
+    p = np.exp((zs - zs.max()) / temperature)
+    if ids is None:
+        ids = np.arange(V)
+    if top_p is None:
+        return ids, p
+    # The nucleus is a prefix of the sorted order; find a top slice that holds it before
+    # sorting, so a 50k vocabulary is not sorted every step.
+    total = p.sum()
+    n = len(p)
+    k = min(n, 64)
+    while k < n:
+        part = np.argpartition(p, n - k)[n - k:]
+        if p[part].sum() >= top_p * total:
+            ids, p = ids[part], p[part]
+            break
+        k *= 4
+    ids, keep_p = _nucleus(ids, p, top_p * total / p.sum())
+    return ids, keep_p
+
+
+def filtered_distribution(logits, temperature: float = 1.0, top_k: Optional[int] = None,
+                          top_p: Optional[float] = None) -> np.ndarray:
+    """The probabilities (V,) the sampler draws from for one row of (already biased and
+    penalised) logits: temperature, then top-k, then top-p. For inspection and tests."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    V = z.shape[0]
+    c = _Controls(V, 0, temperature if temperature > 0 else 1.0, top_k, top_p, 0.0, 0.0,
+                  None, None, None, None, None)
+    out = np.zeros(V)
+    if temperature == 0:
+        out[int(np.argmax(z))] = 1.0
+        return out
+    ids, p = _candidates(z, c.temperature, c.top_k, c.top_p)
+    out[ids] = p / p.sum()
+    return out
+
+
+class _Sampler:
+    def __init__(self, ctl: _Controls, B: int, V: int):
+        self.ctl, self.V = ctl, V
+        self.gens = [np.random.Generator(np.random.PCG64(s))
+                     for s in np.random.SeedSequence(ctl.seed).spawn(B)]
+        self.counts = (np.zeros((B, V), np.int32)
+                       if ctl.frequency_penalty or ctl.presence_penalty else None)
+
+    def __call__(self, logits: np.ndarray, rows: List[int]):
+        """Next tokens for `rows` from their logits (len(rows), V); returns (tokens, logprob entries)."""
+        ctl = self.ctl
+        z = logits.astype(np.float64)
+        if ctl.bias_ids is not None:
+            z[:, ctl.bias_ids] += ctl.bias_vals
+        if self.counts is not None:
+            cnt = self.counts[rows]
+            z -= cnt * ctl.frequency_penalty + (cnt > 0) * ctl.presence_penalty
+        zmax = z.max(axis=1)
+        if not np.all(np.isfinite(zmax)):
+            r = rows[int(np.argmin(np.isfinite(zmax)))]
+            raise ValueError(f"logit_bias: row {r} has no token left to sample (every logit is -inf "
+                             f"or the model produced non-finite logits)")
+        if ctl.temperature == 0:
+            toks = np.argmax(z, axis=1)
+        else:
+            toks = np.empty(len(rows), np.int64)
+            for n, b in enumerate(rows):
+                ids, p = _candidates(z[n], ctl.temperature, ctl.top_k, ctl.top_p)
+                c = np.cumsum(p)
+                u = self.gens[b].random() * c[-1]
+                toks[n] = ids[min(int(np.searchsorted(c, u, side="right")), len(ids) - 1)]
+        if self.counts is not None:
+            self.counts[rows, toks] += 1
+        lps: List[Optional[TokenLogprob]] = [None] * len(rows)
+        if ctl.logprobs is not None:
+            lp = _log_softmax(z)
+            k = ctl.logprobs
+            for n in range(len(rows)):
+                if k:
+                    top = np.argpartition(lp[n], self.V - k)[self.V - k:]
+                    top = top[np.argsort(-lp[n][top], kind="stable")]
+                    pairs = [(int(t), float(lp[n][t])) for t in top]
+                else:
+                    pairs = []
+                lps[n] = TokenLogprob(int(toks[n]), float(lp[n][toks[n]]), pairs)
+        return toks, lps
+
+
+# ---- one row's progress ----------------------------------------------------------------------------
+
+
+class _Row:
+    """A row's generated tokens, its stop checks and what may be released to a stream."""
+
+    def __init__(self, prompt: np.ndarray, ctl: _Controls, tokenizer, eot: Optional[int],
+                 track_text: bool):
+        self.prompt = prompt
+        self.L = len(prompt)
+        self.ctl, self.tok, self.eot = ctl, tokenizer, eot
+        self.gen: List[int] = []
+        self.lps: List[Optional[TokenLogprob]] = []
+        self.n_sampled = 0
+        self.done = False
+        self.finish = None  # "length", "stop" or "eot"
+        self.track = track_text or bool(ctl.stop_text)
+        self.text = ""
+        self.ends: List[int] = []  # len(decode(gen[:i+1]))
+        self.safe_tokens = 0  # tokens that no later stop can take back
+        self.safe_chars = 0
+        self.released = 0
+        self.released_chars = 0
+
+    def accept(self, token: int, lp: Optional[TokenLogprob]) -> None:
+        self.n_sampled += 1
+        if self.eot is not None and token == self.eot:
+            self._end("eot")
+            return
+        self.gen.append(int(token))
+        self.lps.append(lp)
+        ctl = self.ctl
+        for s in ctl.stop_ids:
+            if len(self.gen) >= len(s) and self.gen[-len(s):] == s:
+                self._cut_tokens(len(self.gen) - len(s))
+                self._end("stop")
+                return
+        if self.track:
+            prev = len(self.text)
+            self.text = self.tok.decode(self.gen)
+            self.ends.append(len(self.text))
+            if ctl.stop_text:
+                longest = max(len(s) for s in ctl.stop_text)
+                start = max(0, prev - longest - 2)  # a match must reach into the new text
+                hits = [p for p in (self.text.find(s, start) for s in ctl.stop_text) if p >= 0]
+                if hits:
+                    p = min(hits)
+                    self.text = self.text[:p]
+                    self._cut_tokens(bisect.bisect_right(self.ends, p))
+                    self._end("stop")
+                    return
+        if self.n_sampled >= ctl.max_new_tokens:
+            self._end("length")
+            return
+        self._update_safe()
+
+    def _cut_tokens(self, m: int) -> None:
+        del self.gen[m:]
+        del self.lps[m:]
+        del self.ends[m:]
+        if not self.ctl.stop_text and self.track:
+            self.text = self.tok.decode(self.gen)
+
+    def _end(self, why: str) -> None:
+        self.done, self.finish = True, why
+        self.safe_tokens = len(self.gen)
+        self.safe_chars = len(self.text)
+
+    def _update_safe(self) -> None:
+        """Hold back the tail that could still turn into a stop sequence."""
+        n = len(self.gen)
+        for s in self.ctl.stop_ids:  # longest suffix of gen that is a proper prefix of s
+            for k in range(min(len(s) - 1, len(self.gen)), 0, -1):
+                if self.gen[-k:] == s[:k]:
+                    n = min(n, len(self.gen) - k)
+                    break
+        q = len(self.text)
+        if self.track:
+            while q > 0 and self.text[q - 1] == "\ufffd":  # an unfinished UTF-8 character
+                q -= 1
+            q0, head = q, self.text[:q]
+            for s in self.ctl.stop_text:  # longest suffix of the text that begins s
+                for k in range(min(len(s) - 1, q0), 0, -1):
+                    if head.endswith(s[:k]):
+                        q = min(q, q0 - k)
+                        break
+            if self.ctl.stop_text:
+                n = min(n, bisect.bisect_right(self.ends, q))
+        self.safe_tokens, self.safe_chars = n, q
+
+    def take_tokens(self) -> list:
+        out = self.lps if self.ctl.logprobs is not None else self.gen
+        new = out[self.released:self.safe_tokens]
+        self.released = max(self.released, self.safe_tokens)
+        return list(new)
+
+    def take_text(self) -> str:
+        new = self.text[self.released_chars:self.safe_chars]
+        self.released_chars = max(self.released_chars, self.safe_chars)
+        return new
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+
+
+class _Generation:
+    def __init__(self, model, idx, max_new_tokens, temperature, top_k, top_p, frequency_penalty,
+                 presence_penalty, logit_bias, stop, seed, logprobs, tokenizer, track_text=False):
+        cfg = getattr(model, "config", None)
+        if cfg is None or not hasattr(model, "parameters"):
+            raise TypeError(f"model: expected a gptcore.GPT, got {type(model).__name__}")
+        if tokenizer is None:
+            tokenizer = getattr(model, "tokenizer", None)
+        V = cfg.vocab_size
+        self.model, self.cfg, self.V = model, cfg, V
+        self.prompts, self.single = _prompts(idx, V)
+        self.ctl = _Controls(V, max_new_tokens, temperature, top_k, top_p, frequency_penalty,
+                             presence_penalty, logit_bias, stop, seed, logprobs, tokenizer)
+        Lmax = max(len(p) for p in self.prompts)
+        if Lmax + self.ctl.max_new_tokens > cfg.block_size:
+            raise ValueError(f"max_new_tokens: the longest prompt ({Lmax} tokens) plus {max_new_tokens} "
+                             f"new tokens exceeds the model's context of {cfg.block_size} positions")
+        eot = getattr(tokenizer, "eot_token", None) if tokenizer is not None else None
+        self.tokenizer = tokenizer
+        self.rows = [_Row(p, self.ctl, tokenizer, eot, track_text) for p in self.prompts]
+        self.Lmax = Lmax
+
+    def steps(self) -> Iterator[None]:
+        """Runs the batch; yields after every sampling step (rows then hold new tokens)."""
+        rows, ctl = self.rows, self.ctl
+        B, N = len(rows), ctl.max_new_tokens
+        if N == 0:
+            for r in rows:
+                r._end("length")
+            return
+        m = min(r.L for r in rows)
+        dec = Decoder(self.model, B, self.Lmax + N - 1)
+        sampler = _Sampler(ctl, B, self.V)
+        logits = dec.forward(np.stack([r.prompt[:m] for r in rows]))
+        p = m  # the position whose token is decided in this step
+        feed = np.zeros(B, np.int64)
+        while True:
+            want = [b for b, r in enumerate(rows) if not r.done and p >= r.L]
+            for b, r in enumerate(rows):
+                feed[b] = r.prompt[p] if p < r.L else 0  # forced prompt token (0: filler for done rows)
+            if want:
+                toks, lps = sampler(logits[want], want)
+                for n, b in enumerate(want):
+                    rows[b].accept(int(toks[n]), lps[n])
+                    feed[b] = toks[n]
+                yield
+            if all(r.done for r in rows):
+                return
+            logits = dec.forward(feed[:, None])
+            p += 1
+
+    def result(self, return_lengths: bool):
+        rows, ctl = self.rows, self.ctl
+        lengths = np.array([r.L + len(r.gen) for r in rows], np.int64)
+        out = np.full((len(rows), int(lengths.max())), PAD, np.int64)
+        for b, r in enumerate(rows):
+            out[b, :r.L] = r.prompt
+            out[b, r.L:lengths[b]] = r.gen
+        extra: List[Any] = []
+        if return_lengths:
+            extra.append(lengths)
+        if ctl.logprobs is not None:
+            N, k = ctl.max_new_tokens, ctl.logprobs
+            tl = np.full((len(rows), N), np.nan, np.float32)
+            tt = np.full((len(rows), N, k), PAD, np.int64)
+            tp = np.full((len(rows), N, k), np.nan, np.float32)
+            for b, r in enumerate(rows):
+                for n, e in enumerate(r.lps):
+                    tl[b, n] = e.logprob
+                    for j, (t, v) in enumerate(e.top):
+                        tt[b, n, j], tp[b, n, j] = t, v
+            lp = Logprobs(tl, tt, tp)
+            extra.append(Logprobs(tl[0], tt[0], tp[0]) if self.single else lp)
+        if self.single:
+            out = out[0]
+            if return_lengths:
+                extra[0] = int(lengths[0])
+        return out if not extra else (out, *extra)
+
+
+def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, frequency_penalty: float = 0.0,
+             presence_penalty: float = 0.0, logit_bias: Optional[Dict[int, float]] = None,
+             stop=None, seed: Optional[int] = None, stream: bool = False,
+             logprobs: Optional[int] = None, tokenizer=None, return_lengths: bool = False):
+    """Continue each prompt in ``idx`` by up to ``max_new_tokens`` tokens (see the module doc
+    for the controls and the order they apply in).
+
+    idx: a (B, T) integer array, a list of B token-id lists of any lengths, or one 1-D prompt
+    (then results drop the batch axis). The prompts plus ``max_new_tokens`` must fit the
+    model's block_size. ``tokenizer`` (default ``model.tokenizer`` if present) enables text stop
+    sequences and stopping at its end-of-text token.
+
+    Returns an int64 array (B, W): each row is its prompt followed by its new tokens, padded
+    with PAD (-1) after rows that stopped early; W is the longest row. With
+    ``return_lengths=True`` and/or ``logprobs=k`` a tuple ``(tokens, lengths, Logprobs)`` (the
+    parts asked for, in that order) is returned instead.
+
+    ``stream=True`` returns an iterator instead. Each item is one step: a list with one entry
+    per row, the list of tokens that row released at this step (usually one; empty when it is
+    still reading its prompt or has stopped; a token that might begin a stop sequence is held
+    back until that is decided). With ``logprobs`` the entries are :class:`TokenLogprob`. For a
+    1-D prompt each item is that row's list alone.
+    """
+    if not isinstance(stream, bool):
+        raise TypeError(f"stream: expected a bool, got {type(stream).__name__}")
+    g = _Generation(model, idx, max_new_tokens, temperature, top_k, top_p, frequency_penalty,
+                    presence_penalty, logit_bias, stop, seed, logprobs, tokenizer)
+    if not stream:
+        for _ in g.steps():
+            pass
+        return g.result(return_lengths)
+    return _stream_tokens(g)
+
+
+def _stream_tokens(g: _Generation):
+    for _ in g.steps():
+        items = [r.take_tokens() for r in g.rows]
+        if any(items):
+            yield items[0] if g.single else items
+
+
+# ---- text in, text out --------------------------------------------------------------------------------
+
+
+def _encode_prompt(tokenizer, text: str, arg: str) -> List[int]:
+    if not isinstance(text, str):
+        raise TypeError(f"{arg}: expected a str, got {type(text).__name__}")
+    try:
+        ids = list(tokenizer.encode(text, allowed_special="all"))
+    except TypeError:  # a tokenizer without special-token controls
+        ids = list(tokenizer.encode(text))
+    if not ids:
+        eot = getattr(tokenizer, "eot_token", None)
+        if eot is None:
+            raise ValueError(f"{arg}: empty prompt, and the tokenizer has no end-of-text token to "
+                             f"start from")
+        ids = [int(eot)]
+    return ids
+
+
+def complete(model, tokenizer, prompt: Union[str, Sequence[str]], max_new_tokens: int = 16,
+             temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+             frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+             logit_bias: Optional[Dict[int, float]] = None, stop=None, seed: Optional[int] = None,
+             stream: bool = False, logprobs: Optional[int] = None):
+    """Text in, text out: GPT-3's completion interface over :func:`generate`.
+
+    ``prompt`` is a str (returns the completion str) or a list of str (returns a list). The
+    completion excludes the prompt, the end-of-text token and any stop sequence; it is cut
+    exactly where a stop sequence begins. An empty prompt starts from end-of-text.
+    With ``logprobs=k`` returns ``(completion(s), Logprobs)``.
+
+    ``stream=True`` returns an iterator of text pieces as they are decided: for a str prompt
+    plain str pieces; for a list, ``(index, piece)`` pairs. Text that might begin a stop
+    sequence, or an unfinished UTF-8 character, is held back until it is decided.
+    """
+    if tokenizer is None or not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "decode"):
+        raise TypeError("tokenizer: expected a tokenizer with encode() and decode()")
+    if not isinstance(stream, bool):
+        raise TypeError(f"stream: expected a bool, got {type(stream).__name__}")
+    single = isinstance(prompt, str)
+    if single:
+        ids = [_encode_prompt(tokenizer, prompt, "prompt")]
+    elif isinstance(prompt, (list, tuple)) and prompt:
+        ids = [_encode_prompt(tokenizer, p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    else:
+        raise TypeError("prompt: expected a str or a non-empty list of str")
+    if stream and logprobs is not None:
+        raise ValueError("logprobs: not available with complete(stream=True); use "
+                         "generate(stream=True, logprobs=k), which streams TokenLogprob entries")
+    g = _Generation(model, ids, max_new_tokens, temperature, top_k, top_p, frequency_penalty,
+                    presence_penalty, logit_bias, stop, seed, logprobs, tokenizer,
+                    track_text=stream)
+    if stream:
+        return _stream_text(g, single)
+    for _ in g.steps():
+        pass
+    texts = [r.text if r.track else tokenizer.decode(r.gen) for r in g.rows]
+    out: Any = texts[0] if single else texts
+    if logprobs is not None:
+        _, lp = g.result(False)
+        out = (out, Logprobs(lp.token_logprobs[0], lp.top_tokens[0], lp.top_logprobs[0])
+               if single else lp)
+    return out
+
+
+def _stream_text(g: _Generation, single: bool):
+    for _ in g.steps():
+        for b, r in enumerate(g.rows):
+            piece = r.take_text()
+            if piece:
+                yield piece if single else (b, piece)
+
+
+# ---- the `gptcore sample` command -----------------------------------------------------------------------
+
+
+def _resolve_tokenizer(spec: Optional[str], path: str, vocab_size: int, meta_name: Optional[str]):
+    """A tokenizer for a checkpoint: --tokenizer NAME|DIR, else the checkpoint's own files,
+    else the training data's tokenizer, else by vocabulary size (GPT-2's 50257, bytes' 257)."""
+    from . import data as gdata
+
+    def from_dir(d):
+        enc, bpe = os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")
+        if os.path.isfile(enc) and os.path.isfile(bpe):
+            from .tokenizer import Tokenizer
+
+            return Tokenizer.from_files(enc, bpe)
+        return None
+
+    if spec:
+        if os.path.isdir(spec):
+            tok = from_dir(spec)
+            if tok is None:
+                from .tokenizer import Tokenizer
+
+                tok = Tokenizer.load(spec)
+            return tok
+        return gdata.get_tokenizer(spec)
+    if os.path.isdir(path):
+        tok = from_dir(path)
+        if tok is not None:
+            return tok
+    if meta_name:
+        return gdata.get_tokenizer(meta_name)
+    if vocab_size == 257:
+        return gdata.get_tokenizer("byte")
+    if vocab_size in (50257, 50304):
+        return gdata.get_tokenizer("gpt2")
+    raise ValueError(f"--tokenizer: cannot tell which tokenizer a {vocab_size}-token model uses; "
+                     f"pass --tokenizer gpt2|byte|DIR")
+
+
+def load_for_sampling(path: str, device: str = "cpu", dtype: str = "float32",
+                      tokenizer: Optional[str] = None):
+    """(model, tokenizer) from a checkpoint: a `gptcore train` run directory or its checkpoint/,
+    a transformers/gptcore checkpoint directory, or an llm.c model .bin."""
+    from .model import GPT
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--checkpoint: {path!r} does not exist")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) \
+            and os.path.isdir(os.path.join(path, "checkpoint")):
+        path = os.path.join(path, "checkpoint")  # a `gptcore train --out DIR` directory
+    meta_name = None
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.npz")):
+        from .train import load_checkpoint  # gptcore train's native format
+
+        ck = load_checkpoint(path)
+        model = GPT(ck["config"], device=device, dtype=dtype)
+        model.load_state_dict(ck["model"])
+        meta_name = (ck["state"].get("data_meta") or {}).get("tokenizer")
+    else:
+        from .checkpoint import load_pretrained
+
+        model = load_pretrained(path, device=device, dtype=dtype)
+    tok = _resolve_tokenizer(tokenizer, path, model.config.vocab_size, meta_name)
+    return model, tok
+
+
+def _parse_bias(items: Optional[List[str]]) -> Optional[Dict[int, float]]:
+    if not items:
+        return None
+    out = {}
+    for s in items:
+        tok, sep, val = s.partition("=")
+        try:
+            out[int(tok)] = float(val)
+        except ValueError:
+            raise ValueError(f"--logit-bias: expected TOKEN_ID=BIAS, got {s!r}") from None
+        if not sep:
+            raise ValueError(f"--logit-bias: expected TOKEN_ID=BIAS, got {s!r}")
+    return out
+
+
+def add_sample_subcommand(subparsers) -> None:
+    """Registers ``gptcore sample`` on an argparse sub-parser collection."""
+    import argparse
+
+    s = subparsers.add_parser(
+        "sample", help="continue a prompt with a trained model, streaming the text",
+        description="Sample text from a checkpoint with a KV cache, streaming it to the terminal. "
+                    "The checkpoint is a `gptcore train --out` directory (or its checkpoint/), a "
+                    "transformers/gptcore checkpoint directory, or an llm.c model .bin.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  gptcore sample --checkpoint gptcore-run --prompt 'def '\n"
+               "  gptcore sample --checkpoint gpt2-dir --prompt 'Hello' --temperature 0.8 --top-p 0.9 "
+               "--stop '\\n\\n'\n")
+    s.add_argument("--checkpoint", required=True, metavar="DIR", help="model to sample from")
+    s.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    s.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                   help="tokens to generate at most (default 200)")
+    s.add_argument("--num-samples", type=int, default=1, metavar="N",
+                   help="independent completions of the prompt (default 1)")
+    s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    s.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--logit-bias", action="append", metavar="TOKEN_ID=BIAS",
+                   help="add BIAS to a token's logit (repeatable; -inf bans)")
+    s.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when TEXT is generated (repeatable; backslash escapes like \\n work)")
+    s.add_argument("--seed", type=int, default=None, help="makes the sample reproducible")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "fp32", "bfloat16", "bf16"])
+    s.add_argument("--tokenizer", default=None, metavar="NAME|DIR",
+                   help="gpt2, byte, or a directory with vocab.json + merges.txt "
+                        "(default: the checkpoint's)")
+
+
+def _unescape(s: str) -> str:
+    try:
+        return s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError:
+        return s
+
+
+def sample_command(args, out=None) -> int:
+    """Runs ``gptcore sample`` for parsed ``args``; streams text to ``out`` (default stdout)."""
+    out = out or sys.stdout
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples: expected >= 1, got {args.num_samples}")
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
+    model, tok = load_for_sampling(args.checkpoint, device=args.device, dtype=dtype,
+                                   tokenizer=args.tokenizer)
+    stop = [_unescape(s) for s in args.stop] if args.stop else None
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, frequency_penalty=args.frequency_penalty,
+              presence_penalty=args.presence_penalty, logit_bias=_parse_bias(args.logit_bias),
+              stop=stop, stream=True)
+    for n in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + n
+        if args.num_samples > 1:
+            out.write(f"---- sample {n + 1} ----\n")
+        out.write(args.prompt)
+        out.flush()
+        for piece in complete(model, tok, args.prompt, seed=seed, **kw):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+    return 0

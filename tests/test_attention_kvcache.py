@@ -1,0 +1,181 @@
+"""ops.attention_kvcache (decoding attention over a KV cache) against the NumPy reference.
+
+Fresh random inputs each run (seed printed; replay with GPTCORE_TEST_SEED=<seed>). Cases cover
+one new token (decoding) and several (prefill, also at pos > 0), odd head sizes, windows of 1,
+a few positions and wider than the context, and the cache's untouched tail. The output is
+compared by relative L2 error with the float64 reference; the caches must hold exactly the
+new keys and values at pos..pos+Tn-1 and be unchanged everywhere else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gptcore
+from gptcore import ops
+from gptcore import reference as ref
+
+TOL = 1e-5
+
+CASES = [
+    # B, Tn, H, D, Tmax, pos, window
+    (1, 1, 1, 1, 1, 0, None),         # the smallest: one key, one dim
+    (2, 1, 3, 5, 9, 4, None),         # decode step, odd head size
+    (1, 1, 12, 64, 300, 257, None),   # GPT-2 heads, long context
+    (3, 7, 2, 16, 20, 0, None),       # prefill from 0
+    (2, 5, 4, 7, 23, 11, None),       # prefill at pos > 0 (a second chunk of a prompt)
+    (2, 1, 2, 8, 40, 30, 1),          # window 1: each query sees only itself
+    (1, 6, 3, 10, 50, 17, 4),         # banded prefill
+    (2, 1, 2, 32, 70, 65, 256),       # window wider than the context: dense
+    (1, 3, 2, 80, 12, 9, 5),          # fills the cache to the last slot
+]
+
+
+def _check(name, got, want, rng, tol=TOL):
+    got = np.asarray(got, dtype=np.float64)
+    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape} ({rng})"
+    assert np.isfinite(got).all(), f"{name}: non-finite output ({rng})"
+    err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e} ({rng})"
+
+
+@pytest.mark.parametrize("B, Tn, H, D, Tmax, pos, window", CASES)
+def test_kvcache_matches_reference(rng, B, Tn, H, D, Tmax, pos, window):
+    C = H * D
+    qkv = rng.randn(B, Tn, 3 * C)
+    k0, v0 = rng.randn(B, H, Tmax, D), rng.randn(B, H, Tmax, D)
+    out_r, k_r, v_r = ref.attention_kvcache(qkv, k0, v0, pos, H, window)
+    kc, vc = gptcore.tensor(k0), gptcore.tensor(v0)
+    out = ops.attention_kvcache(qkv, kc, vc, pos, H, window)
+    assert out.shape == (B, Tn, C) and out.dtype == "float32"
+    _check("out", out, out_r, rng)
+    # The caches: exactly the new k, v in their slots, every other slot untouched.
+    np.testing.assert_array_equal(np.asarray(kc), k_r.astype(np.float32), err_msg=str(rng))
+    np.testing.assert_array_equal(np.asarray(vc), v_r.astype(np.float32), err_msg=str(rng))
+
+
+def test_reference_pos0_equals_full_attention(rng):
+    """The reference itself: a prefill from 0 is plain causal attention (banded or not)."""
+    B, T, H, D = 2, 9, 3, 4
+    qkv = rng.randn(B, T, 3 * H * D)
+    for window in (None, 2):
+        out_r, _, _ = ref.attention_kvcache(qkv, np.zeros((B, H, T, D)), np.zeros((B, H, T, D)),
+                                            0, H, window)
+        full, _ = ref.attention_forward(qkv, H, window=window)
+        np.testing.assert_allclose(out_r, full, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_incremental_decoding_equals_full_attention(rng, window):
+    """Prefill a prefix, then one token per call: every output row equals full attention's."""
+    B, T, H, D, P = 2, 13, 2, 12, 5
+    C = H * D
+    qkv = rng.randn(B, T, 3 * C)
+    full, _ = ops.attention_forward(qkv, H, window=window)
+    full = np.asarray(full)
+    kc = gptcore.zeros([B, H, T, D])
+    vc = gptcore.zeros([B, H, T, D])
+    outs = [np.asarray(ops.attention_kvcache(np.ascontiguousarray(qkv[:, :P]), kc, vc, 0, H, window))]
+    for t in range(P, T):
+        outs.append(np.asarray(ops.attention_kvcache(np.ascontiguousarray(qkv[:, t:t + 1]), kc, vc,
+                                                     t, H, window)))
+    got = np.concatenate(outs, axis=1)
+    _check("incremental vs full", got, full.astype(np.float64), rng)
+
+
+def test_numpy_caches_are_updated_in_place(rng):
+    B, H, D, Tmax = 1, 2, 4, 6
+    qkv = rng.randn(B, 1, 3 * H * D)
+    kc = np.zeros((B, H, Tmax, D), np.float32)
+    vc = np.zeros((B, H, Tmax, D), np.float32)
+    ops.attention_kvcache(qkv, kc, vc, 2, H)
+    C = H * D
+    np.testing.assert_array_equal(kc[0, :, 2], qkv[0, 0, C:2 * C].reshape(H, D))
+    np.testing.assert_array_equal(vc[0, :, 2], qkv[0, 0, 2 * C:].reshape(H, D))
+    assert not kc[:, :, [0, 1, 3, 4, 5]].any() and not vc[:, :, [0, 1, 3, 4, 5]].any()
+
+
+def test_peaked_scores(rng):
+    B, Tn, H, D, Tmax, pos = 1, 2, 2, 64, 40, 31
+    qkv = rng.randn(B, Tn, 3 * H * D) * 3.5
+    k0, v0 = rng.randn(B, H, Tmax, D) * 3.5, rng.randn(B, H, Tmax, D)
+    out_r, _, _ = ref.attention_kvcache(qkv, k0, v0, pos, H)
+    out = ops.attention_kvcache(qkv, gptcore.tensor(k0), gptcore.tensor(v0), pos, H)
+    _check("out (peaked)", out, out_r, rng, tol=1e-4)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+def _args(B=2, Tn=1, H=2, D=4, Tmax=8):
+    qkv = np.zeros((B, Tn, 3 * H * D), np.float32)
+    return qkv, gptcore.zeros([B, H, Tmax, D]), gptcore.zeros([B, H, Tmax, D])
+
+
+@pytest.mark.parametrize("change, exc, match", [
+    (lambda a: dict(a, pos=-1), ValueError, "pos"),
+    (lambda a: dict(a, pos=8), ValueError, "pos"),            # pos + Tn > Tmax
+    (lambda a: dict(a, window=0), ValueError, "window"),
+    (lambda a: dict(a, n_head=3), ValueError, "n_head"),
+    (lambda a: dict(a, n_head=0), ValueError, "n_head"),
+    (lambda a: dict(a, k_cache=gptcore.zeros([2, 2, 8, 5])), ValueError, "k_cache"),
+    (lambda a: dict(a, k_cache=gptcore.zeros([2, 2, 8])), ValueError, "k_cache"),
+    (lambda a: dict(a, v_cache=gptcore.zeros([2, 2, 7, 4])), ValueError, "v_cache"),
+    (lambda a: dict(a, k_cache=gptcore.zeros([1, 2, 8, 4])), ValueError, "k_cache"),
+    (lambda a: dict(a, k_cache=gptcore.zeros([2, 2, 8, 4], dtype="int32")), TypeError, "k_cache"),
+    (lambda a: dict(a, v_cache=a["k_cache"]), ValueError, "v_cache"),
+    (lambda a: dict(a, qkv=np.zeros((2, 1, 25), np.float32)), ValueError, "qkv"),
+    (lambda a: dict(a, qkv=np.zeros((2, 24), np.float32)), ValueError, "qkv"),
+    (lambda a: dict(a, qkv=np.zeros((2, 1, 24), np.int32)), TypeError, "qkv"),
+    (lambda a: dict(a, qkv=np.zeros((2, 0, 24), np.float32)), ValueError, "qkv"),
+])
+def test_bad_input(change, exc, match):
+    qkv, kc, vc = _args()
+    a = change(dict(qkv=qkv, k_cache=kc, v_cache=vc, pos=3, n_head=2, window=None))
+    with pytest.raises(exc, match=match):
+        ops.attention_kvcache(a["qkv"], a["k_cache"], a["v_cache"], a["pos"], a["n_head"], a["window"])
+
+
+def test_pos_plus_tn_may_reach_tmax_exactly():
+    qkv, kc, vc = _args(Tn=3)
+    out = ops.attention_kvcache(np.zeros((2, 3, 24), np.float32), kc, vc, 5, 2)
+    assert out.shape == (2, 3, 8)
+    with pytest.raises(ValueError, match="pos"):
+        ops.attention_kvcache(np.zeros((2, 3, 24), np.float32), kc, vc, 6, 2)
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------
+
+GPU_CASES = CASES + [
+    (1, 1, 12, 64, 1024, 1000, None),  # many keys per query: split into ranges + combine kernel
+    (4, 1, 4, 128, 700, 600, 256),     # 128-dim heads, banded, split
+    (2, 33, 2, 64, 200, 150, None),    # prefill of 33 at pos > 0, split for the longer queries
+    (1, 1, 3, 6, 300, 290, None),      # head size that is not a 16-byte multiple: generic path
+    (1, 1, 2, 200, 260, 250, None),    # large odd head size: generic path
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
+@pytest.mark.parametrize("B, Tn, H, D, Tmax, pos, window", GPU_CASES)
+def test_kvcache_cuda(rng, dtype, tol, B, Tn, H, D, Tmax, pos, window):
+    C = H * D
+    qkv = gptcore.tensor(rng.randn(B, Tn, 3 * C), device="cuda", dtype=dtype)
+    kc = gptcore.tensor(rng.randn(B, H, Tmax, D), device="cuda", dtype=dtype)
+    vc = gptcore.tensor(rng.randn(B, H, Tmax, D), device="cuda", dtype=dtype)
+    # the reference sees exactly the (bf16-rounded) values the kernel sees
+    q_h, k_h, v_h = (np.asarray(t.numpy(), np.float64) for t in (qkv, kc, vc))
+    out_r, k_r, v_r = ref.attention_kvcache(q_h, k_h, v_h, pos, H, window)
+    out = ops.attention_kvcache(qkv, kc, vc, pos, H, window)
+    assert out.shape == (B, Tn, C) and out.dtype == dtype and out.device.startswith("cuda")
+    _check(f"cuda {dtype} out", out.numpy(), out_r, rng, tol=tol)
+    np.testing.assert_array_equal(np.asarray(kc.numpy(), np.float64), k_r)
+    np.testing.assert_array_equal(np.asarray(vc.numpy(), np.float64), v_r)
+
+
+@pytest.mark.gpu
+def test_kvcache_cuda_device_mismatch():
+    qkv = gptcore.zeros([1, 1, 24], device="cuda")
+    with pytest.raises(ValueError, match="k_cache"):
+        ops.attention_kvcache(qkv, gptcore.zeros([1, 2, 4, 4]), gptcore.zeros([1, 2, 4, 4], device="cuda"), 0, 2)
