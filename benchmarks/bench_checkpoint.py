@@ -49,13 +49,11 @@ def raw_read(path: str, buf: bytearray) -> int:
 
 
 def materialise(path: str) -> int:
+    """read_weights + the loader's copy of every tensor into fresh float32 buffers."""
     cfg, state, _ = ck.read_weights(path)
-    total = 0
-    for arr in state.values():
-        out = np.empty(arr.shape, np.float32)
-        np.copyto(out, arr)
-        total += out.nbytes
-    return total
+    pairs = [(np.empty(arr.shape, np.float32), arr) for arr in state.values()]
+    ck._parallel_copy(pairs)
+    return sum(d.nbytes for d, _ in pairs)
 
 
 def make_checkpoint(preset: str, directory: str):

@@ -157,8 +157,9 @@ def test_white_space_matches_regex_everywhere():
 
 def agrees_with_regex(ch: str) -> bool:
     """Characters whose class is the same in gptcore's tables and in the installed regex package
-    (they differ only for code points assigned in a newer Unicode than the tables)."""
-    return core.char_class(ord(ch)) == regex_class(ch)
+    (they differ only for code points assigned in a newer Unicode than the tables). Lone
+    surrogates are left out: they have no UTF-8 (encode maps them to U+FFFD, tested below)."""
+    return not 0xD800 <= ord(ch) <= 0xDFFF and core.char_class(ord(ch)) == regex_class(ch)
 
 
 TRICKY_CHARS = (" \t\n\r\x0b\x0c\x85\xa0\u1680\u2000\u2028\u3000'sdmtlvreSDLT0123456789aZé"
@@ -190,7 +191,7 @@ def test_pretokenize_matches_regex(text):
     assert core.pretokenize(text) == PAT.findall(text)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(tricky_text)
 def test_pretokenize_matches_regex_property(text):
     assert core.pretokenize(text) == PAT.findall(text)
@@ -219,13 +220,13 @@ def test_hello_world(gpt2, ref):
     assert gpt2.encode("Hello world") == ref.encode("Hello world") == [15496, 995]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(tricky_text)
 def test_encode_matches_reference_property(gpt2, ref, text):
     assert gpt2.encode_ordinary(text) == ref.encode(text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.text(max_size=200))
 def test_round_trip_unicode(gpt2, text):
     ids = gpt2.encode_ordinary(text)
@@ -235,7 +236,7 @@ def test_round_trip_unicode(gpt2, text):
     assert gpt2.encode_bytes(text.encode("utf-8")) == ids
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
 def test_round_trip_bytes(gpt2, data):
     ids = gpt2.encode_bytes(data)

@@ -19,7 +19,7 @@ namespace cuda {
 namespace {
 
 template <typename T, bool VEC>
-__global__ void cross_entropy_kernel(float* __restrict__ losses, T* dlogits, const T* logits,
+__global__ void __launch_bounds__(1024) cross_entropy_kernel(float* __restrict__ losses, T* dlogits, const T* logits,
                                      const void* targets, bool targets64, int64_t Vp, int64_t V,
                                      int64_t ignore_index, float grad_scale) {
   constexpr int P = Pack<T>::N;

@@ -23,8 +23,8 @@ constexpr int64_t kMaxTokenId = (int64_t{1} << 26) - 1;
 constexpr size_t kHeapPiece = 128;
 constexpr size_t kMaxCachedPiece = 256;
 // A cache is emptied when it grows past either bound.
-constexpr size_t kCacheMaxEntries = size_t{1} << 18;
-constexpr size_t kCacheMaxTokens = size_t{1} << 22;
+constexpr size_t kCacheMaxEntries = size_t{1} << 16;
+constexpr size_t kCacheMaxTokens = size_t{1} << 20;
 // More threads than this are never started, whatever the caller asks for.
 constexpr size_t kMaxThreads = 256;
 

@@ -8,6 +8,7 @@
 from ._load import _C
 from .tensor import DTYPES, Tensor, as_tensor, empty, from_dlpack, from_numpy, tensor, zeros
 from . import cuda, ops, reference
+from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
@@ -23,5 +24,10 @@ def get_num_threads() -> int:
 
 __all__ = [
     "DTYPES", "Tensor", "as_tensor", "cuda", "empty", "from_dlpack", "from_numpy", "get_num_threads",
-    "ops", "reference", "set_num_threads", "tensor", "zeros",
+    "ops", "reference", "set_num_threads", "tensor", "Tokenizer", "zeros",
 ]
+
+# ---- generation: text in, text out (gptcore.sample) ----
+from .sample import complete  # noqa: E402
+
+__all__ += ["complete"]

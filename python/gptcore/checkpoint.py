@@ -31,9 +31,11 @@ import contextlib
 import inspect
 import json
 import math
+import mmap
 import os
 import secrets
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -83,6 +85,67 @@ def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     if nan.any():  # the carry could turn a NaN into an infinity or a zero: keep a quiet NaN
         out[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
     return out
+
+
+# ================================================================================================
+# Memory maps and the one copy a load makes
+# ================================================================================================
+
+
+def _map_file(path: str, offset: int, length: int, prefetch: bool = False) -> np.ndarray:
+    """A read-only uint8 view of ``length`` bytes of ``path`` from ``offset``, memory-mapped.
+
+    ``prefetch`` tells the kernel the whole range will be read in order (asynchronous
+    read-ahead), for loaders that are about to copy everything.
+    """
+    if length == 0:
+        return np.zeros(0, np.uint8)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if prefetch:
+        for advice in ("MADV_SEQUENTIAL", "MADV_WILLNEED"):
+            flag = getattr(mmap, advice, None)
+            if flag is not None and hasattr(mm, "madvise"):
+                with contextlib.suppress(OSError):
+                    mm.madvise(flag)
+    return np.frombuffer(mm, dtype=np.uint8, count=length, offset=offset)
+
+
+def _num_threads() -> int:
+    try:
+        from ._load import _C
+        n = int(_C.get_num_threads())
+    except Exception:  # the extension is missing: plain NumPy still works
+        n = 0
+    return max(1, min(n or (os.cpu_count() or 1), 16))
+
+
+_COPY_BLOCK = 1 << 20  # bytes of destination per task: a transposed block stays in L2
+
+
+def _parallel_copy(pairs: Sequence[Tuple[np.ndarray, np.ndarray]]) -> None:
+    """``dst[...] = src`` for every pair, in row blocks spread over threads.
+
+    Sources may be memory-mapped, transposed (Conv1D) or float16 views: the block split keeps a
+    transposed read cache-friendly, and NumPy drops the GIL while it copies, so page faults on
+    the mapping and the transposes proceed in parallel.
+    """
+    tasks = []
+    for dst, src in pairs:
+        if dst.ndim == 0 or dst.shape[0] == 0 or dst.size == 0:
+            np.copyto(dst, src, casting="same_kind")
+            continue
+        step = max(1, _COPY_BLOCK // max(1, dst.nbytes // dst.shape[0]))
+        for r in range(0, dst.shape[0], step):
+            tasks.append((dst[r:r + step], src[r:r + step]))
+    workers = min(len(tasks), _num_threads())
+    if workers <= 1:
+        for d, s in tasks:
+            np.copyto(d, s, casting="same_kind")
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(lambda t: np.copyto(t[0], t[1], casting="same_kind"), tasks):
+            pass
 
 
 # ================================================================================================
@@ -167,6 +230,7 @@ def _atomic_directory(path: PathLike) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     tmp = _temp_name(path, "tmp")
     os.mkdir(tmp, 0o777)
+    old = None
     try:
         yield tmp
         written = set(os.listdir(tmp))
@@ -175,32 +239,42 @@ def _atomic_directory(path: PathLike) -> Iterator[str]:
             if os.path.isfile(full):
                 _fsync_path(full)
         _fsync_path(tmp, directory=True)
-        old = None
         if os.path.lexists(path):
             old = _temp_name(path, "old")
             os.rename(path, old)
         os.rename(tmp, path)
     except BaseException:
+        if old is not None and not os.path.lexists(path):
+            with contextlib.suppress(OSError):
+                os.rename(old, path)  # put the previous checkpoint back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_path(parent, directory=True)
+    # A crash from here on leaves the previous checkpoint as .NAME.old-XXXX; nothing is lost.
     if old is not None:
-        # A crash from here on leaves the previous checkpoint as .NAME.old-XXXX; nothing is lost.
         for name in os.listdir(old):
             if name not in written and name not in _CHECKPOINT_FILES:
                 os.rename(os.path.join(old, name), os.path.join(path, name))
-        shutil.rmtree(old, ignore_errors=True)
+    for stale in _old_copies(path):  # this one, and any an earlier crash left behind
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _old_copies(path: str) -> List[str]:
+    """Previous checkpoints moved aside (.NAME.old-XXXX) next to ``path``, newest last."""
+    parent, base = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return []
+    olds = [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(f".{base}.old-")]
+    return sorted(olds, key=os.path.getmtime)
 
 
 def _resolve_checkpoint_dir(path: str) -> str:
     """``path``, or the previous checkpoint left as .NAME.old-XXXX by a crash mid-swap."""
     if os.path.exists(path):
         return path
-    parent, base = os.path.split(os.path.abspath(path))
-    if os.path.isdir(parent):
-        olds = sorted(n for n in os.listdir(parent) if n.startswith(f".{base}.old-"))
-        if olds:
-            return os.path.join(parent, olds[-1])
+    olds = _old_copies(path)
+    if olds:
+        return olds[-1]
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
 
 
@@ -244,7 +318,7 @@ class SafetensorsFile:
     deleted (the mapping holds the old file).
     """
 
-    def __init__(self, path: PathLike):
+    def __init__(self, path: PathLike, prefetch: bool = False):
         self.path = path = _p(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"safetensors file {path!r} does not exist")
@@ -317,8 +391,7 @@ class SafetensorsFile:
             raise CheckpointError(f"{path!r}: {data_len - covered} bytes at the end belong to no tensor "
                                   "(damaged file, or not safetensors)")
         self._entries = entries
-        self._map = (np.memmap(path, dtype=np.uint8, mode="r", offset=self.data_start, shape=(data_len,))
-                     if data_len > 0 else np.zeros(0, np.uint8))
+        self._map = _map_file(path, self.data_start, data_len, prefetch)
 
     def keys(self) -> List[str]:
         return list(self._entries)
@@ -393,10 +466,17 @@ def _write_safetensors(f, tensors: Sequence[Tuple[str, np.ndarray, str]], metada
     f.write(len(blob).to_bytes(8, "little"))
     f.write(blob)
     for name, arr, dt in tensors:
-        if dt == "BF16":
-            data = float32_to_bf16_bits(arr) if arr.dtype != np.uint16 else np.ascontiguousarray(arr)
+        if dt == "BF16" and arr.dtype == np.uint16:
+            data = np.ascontiguousarray(arr)  # already bfloat16 bits
         else:
-            data = np.ascontiguousarray(arr, dtype=_ST_DTYPES[dt])
+            want = np.dtype(np.float32) if dt == "BF16" else _ST_DTYPES[dt]
+            if arr.dtype == want and arr.flags.c_contiguous:
+                data = arr
+            else:  # transposed (Conv1D) or converted: one parallel pass
+                data = np.empty(arr.shape, want)
+                _parallel_copy([(data, arr)])
+            if dt == "BF16":
+                data = float32_to_bf16_bits(data)
         if data.size:
             f.write(memoryview(data.reshape(-1)).cast("B"))
 
@@ -494,8 +574,23 @@ def _gpt_class():
     return GPT
 
 
+def _host_view(p) -> Optional[np.ndarray]:
+    """A writable NumPy view of a CPU float32 parameter's own memory, or None."""
+    if p.device != "cpu" or p.dtype != "float32":
+        return None
+    view = p.numpy()
+    if isinstance(view, np.ndarray) and view.flags.writeable and view.ctypes.data == p.data_ptr():
+        return view
+    return None
+
+
 def _build_model(cfg: GPTConfig, state: Mapping[str, np.ndarray], device: str, dtype: str):
-    """A GPT holding ``state`` (already validated against ``cfg``)."""
+    """A GPT holding ``state`` (already validated against ``cfg``).
+
+    CPU float32 parameters receive each tensor with one copy, straight from the file's mapping;
+    other devices and dtypes go through one float32 host buffer per tensor.
+    """
+    from .tensor import from_numpy
     GPT = _gpt_class()
     kwargs = {}
     try:  # skip the random initialisation when the model offers that (it would be overwritten)
@@ -504,29 +599,22 @@ def _build_model(cfg: GPTConfig, state: Mapping[str, np.ndarray], device: str, d
     except (TypeError, ValueError):
         pass
     model = GPT(cfg, device=device, dtype=dtype, **kwargs)
-    params = model.parameters()
-    direct = {}
-    for name, p in params.items():
-        if p.device != "cpu" or p.dtype != "float32":
-            direct = None
-            break
-        view = p.numpy()
-        if not (isinstance(view, np.ndarray) and view.flags.writeable and view.ctypes.data == p.data_ptr()):
-            direct = None
-            break
-        direct[name] = view
-    if direct is not None:
-        # CPU float32: one copy per tensor, from the file's mapping into the parameter memory
-        V = cfg.vocab_size
-        for name, dst in direct.items():
-            src = state[name]
-            if name == "wte":
-                np.copyto(dst[:V], src, casting="same_kind")
-                dst[V:] = 0.0
-            else:
-                np.copyto(dst, src, casting="same_kind")
-    else:
-        model.load_state_dict({k: np.asarray(v, dtype=np.float32) for k, v in state.items()})
+    V = cfg.vocab_size
+    direct, staged = [], []
+    for name, p in model.parameters().items():
+        dst = _host_view(p)
+        if dst is None:
+            staged.append((name, p))
+            continue
+        if name == "wte":
+            dst[V:] = 0.0  # padding rows
+            dst = dst[:V]
+        direct.append((dst, state[name]))
+    _parallel_copy(direct)
+    for name, p in staged:
+        host = np.zeros(tuple(p.shape), np.float32)
+        _parallel_copy([(host[:V] if name == "wte" else host, state[name])])
+        p.copy_(from_numpy(host, name).to(device=p.device, dtype=p.dtype))
     return model
 
 
@@ -649,7 +737,7 @@ def _open_hf_tensors(directory: str) -> Dict[str, Tuple[SafetensorsFile, str]]:
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(single):
-        f = SafetensorsFile(single)
+        f = SafetensorsFile(single, prefetch=True)
         return {k: (f, k) for k in f.keys()}
     if os.path.isfile(index):
         idx = _read_json(index)
@@ -662,7 +750,7 @@ def _open_hf_tensors(directory: str) -> Dict[str, Tuple[SafetensorsFile, str]]:
             if not isinstance(fname, str) or os.path.basename(fname) != fname:
                 raise CheckpointError(f"{index!r}: bad shard name {fname!r} for {key!r}")
             if fname not in files:
-                files[fname] = SafetensorsFile(os.path.join(directory, fname))
+                files[fname] = SafetensorsFile(os.path.join(directory, fname), prefetch=True)
             if key not in files[fname]:
                 raise CheckpointError(f"{index!r} places {key!r} in {fname!r}, which does not hold it")
             out[key] = (files[fname], key)
@@ -857,8 +945,8 @@ def read_llmc_model(path: PathLike) -> Tuple[GPTConfig, Dict[str, np.ndarray], s
         what = "truncated" if size < expected else "longer than its header says"
         raise CheckpointError(f"{path!r} is {what}: the header (L={L}, C={C}, maxT={maxT}, Vp={Vp}, "
                               f"{dtype}) needs {expected} bytes, the file has {size}")
-    flat = np.memmap(path, dtype="<f4" if item == 4 else "<u2", mode="r", offset=_LLMC_HEADER_BYTES,
-                     shape=(n_params,))
+    flat = _map_file(path, _LLMC_HEADER_BYTES, n_params * item, prefetch=True).view(
+        "<f4" if item == 4 else "<u2")
     try:
         cfg = GPTConfig(n_layer=L, n_head=NH, n_embd=C, block_size=maxT, vocab_size=V)
     except (TypeError, ValueError) as e:

@@ -54,7 +54,7 @@ import importlib.util
 import json
 import os
 import tempfile
-from typing import AbstractSet, Collection, Iterable, Literal, Optional, Sequence, Union
+from typing import AbstractSet, Collection, Literal, Optional, Sequence, Union
 
 import numpy as np
 
