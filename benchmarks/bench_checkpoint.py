@@ -9,6 +9,7 @@ same bytes with ``readinto`` into a preallocated buffer:
 * ``materialise``: read_weights + one copy of every tensor into float32 NumPy buffers of the
   model's shapes (Conv1D weights transposed on the way): the loader's data movement.
 * ``load_pretrained``: the whole thing, a ready gptcore.GPT (includes building the model).
+* ``load_weights``: the same into an already built GPT's parameter memory.
 * ``GPT(config)``: building an empty model alone, for comparison.
 
 "warm" means the file is in the page cache (it was just written or read); "cold" drops the file's
@@ -82,6 +83,7 @@ def median_time(fn, reps: int, before=None) -> float:
 def run(preset: str = "gpt2", reps: int = 5) -> None:
     with tempfile.TemporaryDirectory() as d:
         cfg, save_s, llmc_save_s = make_checkpoint(preset, d)
+        model = GPT(cfg, seed=1)
         st = os.path.join(d, "ckpt", "model.safetensors")
         binf = os.path.join(d, "model.bin")
         size = os.path.getsize(st)
@@ -93,7 +95,8 @@ def run(preset: str = "gpt2", reps: int = 5) -> None:
             rows.append((name, seconds, nbytes / seconds / 1e9))
 
         rows.append(("save_pretrained (write + fsync)", save_s, size / save_s / 1e9))
-        rows.append(("write_llmc_model (write + fsync)", llmc_save_s, os.path.getsize(binf) / llmc_save_s / 1e9))
+        rows.append(("write_llmc_model (write + fsync)", llmc_save_s,
+                     os.path.getsize(binf) / llmc_save_s / 1e9))
         for cold in (False, True):
             tag = "cold" if cold else "warm"
             before = (lambda: drop_cache(st)) if cold else (lambda: raw_read(st, buf))
@@ -104,7 +107,10 @@ def run(preset: str = "gpt2", reps: int = 5) -> None:
                 median_time(lambda: materialise(os.path.join(d, "ckpt")), reps, before))
             row(f"load_pretrained -> GPT ({tag})",
                 median_time(lambda: ck.load_pretrained(os.path.join(d, "ckpt")), reps, before))
-            bbefore = (lambda: drop_cache(binf)) if cold else (lambda: raw_read(binf, bytearray(os.path.getsize(binf))))
+            row(f"load_weights into a built GPT ({tag})",
+                median_time(lambda: ck.load_weights(model, os.path.join(d, "ckpt")), reps, before))
+            bbuf = bytearray(os.path.getsize(binf))
+            bbefore = (lambda: drop_cache(binf)) if cold else (lambda: raw_read(binf, bbuf))
             row(f"load_pretrained llm.c .bin ({tag})",
                 median_time(lambda: ck.load_pretrained(binf), reps, bbefore), os.path.getsize(binf))
         row("GPT(config) alone (allocate + init)", median_time(lambda: GPT(cfg, seed=0), max(1, reps // 2)))

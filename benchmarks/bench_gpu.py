@@ -329,5 +329,14 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
+def test_bench_gpu_quick():
+    """`pytest benchmarks/bench_gpu.py -s` prints the quick table (skipped without a GPU)."""
+    import pytest
+
+    if not gptcore.cuda.is_available():
+        pytest.skip("no CUDA GPU available")
+    assert main(["--quick"]) == 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

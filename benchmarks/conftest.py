@@ -25,8 +25,16 @@ def pytest_collect_file(parent, file_path):
     return None
 
 
+_LOADAVG_START = None
+
+
+def pytest_sessionstart(session):
+    global _LOADAVG_START
+    _LOADAVG_START = list(os.getloadavg())
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["loadavg_start"] = list(os.getloadavg())
+    machine_info["loadavg_start"] = _LOADAVG_START
     machine_info["cpu_count"] = os.cpu_count()
     try:
         import gptcore

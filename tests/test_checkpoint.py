@@ -162,7 +162,8 @@ def test_safetensors_rejects_damaged_files(tmp_path, case, message):
         "short_header": struct.pack("<Q", 500) + b'{"a": 1}',
         "not_json": struct.pack("<Q", 8) + b"\xff\xfe garbage" + data,
         "truncated": _st_bytes(ok, data[:20]),
-        "size_mismatch": _st_bytes({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}}, data[:20]),
+        "size_mismatch": _st_bytes({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}},
+                                   data[:20]),
         "overlap": _st_bytes({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]},
                               "b": {"dtype": "F32", "shape": [3], "data_offsets": [8, 20]}}, data[:20]),
         "gap": _st_bytes({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, data[:8]),
@@ -225,6 +226,21 @@ def test_save_load_roundtrip_identical_logits(tmp_path, rng, kw):
     conf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert conf["model_type"] == ("gpt2" if cfg.prenorm else "openai-gpt")
     assert conf["gptcore"]["attn_window"] == list(cfg.attn_window)
+
+
+def test_load_weights_into_an_existing_model(tmp_path, rng):
+    cfg = tiny()
+    src, dst = randomised(cfg, rng), GPT(cfg, seed=1)
+    ck.save_pretrained(src, tmp_path / "a")
+    x = ids(rng, cfg)
+    ck.load_weights(dst, tmp_path / "a")
+    assert np.array_equal(dst(x), src(x)), rng
+    other = GPT(tiny(n_embd=32), seed=2)
+    before = other.state_dict()
+    with pytest.raises(CheckpointError, match="n_embd: checkpoint 16, model 32"):
+        ck.load_weights(other, tmp_path / "a")
+    after = other.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
 def test_bf16_checkpoint_holds_rounded_weights(tmp_path, rng):
@@ -347,6 +363,9 @@ def test_crash_between_renames_is_recovered(tmp_path, rng):
     os.rename(tmp_path / "ckpt", tmp_path / ".ckpt.old-1234abcd")
     x = ids(rng, cfg)
     assert np.array_equal(ck.load_pretrained(tmp_path / "ckpt")(x), model(x))
+    # the next successful save cleans it up
+    ck.save_pretrained(model, tmp_path / "ckpt")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -558,7 +577,8 @@ def test_convert_between_model_formats(tmp_path, rng):
     ck.convert(tmp_path / "hf", tmp_path / "m16.bin", dtype="bfloat16")
     assert np.frombuffer((tmp_path / "m16.bin").read_bytes()[:8], "<i4")[1] == 5
     ck.convert(tmp_path / "m16.bin", tmp_path / "hf16")
-    assert ck.SafetensorsFile(tmp_path / "hf16" / "model.safetensors").dtype("transformer.wte.weight") == "BF16"
+    st16 = ck.SafetensorsFile(tmp_path / "hf16" / "model.safetensors")
+    assert st16.dtype("transformer.wte.weight") == "BF16"
     assert rel(ck.load_pretrained(tmp_path / "hf16")(x), want) < 2e-2
     # refusals
     with pytest.raises(FileExistsError, match="overwrite"):
@@ -630,6 +650,33 @@ def test_gpt2_vocabulary_files_roundtrip(tmp_path):
     assert got == want
     with open(os.path.join(data, "encoder.json"), encoding="utf-8") as f:
         assert json.loads((tmp_path / "vocab" / "vocab.json").read_text(encoding="utf-8")) == json.load(f)
+    # gptcore's Tokenizer reads the directory back and encodes like GPT-2
+    text = "Hello, world! It's 2024...\n\t  spaces   <|endoftext|>"
+    assert (ck.load_tokenizer(tmp_path / "vocab").encode(text, allowed_special="all")
+            == tok_mod.Tokenizer.gpt2().encode(text, allowed_special="all"))
+
+
+def test_tokenizer_objects(tmp_path):
+    class Fake:  # tiktoken's interface: n_vocab, decode_bytes, eot_token
+        n_vocab = 258
+        eot_token = 257
+
+        def decode_bytes(self, ids):
+            return b"".join(bytes([i]) if i < 256 else (b"ab" if i == 256 else b"<|endoftext|>") for i in ids)
+
+    ck.write_llmc_tokenizer(tmp_path / "t.bin", Fake())
+    back = ck.read_llmc_tokenizer(tmp_path / "t.bin")
+    assert back.eot_token == 257 and back.tokens[256] == b"ab" and back.tokens[97] == b"a"
+
+    class NoBytes:  # nothing gptcore could write the files from
+        vocab_size = 257
+        eot_token = 256
+
+    with pytest.raises(TypeError, match="tokenizer"):
+        ck.save_pretrained(GPT(tiny(), seed=0), tmp_path / "m", tokenizer=NoBytes())
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(TypeError, match="tokenizer"):
+        ck.write_llmc_tokenizer(tmp_path / "x.bin", NoBytes())
 
 
 def test_llmc_tokenizer_rejects_damaged_files(tmp_path):
@@ -732,7 +779,8 @@ def test_llmc_file_from_transformers_weights(tmp_path, rng, hf):
     ref = _hf_model(hf, False, int(rng.integers(1 << 30)))
     sd = {k.replace("transformer.", ""): v.numpy() for k, v in ref.state_dict().items()}
     state = {("wte" if k == "wte.weight" else "wpe" if k == "wpe.weight" else k):
-             (v.T if k.endswith(ck._CONV1D) else v) for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+             (v.T if k.endswith(ck._CONV1D) else v)
+             for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     state.pop("lm_head.weight", None)
     cfg = tiny()
     (tmp_path / "m.bin").write_bytes(_llmc_bytes(cfg, state))

@@ -27,7 +27,10 @@ void attention_kvcache(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tens
   float* kc = k_cache.data<float>();
   float* vc = v_cache.data<float>();
   float* dst = out.data<float>();
-#pragma omp parallel
+  // Early decode steps are a few thousand flops: not worth waking the thread pool for (on a
+  // busy machine a parallel region can cost a scheduler tick).
+  const int64_t work = B * n_head * Tn * (pos + Tn) * D;
+#pragma omp parallel if (work >= (int64_t(1) << 16))
   {
     std::vector<float> p(static_cast<size_t>(pos + Tn));
 #pragma omp for schedule(static)

@@ -45,7 +45,8 @@ from .config import GPTConfig
 
 __all__ = [
     "CheckpointError", "SafetensorsFile", "load_safetensors", "save_safetensors",
-    "save_pretrained", "load_pretrained", "load_training_state", "read_weights", "write_weights",
+    "save_pretrained", "load_pretrained", "load_weights", "load_training_state", "read_weights",
+    "write_weights",
     "read_llmc_model", "write_llmc_model", "LlmcTokenizer", "read_llmc_tokenizer",
     "write_llmc_tokenizer", "read_gpt2_vocab", "write_gpt2_vocab", "load_tokenizer", "detect_format",
     "convert",
@@ -590,7 +591,6 @@ def _build_model(cfg: GPTConfig, state: Mapping[str, np.ndarray], device: str, d
     CPU float32 parameters receive each tensor with one copy, straight from the file's mapping;
     other devices and dtypes go through one float32 host buffer per tensor.
     """
-    from .tensor import from_numpy
     GPT = _gpt_class()
     kwargs = {}
     try:  # skip the random initialisation when the model offers that (it would be overwritten)
@@ -599,7 +599,14 @@ def _build_model(cfg: GPTConfig, state: Mapping[str, np.ndarray], device: str, d
     except (TypeError, ValueError):
         pass
     model = GPT(cfg, device=device, dtype=dtype, **kwargs)
-    V = cfg.vocab_size
+    _copy_weights(model, state)
+    return model
+
+
+def _copy_weights(model, state: Mapping[str, np.ndarray]) -> None:
+    """Copy validated gptcore-named arrays into ``model``'s parameters."""
+    from .tensor import from_numpy
+    V = model.config.vocab_size
     direct, staged = [], []
     for name, p in model.parameters().items():
         dst = _host_view(p)
@@ -615,7 +622,6 @@ def _build_model(cfg: GPTConfig, state: Mapping[str, np.ndarray], device: str, d
         host = np.zeros(tuple(p.shape), np.float32)
         _parallel_copy([(host[:V] if name == "wte" else host, state[name])])
         p.copy_(from_numpy(host, name).to(device=p.device, dtype=p.dtype))
-    return model
 
 
 # ================================================================================================
@@ -710,7 +716,8 @@ def _config_from_hf(d: Any, where: str) -> GPTConfig:
         raise CheckpointError(f"{where}: written by a newer gptcore (format_version "
                               f"{extra.get('format_version')}); upgrade gptcore to read it")
     if "prenorm" in extra and bool(extra["prenorm"]) != prenorm:
-        raise CheckpointError(f"{where}: gptcore.prenorm={extra['prenorm']!r} contradicts model_type {mtype!r}")
+        raise CheckpointError(f"{where}: gptcore.prenorm={extra['prenorm']!r} contradicts "
+                              f"model_type {mtype!r}")
     eps = d.get("layer_norm_epsilon", 1e-5)
     try:
         return GPTConfig(n_layer=_int_field(d, "n_layer", where), n_head=_int_field(d, "n_head", where),
@@ -796,9 +803,10 @@ def _read_hf_dir(directory: str) -> Tuple[GPTConfig, Dict[str, np.ndarray], str]
                                       f"{key!r} is not zero")
     unknown = sorted(k for k in by_name if k not in rename)
     if unknown:
-        raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(repr(by_name[k]) for k in unknown[:5])}"
-                              f"{' ...' if len(unknown) > 5 else ''} (not a {'GPT2' if cfg.prenorm else 'OpenAIGPT'}"
-                              "LMHeadModel checkpoint matching config.json?)")
+        names = ", ".join(repr(by_name[k]) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        arch = "GPT2LMHeadModel" if cfg.prenorm else "OpenAIGPTLMHeadModel"
+        raise CheckpointError(f"{where}: unexpected tensor(s) {names} (not a {arch} checkpoint "
+                              "matching config.json?)")
     missing = [hf for hf in rename if hf not in by_name]
     if missing:
         raise CheckpointError(f"{where}: missing tensor {'transformer.' + missing[0]!r}"
@@ -1008,7 +1016,8 @@ def _write_llmc(f, cfg: GPTConfig, state: Mapping[str, np.ndarray], dtype: str) 
             put(state[pattern] if pattern in state else np.zeros(shape, np.float32))
 
 
-def write_llmc_model(path: PathLike, cfg: GPTConfig, state: Mapping[str, Any], dtype: str = "float32") -> None:
+def write_llmc_model(path: PathLike, cfg: GPTConfig, state: Mapping[str, Any],
+                     dtype: str = "float32") -> None:
     """Write gptcore-named arrays as an llm.c model .bin (version 3 fp32 or 5 bf16), atomically."""
     dt = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}.get(dtype)
     if dt is None:
@@ -1230,7 +1239,8 @@ def read_gpt2_vocab(path: PathLike) -> LlmcTokenizer:
         if model.get("type") not in (None, "BPE") or not isinstance(model.get("vocab"), dict):
             raise CheckpointError(f"{path!r}: not a BPE tokenizer.json")
         for tok in data.get("added_tokens") or []:
-            if isinstance(tok, dict) and isinstance(tok.get("id"), int) and isinstance(tok.get("content"), str):
+            if (isinstance(tok, dict) and isinstance(tok.get("id"), int)
+                    and isinstance(tok.get("content"), str)):
                 added[tok["id"]] = tok["content"]
         data = model["vocab"]
     if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
@@ -1280,7 +1290,8 @@ def detect_format(path: PathLike) -> str:
                 return "hf-openai-gpt"
             raise CheckpointError(f"{cfg!r}: model_type {mtype!r} is not supported (gptcore reads "
                                   "'gpt2' and 'openai-gpt')")
-        if any(os.path.isfile(os.path.join(path, n)) for n in ("vocab.json", "encoder.json", "tokenizer.json")):
+        if any(os.path.isfile(os.path.join(path, n))
+               for n in ("vocab.json", "encoder.json", "tokenizer.json")):
             return "gpt2-vocab"
         raise CheckpointError(f"{path!r}: a directory with neither a config.json nor a vocabulary")
     head = _peek(path, 16)
@@ -1339,6 +1350,7 @@ def write_weights(path: PathLike, cfg: GPTConfig, state: Mapping[str, Any], dtyp
     if fmt not in ("F32", "BF16", "F16"):
         raise ValueError(f"dtype: expected 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     eot = _eot_of(tokenizer, cfg)
+    _check_tokenizer(tokenizer)
     with _atomic_directory(path) as tmp:
         _write_hf_dir(tmp, cfg, state, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[fmt], eot)
         if tokenizer is not None:
@@ -1365,6 +1377,17 @@ def _mirror_vocab_files(directory: str) -> None:
             shutil.copyfile(pa, pb)
         elif os.path.isfile(pb) and not os.path.exists(pa):
             shutil.copyfile(pb, pa)
+
+
+def _check_tokenizer(tokenizer) -> None:
+    """Refuse, before anything is written, a tokenizer whose files cannot be produced."""
+    if tokenizer is None or isinstance(tokenizer, LlmcTokenizer):
+        return
+    if any(callable(getattr(tokenizer, m, None)) for m in ("save_pretrained", "save", "token_bytes",
+                                                           "decode_bytes")):
+        return
+    raise TypeError(f"tokenizer: {type(tokenizer).__name__} has none of save(), save_pretrained(), "
+                    "token_bytes() or decode_bytes(); gptcore cannot write its files")
 
 
 def _save_tokenizer(tokenizer, directory: str) -> None:
@@ -1439,6 +1462,7 @@ def save_pretrained(model, path: PathLike, optimizer=None, tokenizer=None, step:
             json.dumps(trainer["state"], default=_json_default)
         except (TypeError, ValueError) as e:
             raise TypeError(f"state: not JSON-serialisable ({e})") from None
+    _check_tokenizer(tokenizer)
     params = _model_state(model)
     with _atomic_directory(path) as tmp:
         _write_hf_dir(tmp, cfg, params, dt, _eot_of(tokenizer, cfg))
@@ -1464,6 +1488,21 @@ def load_pretrained(path: PathLike, device: str = "cpu", dtype: str = "float32")
     llm.c model .bin. Everything is validated before the model is built."""
     cfg, state, _ = read_weights(path)
     return _build_model(cfg, state, device, dtype)
+
+
+def load_weights(model, path: PathLike) -> None:
+    """Load a checkpoint's weights (any format :func:`load_pretrained` reads) into an existing
+    GPT whose config matches it. Everything is validated before the first parameter changes.
+    (An AdamW built on a bfloat16 model keeps fp32 master weights: call its sync_master() after.)"""
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, GPTConfig) or not hasattr(model, "parameters"):
+        raise TypeError(f"model: expected a gptcore.GPT, got {type(model).__name__}")
+    saved, state, _ = read_weights(path)
+    if saved != cfg:
+        diff = [f"{k}: checkpoint {v!r}, model {getattr(cfg, k)!r}"
+                for k, v in saved.to_dict().items() if getattr(cfg, k) != v]
+        raise CheckpointError(f"{_p(path)!r} does not fit this model ({'; '.join(diff)})")
+    _copy_weights(model, state)
 
 
 def load_training_state(path: PathLike) -> Optional[Dict[str, Any]]:
@@ -1546,7 +1585,8 @@ def convert(src: PathLike, dst: PathLike, dtype: Optional[str] = None, overwrite
         return f"{src} (llm.c tokenizer) -> {dst}: {vocab.vocab_size} tokens"
     if fmt == "gpt2-vocab":
         if not dst.endswith(".bin"):
-            raise ValueError(f"dst: a vocabulary converts to an llm.c tokenizer file ending in .bin, got {dst!r}")
+            raise ValueError(f"dst: a vocabulary converts to an llm.c tokenizer file ending in .bin, "
+                             f"got {dst!r}")
         vocab = read_gpt2_vocab(src)
         write_llmc_tokenizer(dst, vocab)
         return f"{src} (vocabulary) -> {dst}: llm.c tokenizer, {vocab.vocab_size} tokens"
