@@ -33,6 +33,12 @@ DType dtype_from_numpy(const py::array& a, const char* arg) {
   const py::dtype dt = a.dtype();
   const char kind = dt.kind();
   const auto size = dt.itemsize();
+  const char order = dt.byteorder();  // '=' native, '|' not applicable, '<' or '>' explicit
+  const bool little = [] { const uint16_t one = 1; return *reinterpret_cast<const uint8_t*>(&one) == 1; }();
+  if (order == (little ? '>' : '<'))
+    throw TypeError(std::string(arg) + ": non-native byte order " +
+                    py::str(static_cast<py::object>(dt)).cast<std::string>() +
+                    "; convert with array.astype(array.dtype.newbyteorder('='))");
   if (kind == 'f' && size == 4) return DType::float32;
   if (kind == 'i' && size == 4) return DType::int32;
   if (kind == 'i' && size == 8) return DType::int64;
@@ -286,6 +292,7 @@ CuPy or JAX without a copy.
   m.def("layernorm_forward", &ops::layernorm_forward, nogil);
   m.def("layernorm_backward", &ops::layernorm_backward, nogil);
   m.def("residual_layernorm_forward", &ops::residual_layernorm_forward, nogil);
+  m.def("residual_layernorm_backward", &ops::residual_layernorm_backward, nogil);
   m.def("linear_forward", &ops::linear_forward, nogil);
   m.def("linear_backward", &ops::linear_backward, nogil);
   m.def("attention_forward", &ops::attention_forward, nogil);

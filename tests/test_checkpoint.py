@@ -215,6 +215,7 @@ def test_save_load_roundtrip_identical_logits(tmp_path, rng, kw):
     back = ck.load_pretrained(tmp_path / "ckpt")
     assert back.config == cfg
     assert np.array_equal(back(x), want), rng
+    assert not np.any(back.parameters()["wte"].numpy()[cfg.vocab_size:])  # padding rows zero
     # the file holds transformers' names and layouts
     f = ck.SafetensorsFile(tmp_path / "ckpt" / "model.safetensors")
     emb = "transformer.wte.weight" if cfg.prenorm else "transformer.tokens_embed.weight"
@@ -241,6 +242,19 @@ def test_load_weights_into_an_existing_model(tmp_path, rng):
         ck.load_weights(other, tmp_path / "a")
     after = other.state_dict()
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_staged_copy_path(tmp_path, rng, monkeypatch):
+    """Parameters that are not CPU float32 (CUDA, bfloat16) load through a host buffer; force
+    that path on the CPU."""
+    cfg = tiny(vocab_size=77)
+    model = randomised(cfg, rng)
+    ck.save_pretrained(model, tmp_path / "a")
+    monkeypatch.setattr(ck, "_host_view", lambda p: None)
+    back = ck.load_pretrained(tmp_path / "a")
+    x = ids(rng, cfg)
+    assert np.array_equal(back(x), model(x)), rng
+    assert not np.any(back.parameters()["wte"].numpy()[cfg.vocab_size:])  # padding rows zero
 
 
 def test_bf16_checkpoint_holds_rounded_weights(tmp_path, rng):

@@ -369,6 +369,17 @@ def test_text_stop_in_batch_and_stream(model):
     assert pieces == got
 
 
+def test_token_stop_sequences_with_text_stream(model):
+    tok = CharTokenizer(97)
+    ids = generate(model, tok.encode("qrs"), 12, temperature=0)[3:]
+    stop = [int(ids[4]), int(ids[5])]
+    want = complete(model, tok, "qrs", max_new_tokens=12, temperature=0, stop=[stop])
+    first = next(i for i in range(11) if list(ids[i:i + 2]) == stop)
+    assert want == tok.decode(ids[:first])
+    assert "".join(complete(model, tok, "qrs", max_new_tokens=12, temperature=0, stop=[stop],
+                            stream=True)) == want
+
+
 def test_end_of_text_stops_a_row(model, rng):
     idx = rng.integers(0, 97, size=(1, 4))
     free = generate(model, idx, 8, temperature=0)[0]
@@ -386,6 +397,11 @@ def test_complete_matches_generate(model):
     text = complete(model, tok, "hello", max_new_tokens=7, temperature=0.9, seed=11)
     ids = generate(model, tok.encode("hello"), 7, temperature=0.9, seed=11)
     assert text == tok.decode(ids[5:])
+    text2, lp = complete(model, tok, "hello", max_new_tokens=7, temperature=0.9, seed=11, logprobs=2)
+    assert text2 == text and lp.token_logprobs.shape == (7,) and lp.top_tokens.shape == (7, 2)
+    texts, lps = complete(model, tok, ["hello", "ab"], max_new_tokens=7, temperature=0.9, seed=11,
+                          logprobs=2)
+    assert texts[0] == text and lps.token_logprobs.shape == (2, 7)
     assert "".join(complete(model, tok, "hello", max_new_tokens=7, temperature=0.9, seed=11,
                             stream=True)) == text
 

@@ -97,10 +97,12 @@ std::vector<int64_t> drop_last(std::vector<int64_t> s) {
       cpu::call;                    \
   } while (0)
 #else
-#define GPTCORE_DISPATCH(dev, call) \
-  do {                              \
-    (void)(dev);                    \
-    cpu::call;                      \
+#define GPTCORE_DISPATCH(dev, call)                                                      \
+  do {                                                                                   \
+    if ((dev).is_cuda())                                                                 \
+      throw RuntimeError("tensors on " + (dev).str() +                                   \
+                         ": this gptcore build has no CUDA support (rebuild with nvcc)"); \
+    cpu::call;                                                                           \
   } while (0)
 #endif
 
@@ -108,22 +110,23 @@ std::vector<int64_t> drop_last(std::vector<int64_t> s) {
 
 // ---- embedding ----------------------------------------------------------------------------
 
-static void check_embedding_args(const Tensor& idx, const Tensor& wte, const Tensor& wpe) {
+static void check_embedding_args(const Tensor& idx, const Tensor& wte, const Tensor& wpe,
+                                 const char* wte_name = "wte", const char* wpe_name = "wpe") {
   check_index(idx, "idx");
   check_dim(idx, "idx", 2, "(B, T) token ids");
   check_nonempty(idx, "idx");
-  check_float(wte, "wte");
-  check_dim(wte, "wte", 2, "(V, C) token embedding");
-  check_float(wpe, "wpe");
-  check_dim(wpe, "wpe", 2, "(max_positions, C) position embedding");
-  check_same_device(idx, wte, "idx", "wte");
-  check_same_device(idx, wpe, "idx", "wpe");
-  check_same_dtype(wte, wpe, "wte", "wpe");
-  need(wte.size(1) == wpe.size(1), "wpe: embedding width " + std::to_string(wpe.size(1)) +
-                                       " differs from wte's " + std::to_string(wte.size(1)));
+  check_float(wte, wte_name);
+  check_dim(wte, wte_name, 2, "(V, C) token embedding");
+  check_float(wpe, wpe_name);
+  check_dim(wpe, wpe_name, 2, "(max_positions, C) position embedding");
+  check_same_device(idx, wte, "idx", wte_name);
+  check_same_device(idx, wpe, "idx", wpe_name);
+  check_same_dtype(wte, wpe, wte_name, wpe_name);
+  need(wte.size(1) == wpe.size(1), std::string(wpe_name) + ": embedding width " + std::to_string(wpe.size(1)) +
+                                       " differs from " + std::string(wte_name) + "'s " + std::to_string(wte.size(1)));
   need(idx.size(1) <= wpe.size(0), "idx: sequence length " + std::to_string(idx.size(1)) +
                                        " exceeds the " + std::to_string(wpe.size(0)) +
-                                       " positions of wpe");
+                                       " positions of " + std::string(wpe_name));
   if (idx.device().is_cpu()) {  // out-of-range ids would read outside wte
     const int64_t V = wte.size(0);
     for (int64_t i = 0; i < idx.numel(); ++i) {
@@ -144,7 +147,7 @@ Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe
 }
 
 void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& idx) {
-  check_embedding_args(idx, dwte, dwpe);
+  check_embedding_args(idx, dwte, dwpe, "dwte", "dwpe");
   check_float(dout, "dout");
   check_same_device(idx, dout, "idx", "dout");
   check_same_dtype(dwte, dout, "dwte", "dout");
@@ -183,19 +186,48 @@ std::tuple<Tensor, Tensor, Tensor> layernorm_forward(const Tensor& x, const Tens
   return {out, mean, rstd};
 }
 
+// Shared by layernorm_backward (names x, dresidual) and residual_layernorm_backward (sum, dsum).
+static Tensor layernorm_backward_named(Tensor& dweight, Tensor& dbias, const Tensor& dout,
+                                       const std::optional<Tensor>& dresidual, const Tensor& x,
+                                       const Tensor& weight, const Tensor& mean,
+                                       const Tensor& rstd, const char* x_name,
+                                       const char* dres_name);
+
 Tensor layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
                           const std::optional<Tensor>& dresidual, const Tensor& x,
                           const Tensor& weight, const Tensor& mean, const Tensor& rstd) {
-  check_ln_params(x, weight, weight);
+  return layernorm_backward_named(dweight, dbias, dout, dresidual, x, weight, mean, rstd, "x",
+                                  "dresidual");
+}
+
+Tensor residual_layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
+                                   const Tensor& dsum, const Tensor& sum, const Tensor& weight,
+                                   const Tensor& mean, const Tensor& rstd) {
+  return layernorm_backward_named(dweight, dbias, dout, dsum, sum, weight, mean, rstd, "sum",
+                                  "dsum");
+}
+
+static Tensor layernorm_backward_named(Tensor& dweight, Tensor& dbias, const Tensor& dout,
+                                       const std::optional<Tensor>& dresidual, const Tensor& x,
+                                       const Tensor& weight, const Tensor& mean,
+                                       const Tensor& rstd, const char* x_name,
+                                       const char* dres_name) {
+  check_float(x, x_name);
+  need(x.dim() >= 1, std::string(x_name) + ": expected (..., C), got a 0-D tensor");
+  check_nonempty(x, x_name);
+  check_float(weight, "weight");
+  check_shape(weight, "weight", {x.size(-1)});
+  check_same_device(x, weight, x_name, "weight");
+  check_same_dtype(x, weight, x_name, "weight");
   check_float(dout, "dout");
   check_shape(dout, "dout", x.shape());
-  check_same_device(x, dout, "x", "dout");
-  check_same_dtype(x, dout, "x", "dout");
+  check_same_device(x, dout, x_name, "dout");
+  check_same_dtype(x, dout, x_name, "dout");
   for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&dweight, "dweight"},
                                 {&dbias, "dbias"}}) {
     check_float(*t, name);
     check_shape(*t, name, {x.size(-1)});
-    check_same_device(x, *t, "x", name);
+    check_same_device(x, *t, x_name, name);
   }
   if (x.device().is_cuda()) {
     check_f32(dweight, "dweight");
@@ -205,15 +237,15 @@ Tensor layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
        {std::pair<const Tensor*, const char*>{&mean, "mean"}, {&rstd, "rstd"}}) {
     check_f32(*t, name);
     check_shape(*t, name, drop_last(x.shape()));
-    check_same_device(x, *t, "x", name);
+    check_same_device(x, *t, x_name, name);
   }
   Tensor dres;
   if (dresidual) {
     dres = *dresidual;
-    check_float(dres, "dresidual");
-    check_shape(dres, "dresidual", x.shape());
-    check_same_device(x, dres, "x", "dresidual");
-    check_same_dtype(x, dres, "x", "dresidual");
+    check_float(dres, dres_name);
+    check_shape(dres, dres_name, x.shape());
+    check_same_device(x, dres, x_name, dres_name);
+    check_same_dtype(x, dres, x_name, dres_name);
   }
   Tensor dx = empty(x.shape(), x.dtype(), x.device());
   GPTCORE_DISPATCH(x.device(),
@@ -515,6 +547,10 @@ double global_norm(const std::vector<Tensor>& tensors) {
   }
 #ifdef GPTCORE_WITH_CUDA
   if (tensors[0].is_cuda()) return cuda::global_norm(tensors);
+#else
+  if (tensors[0].is_cuda())
+    throw RuntimeError("tensors on " + tensors[0].device().str() +
+                       ": this gptcore build has no CUDA support (rebuild with nvcc)");
 #endif
   return cpu::global_norm(tensors);
 }

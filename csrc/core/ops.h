@@ -127,6 +127,10 @@ std::tuple<Tensor, Tensor, Tensor> layernorm_forward(const Tensor& x, const Tens
 Tensor layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
                           const std::optional<Tensor>& dresidual, const Tensor& x,
                           const Tensor& weight, const Tensor& mean, const Tensor& rstd);
+// returns the total gradient of sum (= dsum + LN backward of dout)
+Tensor residual_layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
+                                   const Tensor& dsum, const Tensor& sum, const Tensor& weight,
+                                   const Tensor& mean, const Tensor& rstd);
 // returns (sum, out, mean, rstd)
 std::tuple<Tensor, Tensor, Tensor, Tensor> residual_layernorm_forward(
     const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,

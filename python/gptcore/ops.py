@@ -48,6 +48,18 @@ def _opt(x, name):
     return None if x is None else as_tensor(x, name)
 
 
+def _out(x, name):
+    """A buffer the op writes into: like as_tensor, but a read-only array is refused."""
+    if x is None:
+        return None
+    flags = getattr(x, "flags", None)
+    if flags is not None and not getattr(flags, "writeable", True):
+        raise ValueError(f"{name}: is read-only, but the op writes into it; pass a writable array")
+    if isinstance(x, memoryview) and x.readonly:
+        raise ValueError(f"{name}: is read-only, but the op writes into it; pass a writable buffer")
+    return as_tensor(x, name)
+
+
 # ---- embedding ------------------------------------------------------------------------------
 
 
@@ -66,7 +78,7 @@ def embedding_backward(dout, idx, dwte, dwpe) -> None:
     dout (B, T, C); idx (B, T); dwte (V, C) and dwpe (maxT, C) are updated in place. The
     result is deterministic (no atomics race on repeated token ids).
     """
-    _C.embedding_backward(as_tensor(dwte, "dwte"), as_tensor(dwpe, "dwpe"),
+    _C.embedding_backward(_out(dwte, "dwte"), _out(dwpe, "dwpe"),
                           as_tensor(dout, "dout"), as_tensor(idx, "idx"))
 
 
@@ -91,7 +103,7 @@ def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dresidual=No
     ``dresidual`` (like x) is given it is added to dx in the same pass (the gradient that
     reaches a residual stream from both the LayerNorm and the skip connection).
     """
-    return _C.layernorm_backward(as_tensor(dweight, "dweight"), as_tensor(dbias, "dbias"),
+    return _C.layernorm_backward(_out(dweight, "dweight"), _out(dbias, "dbias"),
                                  as_tensor(dout, "dout"), _opt(dresidual, "dresidual"),
                                  as_tensor(x, "x"), as_tensor(weight, "weight"),
                                  as_tensor(mean, "mean"), as_tensor(rstd, "rstd"))
@@ -114,7 +126,10 @@ def residual_layernorm_backward(dout, dsum, sum, weight, mean, rstd, dweight, db
     (the residual stream). Returns the total gradient of ``sum``, which is also the gradient
     of both ``x`` and ``residual``. dweight, dbias are accumulated in place.
     """
-    return layernorm_backward(dout, sum, weight, mean, rstd, dweight, dbias, dresidual=dsum)
+    return _C.residual_layernorm_backward(_out(dweight, "dweight"), _out(dbias, "dbias"),
+                                          as_tensor(dout, "dout"), as_tensor(dsum, "dsum"),
+                                          as_tensor(sum, "sum"), as_tensor(weight, "weight"),
+                                          as_tensor(mean, "mean"), as_tensor(rstd, "rstd"))
 
 
 # ---- linear ---------------------------------------------------------------------------------
@@ -139,7 +154,7 @@ def linear_backward(dout, x, weight, dweight, dbias=None, pre=None, need_dx: boo
     multiplied by GELU's derivative at ``pre`` (fused). ``dweight`` (M, K) and ``dbias`` (M,)
     are accumulated in place. Returns dx (..., K), or None when ``need_dx`` is False.
     """
-    dx = _C.linear_backward(as_tensor(dweight, "dweight"), _opt(dbias, "dbias"),
+    dx = _C.linear_backward(_out(dweight, "dweight"), _out(dbias, "dbias"),
                             as_tensor(dout, "dout"), as_tensor(x, "x"),
                             as_tensor(weight, "weight"), _opt(pre, "pre"), bool(need_dx))
     return dx if need_dx else None
@@ -214,7 +229,8 @@ def cross_entropy_forward_backward(logits, targets, vocab_size: Optional[int] = 
     gradient of the mean loss. With ``inplace=True`` dlogits overwrites ``logits`` (which must
     then be a gptcore Tensor or a writable array) and no new (N, Vp) buffer is allocated.
     """
-    return tuple(_C.cross_entropy(as_tensor(logits, "logits"), as_tensor(targets, "targets"),
+    logits_t = _out(logits, "logits") if inplace else as_tensor(logits, "logits")
+    return tuple(_C.cross_entropy(logits_t, as_tensor(targets, "targets"),
                                   vocab_size, int(ignore_index), True,
                                   float("nan") if grad_scale is None else float(grad_scale),
                                   bool(inplace)))
@@ -239,9 +255,9 @@ def adamw_step(params: Sequence, grads: Sequence, m: Sequence, v: Sequence, *, l
     """
     n = len(params)
     decay = [True] * n if decay is None else [bool(d) for d in decay]
-    _C.adamw_step([as_tensor(p, "params") for p in params], [as_tensor(g, "grads") for g in grads],
-                  [as_tensor(t, "m") for t in m], [as_tensor(t, "v") for t in v],
-                  [] if master is None else [as_tensor(t, "master") for t in master],
+    _C.adamw_step([_out(p, "params") for p in params], [as_tensor(g, "grads") for g in grads],
+                  [_out(t, "m") for t in m], [_out(t, "v") for t in v],
+                  [] if master is None else [_out(t, "master") for t in master],
                   decay, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                   int(step), float(grad_scale), int(seed))
 

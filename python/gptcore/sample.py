@@ -26,7 +26,8 @@ Sampling controls, applied in this order to each row's next-token logits:
    filters below cannot change it).
 4. ``top_k``: only the k most likely tokens stay.
 5. ``top_p`` (nucleus): of those, only the smallest most-likely-first set whose probability
-   reaches ``top_p`` stays (the most likely token always does).
+   reaches ``top_p`` stays (the most likely token always does, and so do tokens exactly as
+   likely as the last one kept).
 
 The next token is then drawn from the renormalised probabilities by inverse-CDF with one
 uniform number from the row's own ``numpy.random.Generator`` (``seed`` seeds them all; row b
@@ -340,43 +341,40 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))
 
 
-def _nucleus(ids: np.ndarray, p: np.ndarray, top_p: float) -> Tuple[np.ndarray, np.ndarray]:
-    """Of candidates (ids, unnormalised p), the smallest most-likely-first set reaching top_p."""
-    order = np.argsort(-p, kind="stable")
-    ids, p = ids[order], p[order]
-    c = np.cumsum(p)
-    keep = int(np.searchsorted(c, top_p * c[-1], side="left")) + 1  # first index reaching top_p
-    return ids[:keep], p[:keep]
+def _nucleus_threshold(p: np.ndarray, target: float) -> float:
+    """The probability of the m-th most likely candidate, m the smallest count whose mass
+    reaches ``target`` (p unnormalised, target in its units)."""
+    sp = np.sort(p)[::-1]
+    c = np.cumsum(sp)
+    m = min(int(np.searchsorted(c, target, side="left")), len(sp) - 1)  # first index reaching it
+    return float(sp[m])
 
 
 def _candidates(z: np.ndarray, temperature: float, top_k: Optional[int],
                 top_p: Optional[float]) -> Tuple[np.ndarray, np.ndarray]:
     """One row's sampling set: (token ids, unnormalised probabilities) after temperature,
-    top-k and top-p. z (V,) float64 adjusted logits with at least one finite entry."""
+    top-k and top-p. z (V,) float64 adjusted logits with at least one finite entry.
+
+    top-p keeps every token at least as likely as the m-th most likely one, m the smallest
+    count whose probability reaches top_p (exact ties with the m-th are kept together)."""
     V = z.shape[0]
-    if top_k is not None:
-        ids = np.argpartition(z, V - top_k)[V - top_k:]
-    else:
-        ids = None
-    zs = z if ids is None else z[ids]
+    ids = np.argpartition(z, V - top_k)[V - top_k:] if top_k is not None else np.arange(V)
+    zs = z if top_k is None else z[ids]
     p = np.exp((zs - zs.max()) / temperature)
-    if ids is None:
-        ids = np.arange(V)
     if top_p is None:
         return ids, p
-    # The nucleus is a prefix of the sorted order; find a top slice that holds it before
-    # sorting, so a 50k vocabulary is not sorted every step.
-    total = p.sum()
+    target = top_p * p.sum()
     n = len(p)
-    k = min(n, 64)
-    while k < n:
-        part = np.argpartition(p, n - k)[n - k:]
-        if p[part].sum() >= top_p * total:
-            ids, p = ids[part], p[part]
-            break
-        k *= 4
-    ids, keep_p = _nucleus(ids, p, top_p * total / p.sum())
-    return ids, keep_p
+    # The nucleus is usually a few hundred tokens: if the 256 most likely hold it, sort only
+    # those; otherwise sort all of them (values only).
+    if n > 256:
+        part = np.argpartition(p, n - 256)[n - 256:]
+        if p[part].sum() >= target:
+            tau = _nucleus_threshold(p[part], target)
+            keep = part[p[part] >= tau]
+            return ids[keep], p[keep]
+    keep = p >= _nucleus_threshold(p, target)
+    return ids[keep], p[keep]
 
 
 def filtered_distribution(logits, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -407,6 +405,9 @@ class _Sampler:
     def __call__(self, logits: np.ndarray, rows: List[int]):
         """Next tokens for `rows` from their logits (len(rows), V); returns (tokens, logprob entries)."""
         ctl = self.ctl
+        if (ctl.temperature == 0 and ctl.bias_ids is None and self.counts is None
+                and ctl.logprobs is None and np.isfinite(logits).all()):
+            return np.argmax(logits, axis=1), [None] * len(rows)  # plain greedy
         z = logits.astype(np.float64)
         if ctl.bias_ids is not None:
             z[:, ctl.bias_ids] += ctl.bias_vals
@@ -490,9 +491,8 @@ class _Row:
                 start = max(0, prev - longest - 2)  # a match must reach into the new text
                 hits = [p for p in (self.text.find(s, start) for s in ctl.stop_text) if p >= 0]
                 if hits:
-                    p = min(hits)
-                    self.text = self.text[:p]
-                    self._cut_tokens(bisect.bisect_right(self.ends, p))
+                    p = min(hits)  # the text is cut exactly there; the tokens before it
+                    self._cut_tokens(bisect.bisect_right(self.ends, p), text=self.text[:p])
                     self._end("stop")
                     return
         if self.n_sampled >= ctl.max_new_tokens:
@@ -500,12 +500,12 @@ class _Row:
             return
         self._update_safe()
 
-    def _cut_tokens(self, m: int) -> None:
+    def _cut_tokens(self, m: int, text: Optional[str] = None) -> None:
         del self.gen[m:]
         del self.lps[m:]
         del self.ends[m:]
-        if not self.ctl.stop_text and self.track:
-            self.text = self.tok.decode(self.gen)
+        if self.track:
+            self.text = self.tok.decode(self.gen) if text is None else text
 
     def _end(self, why: str) -> None:
         self.done, self.finish = True, why
@@ -532,6 +532,8 @@ class _Row:
                         break
             if self.ctl.stop_text:
                 n = min(n, bisect.bisect_right(self.ends, q))
+            if n < len(self.gen):  # held-back tokens hold back their text too
+                q = min(q, self.ends[n - 1] if n else 0)
         self.safe_tokens, self.safe_chars = n, q
 
     def take_tokens(self) -> list:
@@ -730,7 +732,7 @@ def complete(model, tokenizer, prompt: Union[str, Sequence[str]], max_new_tokens
     texts = [r.text if r.track else tokenizer.decode(r.gen) for r in g.rows]
     out: Any = texts[0] if single else texts
     if logprobs is not None:
-        _, lp = g.result(False)
+        lp = g.result(False)[1]  # (B, ...): complete passes a batch even for one prompt
         out = (out, Logprobs(lp.token_logprobs[0], lp.top_tokens[0], lp.top_logprobs[0])
                if single else lp)
     return out
