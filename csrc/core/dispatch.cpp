@@ -201,7 +201,7 @@ Tensor layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
 }
 
 Tensor residual_layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
-                                   const Tensor& dsum, const Tensor& sum, const Tensor& weight,
+                                   const std::optional<Tensor>& dsum, const Tensor& sum, const Tensor& weight,
                                    const Tensor& mean, const Tensor& rstd) {
   return layernorm_backward_named(dweight, dbias, dout, dsum, sum, weight, mean, rstd, "sum",
                                   "dsum");

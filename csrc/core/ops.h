@@ -129,7 +129,7 @@ Tensor layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
                           const Tensor& weight, const Tensor& mean, const Tensor& rstd);
 // returns the total gradient of sum (= dsum + LN backward of dout)
 Tensor residual_layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
-                                   const Tensor& dsum, const Tensor& sum, const Tensor& weight,
+                                   const std::optional<Tensor>& dsum, const Tensor& sum, const Tensor& weight,
                                    const Tensor& mean, const Tensor& rstd);
 // returns (sum, out, mean, rstd)
 std::tuple<Tensor, Tensor, Tensor, Tensor> residual_layernorm_forward(

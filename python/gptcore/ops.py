@@ -123,11 +123,11 @@ def residual_layernorm_backward(dout, dsum, sum, weight, mean, rstd, dweight, db
     """Backward of :func:`residual_layernorm_forward`.
 
     dout is the gradient of ``out``, dsum the gradient that reaches ``sum`` from elsewhere
-    (the residual stream). Returns the total gradient of ``sum``, which is also the gradient
+    (the residual stream; None when nothing else reads ``sum``, as in GPT-1's post-LN blocks). Returns the total gradient of ``sum``, which is also the gradient
     of both ``x`` and ``residual``. dweight, dbias are accumulated in place.
     """
     return _C.residual_layernorm_backward(_out(dweight, "dweight"), _out(dbias, "dbias"),
-                                          as_tensor(dout, "dout"), as_tensor(dsum, "dsum"),
+                                          as_tensor(dout, "dout"), _opt(dsum, "dsum"),
                                           as_tensor(sum, "sum"), as_tensor(weight, "weight"),
                                           as_tensor(mean, "mean"), as_tensor(rstd, "rstd"))
 
