@@ -19,6 +19,8 @@ implementation, so ``results_table.py`` can put each pair side by side.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,9 @@ def _f32(rng, *shape, scale=1.0):
 def _run(benchmark, fn, *, op, group, impl, size, target=None, rounds=None):
     benchmark.group = group
     benchmark.extra_info.update(op=op, impl=impl, size=size, target=target)
+    # Let the previous benchmark's idle worker threads (NumPy's OpenBLAS pool spins ~0.1 s after
+    # each call; OpenMP's briefly) go to sleep, so they do not steal a core from this one.
+    time.sleep(0.5)
     benchmark.pedantic(fn, rounds=rounds or ROUNDS[impl], iterations=1, warmup_rounds=2)
 
 

@@ -157,6 +157,7 @@ def test_layernorm_constant_row(rng):
     ((37, 768), 96),
     ((2, 65, 96), 768),
     ((129, 64), 200),
+    ((3, 67, 48), 40),  # more rows than output features: the forward splits rows across threads
 ])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("gelu", [False, True])

@@ -240,3 +240,20 @@ def test_default_corpus_comes_from_the_standard_library(tmp_path, monkeypatch):
     assert meta["tokenizer"] == "byte" and meta["train_tokens"] > 250_000
     assert d.startswith(str(tmp_path / "cache"))
     assert gt.default_corpus_dir(progress=False, max_bytes=300_000) == d  # cached
+
+
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(corpus, tmp_path):
+    import signal
+
+    full = train(run_cfg(corpus, tmp_path / "a", steps=6))
+
+    def interrupt(record):
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C once
+
+    part = train(run_cfg(corpus, tmp_path / "b", steps=6), on_step=interrupt)
+    assert part["stopped_early"] and len(part["losses"]) == 2
+    assert load_checkpoint(str(tmp_path / "b" / "checkpoint"))["state"]["step"] == 2
+    rest = train(run_cfg(corpus, tmp_path / "b", steps=None, resume=True))  # None: the checkpoint's
+    assert part["losses"] + rest["losses"] == full["losses"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored

@@ -7,8 +7,8 @@
 // GEMM's pass over memory, and it keeps one thread pool on the machine: OpenBLAS's own pthreads
 // spinning next to OpenMP's workers made every linear op up to 2x slower on 2 cores.
 //
-// Blocks: forward splits W's rows (= y's columns), so every thread reads all of x and only its
-// share of the large weight, and T = 1 decoding still uses every core. Backward splits dW's rows
+// Blocks: forward splits y along its longer side (rows when there are more tokens than output
+// features, else columns, so T = 1 decoding still uses every core). Backward splits dW's rows
 // (and the matching columns of dout) for dW, db and the GELU derivative, then, after a barrier,
 // dx's columns.
 #include <cblas.h>
@@ -33,7 +33,7 @@ void blas_single_threaded() {
   (void)once;
 }
 
-constexpr int64_t kColAlign = 16;  // block boundaries on whole 64-byte lines of floats
+constexpr int64_t kAlign = 16;  // block boundaries on whole 64-byte lines of floats
 
 }  // namespace
 
@@ -55,21 +55,28 @@ void linear_forward(Tensor& out, Tensor& pre, const Tensor& x, const Tensor& wei
   float* o = out.data<float>();
 #pragma omp parallel
   {
-    int64_t m0, m1;
-    thread_range(M, thread_id(), thread_count(), kColAlign, &m0, &m1);
-    if (m1 > m0) {
-      const int64_t mb = m1 - m0;
+    // This thread's block of y: rows [n0, n1) x columns [m0, m1). Split the longer side, so
+    // the operand every thread packs in full (x when splitting columns, W when splitting rows)
+    // is the smaller one.
+    int64_t n0 = 0, n1 = N, m0 = 0, m1 = M;
+    if (N > M)
+      thread_range(N, thread_id(), thread_count(), kAlign, &n0, &n1);
+    else
+      thread_range(M, thread_id(), thread_count(), kAlign, &m0, &m1);
+    if (n1 > n0 && m1 > m0) {
+      const int64_t nb = n1 - n0, mb = m1 - m0;
+      float* yb = y + n0 * M + m0;
       if (b) {  // bias folded in as the GEMM's initial C (beta = 1)
-        for (int64_t i = 0; i < N; ++i) std::copy(b + m0, b + m1, y + i * M + m0);
+        for (int64_t i = 0; i < nb; ++i) std::copy(b + m0, b + m1, yb + i * M);
       }
       if (N == 1)  // one token (decoding): a matrix-vector product, no GEMM packing
         scipy_cblas_sgemv(CblasRowMajor, CblasNoTrans, mb, K, 1.f, w + m0 * K, K, xp, 1,
-                          b ? 1.f : 0.f, y + m0, 1);
+                          b ? 1.f : 0.f, yb, 1);
       else
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, mb, K, 1.f, xp, K,
-                          w + m0 * K, K, b ? 1.f : 0.f, y + m0, M);
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, mb, K, 1.f, xp + n0 * K,
+                          K, w + m0 * K, K, b ? 1.f : 0.f, yb, M);
       if (gelu) {  // epilogue on this thread's block, just written by the GEMM
-        for (int64_t i = 0; i < N; ++i) {
+        for (int64_t i = n0; i < n1; ++i) {
           const float* yr = y + i * M;
           float* orow = o + i * M;
 #pragma omp simd
@@ -101,7 +108,7 @@ void linear_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& d
   {
     const int tid = thread_id(), nt = thread_count();
     int64_t m0, m1;
-    thread_range(M, tid, nt, kColAlign, &m0, &m1);
+    thread_range(M, tid, nt, kAlign, &m0, &m1);
     if (m1 > m0) {
       if (p) {  // GELU derivative for this thread's columns
         const float* d = dout.data<float>();
@@ -126,7 +133,7 @@ void linear_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& d
 #pragma omp barrier
       // dx[:, k0:k1] = g @ W[:, k0:k1]  (needs every column of g: after the barrier)
       int64_t k0, k1;
-      thread_range(K, tid, nt, kColAlign, &k0, &k1);
+      thread_range(K, tid, nt, kAlign, &k0, &k1);
       if (k1 > k0)
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, k1 - k0, M, 1.f, g, M,
                           w + k0, K, 0.f, dx.data<float>() + k0, K);

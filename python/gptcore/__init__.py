@@ -31,3 +31,10 @@ __all__ = [
 from .sample import complete  # noqa: E402
 
 __all__ += ["complete"]
+
+# ---- model, optimiser and schedules (gptcore.config, .model, .optim) ----
+from .config import GPTConfig  # noqa: E402
+from .model import GPT  # noqa: E402
+from .optim import AdamW, cosine_lr, linear_lr  # noqa: E402
+
+__all__ += ["GPTConfig", "GPT", "AdamW", "cosine_lr", "linear_lr"]

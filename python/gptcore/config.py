@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 __all__ = ["GPTConfig", "PRESETS", "GPT3_BAND_WIDTH"]
@@ -222,8 +222,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # Small models for CPU demos and tests; their vocab_size is replaced by the data's.
     "tiny": dict(about="demo: 2 layers, 64 wide, 4 heads, 128 positions (~0.1M + embeddings)",
                  config=dict(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=257)),
-    "mini": dict(about="demo (default of `gptcore train`): 4 layers, 128 wide, 4 heads, 256 positions",
-                 config=dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=257)),
+    "mini": dict(about="demo (default of `gptcore train`): 4 layers, 128 wide, 4 heads, 128 positions",
+                 config=dict(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=257)),
     "small": dict(about="demo: 6 layers, 256 wide, 8 heads, 256 positions (~4.7M)",
                   config=dict(n_layer=6, n_head=8, n_embd=256, block_size=256, vocab_size=257)),
 }

@@ -17,12 +17,16 @@ GPT-1 (``prenorm=False``) normalises after each residual add instead and has no 
 Parameters live on ``device`` in ``dtype`` (float32, or bfloat16 on CUDA). Their gradients are
 always float32 (the ops accumulate parameter gradients in float32 on CUDA), so an optimiser can
 keep float32 master weights next to bfloat16 parameters.
+
+Memory: the ops return fresh output tensors (the op API has no ``out=`` buffers), so each
+forward allocates its activations anew; the previous step's are released when the next
+forward starts, and backward releases each block's as soon as it has passed it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
 import numpy as np
 

@@ -23,7 +23,6 @@ import os
 import shutil
 import signal
 import sys
-import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -49,10 +48,10 @@ class TrainConfig:
     data: Optional[str] = None
     device: str = "cpu"
     dtype: str = "float32"
-    steps: Optional[int] = None  # default 600; on resume: the checkpoint's
+    steps: Optional[int] = None  # default 1500; on resume: the checkpoint's
     batch_size: int = 16
     seq_len: Optional[int] = None  # default: min(block_size, 256)
-    lr: float = 2e-3
+    lr: Optional[float] = None  # default: 3e-3 for the demo presets, 6e-4 otherwise
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
     warmup: int = 50
@@ -62,7 +61,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     seed: int = 1337
-    eval_every: Optional[int] = None  # default 100; on resume: the checkpoint's
+    eval_every: Optional[int] = None  # default 250; on resume: the checkpoint's
     eval_batches: Optional[int] = None  # default 8; on resume: the checkpoint's
     out: str = "gptcore-run"
     resume: Union[bool, str] = False
@@ -86,7 +85,7 @@ class TrainConfig:
 RUN_CONTROL_FIELDS = ("steps", "eval_every", "eval_batches", "out", "resume", "checkpoint",
                       "stop_after", "sample_tokens", "temperature", "top_k", "prompt", "threads",
                       "progress", "device")
-_DEFAULTS_IF_UNSET = {"steps": 600, "eval_every": 100, "eval_batches": 8}
+_DEFAULTS_IF_UNSET = {"steps": 1500, "eval_every": 250, "eval_batches": 8}
 
 
 def _check_train_config(cfg: TrainConfig) -> None:
@@ -323,6 +322,22 @@ def generate(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int, tempera
     return out
 
 
+def _sample(model: GPT, prompt_ids: Sequence[int], n: int, temperature: float,
+            top_k: Optional[int], seed: int) -> List[int]:
+    """The KV-cache sampler (gptcore.sample) when prompt + sample fit the context, else
+    :func:`generate`'s sliding window."""
+    if len(prompt_ids) + n <= model.config.block_size:
+        try:
+            from . import sample as gsample
+        except ImportError:
+            gsample = None
+        if gsample is not None:
+            out = gsample.generate(model, np.asarray(prompt_ids, dtype=np.int64), n,
+                                   temperature=temperature, top_k=top_k, seed=seed)
+            return [int(t) for t in np.asarray(out).reshape(-1)[len(prompt_ids):] if t >= 0]
+    return generate(model, prompt_ids, n, temperature, top_k, seed=seed)
+
+
 # ---- the loop ----------------------------------------------------------------------------
 
 
@@ -405,6 +420,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
         cfg = TrainConfig(**merged)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in _DEFAULTS_IF_UNSET.items()
                                       if getattr(cfg, k) is None})
+    if cfg.lr is None:
+        cfg = dataclasses.replace(cfg, lr=3e-3 if str(cfg.preset).lower() in DEMO_PRESETS else 6e-4)
     _check_train_config(cfg)
     if cfg.threads:
         from . import set_num_threads
@@ -536,7 +553,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
             prompt_ids = tok.encode(prompt) or [meta.get("eot_token", 0)]
         else:
             prompt_ids = [meta.get("eot_token", 0)]
-        ids = generate(model, prompt_ids, cfg.sample_tokens, cfg.temperature, cfg.top_k, seed=cfg.seed)
+        ids = _sample(model, prompt_ids, cfg.sample_tokens, cfg.temperature, cfg.top_k, cfg.seed)
         text = tok.decode(list(prompt_ids) + ids) if tok is not None else " ".join(map(str, ids))
         summary["sample"] = text
         say(f"\n---- sample (temperature {cfg.temperature}, top-k {cfg.top_k}) ----\n{text}\n"
@@ -544,7 +561,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
     if cfg.progress:
         msg = f"done: {step} steps in {format_duration(summary['elapsed'])}"
         if losses:
-            msg += f", train loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+            tail = losses[-20:]
+            msg += f", train loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f} (mean of the last {len(tail)})"
         if last_val is not None:
             msg += f", val loss {last_val:.3f}"
         if cfg.checkpoint:
