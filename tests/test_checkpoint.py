@@ -804,3 +804,21 @@ def test_llmc_file_from_transformers_weights(tmp_path, rng, hf):
     ref.save_pretrained(tmp_path / "hf")
     ck.convert(tmp_path / "hf", tmp_path / "ours.bin")
     assert (tmp_path / "ours.bin").read_bytes() == (tmp_path / "m.bin").read_bytes()
+
+
+def test_model_methods_round_trip_and_generate(tmp_path):
+    """GPT.save_pretrained / GPT.from_pretrained / GPT.generate delegate to their modules."""
+    import gptcore
+
+    cfg = gptcore.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=50)
+    model = gptcore.GPT(cfg, seed=3)
+    idx = np.random.default_rng().integers(0, 50, (2, 7))
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = gptcore.GPT.from_pretrained(tmp_path / "ckpt")
+    np.testing.assert_array_equal(np.asarray(model(idx)), np.asarray(loaded(idx)))
+    empty = gptcore.GPT(cfg, init=False)
+    assert not np.any(np.asarray(empty.parameters()["h.0.attn.c_attn.weight"]))
+    out = model.generate(idx, 4, temperature=0)
+    assert out.shape == (2, 11) and np.array_equal(out[:, :7], idx)
+    logits = np.asarray(model(idx))
+    assert np.array_equal(out[:, 7], logits[:, -1].argmax(-1))

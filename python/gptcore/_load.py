@@ -17,6 +17,9 @@ def _preload_openblas() -> None:
 
 
 _preload_openblas()
+# OpenMP threads spin this long after a parallel region before sleeping. GCC's default spins long
+# enough to steal a core from whatever runs next (NumPy, OpenBLAS) on small machines.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from . import _C  # noqa: E402
 

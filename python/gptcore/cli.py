@@ -1,4 +1,4 @@
-"""The ``gptcore`` command: ``gptcore train`` and ``gptcore prepare``.
+"""The ``gptcore`` command: ``train``, ``prepare``, ``sample`` and ``convert``.
 
 ``gptcore train`` with no arguments trains a small byte-level model on a few MB of the running
 Python's standard library (prepared once into ~/.cache/gptcore) and prints a sample.
@@ -150,6 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--shard-tokens", type=_positive_int, default=100_000_000,
                     help="maximum tokens per shard (default 100M)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # ---- sample
+    from .sample import add_sample_subcommand
+
+    add_sample_subcommand(sub)
+
+    # ---- convert
+    cv = sub.add_parser("convert", help="convert a model, vocabulary or token shard between formats",
+                        description="Convert between gptcore/transformers checkpoint directories, "
+                                    "llm.c model/tokenizer/shard .bin files, vocabulary files and .npy.")
+    cv.add_argument("src", help="checkpoint dir (gptcore/transformers GPT-2 or GPT-1), llm.c "
+                                "model/tokenizer/shard .bin, vocab.json/encoder.json/tokenizer.json, or .npy")
+    cv.add_argument("dst", help="DST.bin: llm.c file; a directory: transformers layout (models) or "
+                                "vocabulary files (vocabularies); DST.npy: tokens")
+    cv.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                    help="model weights' dtype (default: the source's)")
+    cv.add_argument("--force", action="store_true", help="replace DST if it exists")
     return p
 
 
@@ -218,7 +235,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                            progress=not args.no_progress)
             print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
                   f"({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}")
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        elif args.command == "sample":
+            from .sample import sample_command
+
+            sample_command(args)
+        elif args.command == "convert":
+            from .checkpoint import convert
+
+            print(convert(args.src, args.dst, dtype=args.dtype, overwrite=args.force))
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         if os.environ.get("GPTCORE_DEBUG"):
             raise
         print(f"gptcore {args.command}: error: {e}", file=sys.stderr)

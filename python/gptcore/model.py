@@ -90,7 +90,8 @@ class GPT:
     gradient); ``state_dict()`` gives the unpadded (vocab_size, C) view users expect.
     """
 
-    def __init__(self, config: GPTConfig, device: str = "cpu", dtype="float32", seed: int = 0):
+    def __init__(self, config: GPTConfig, device: str = "cpu", dtype="float32", seed: int = 0,
+                 init: bool = True):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config: expected a GPTConfig, got {type(config).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -102,7 +103,9 @@ class GPT:
         self._params: Dict[str, Tensor] = {}
         self._grads: Dict[str, Tensor] = {}
         self._acts: Optional[dict] = None  # what the last forward kept for backward
-        self._init_params(np.random.default_rng(self.seed))
+        # init=False allocates zeroed parameters (a checkpoint load then fills them) and skips
+        # drawing ~all parameters from the random generator.
+        self._init_params(np.random.default_rng(self.seed) if init else None)
         C = config.n_embd
         # Bias-free configs still feed the LayerNorm op a bias: a constant zero vector, with a
         # scratch gradient that nobody reads.
@@ -139,13 +142,13 @@ class GPT:
             ln("ln_f")
         return specs
 
-    def _init_params(self, rng: np.random.Generator) -> None:
+    def _init_params(self, rng: Optional[np.random.Generator]) -> None:
         cfg = self.config
         resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
         for name, shape, init in self._param_specs():
             if init == "ones":
                 arr = np.ones(shape, np.float32)
-            elif init == "zeros":
+            elif init == "zeros" or rng is None:
                 arr = np.zeros(shape, np.float32)
             else:
                 std = 0.02 if init == "normal" else resid_std
@@ -155,6 +158,27 @@ class GPT:
                 arr[cfg.vocab_size:] = 0.0  # padding rows: never indexed, never a real logit
             self._params[name] = _upload(arr, self.device, self.dtype)
             self._grads[name] = zeros(list(shape), "float32", self.device)
+
+    # ---- checkpoints and generation (see checkpoint.py and sample.py) ----------------------
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Save in transformers' GPT-2 (or GPT-1) layout; see gptcore.checkpoint.save_pretrained."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, device: str = "cpu", dtype="float32") -> "GPT":
+        """Load a gptcore/transformers GPT-2 or GPT-1 directory, or an llm.c model .bin."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype)
+
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """KV-cache sampling with GPT-3's completion controls; see gptcore.sample.generate."""
+        from .sample import generate
+
+        return generate(self, idx, max_new_tokens, **kwargs)
 
     def parameters(self) -> Dict[str, Tensor]:
         """name -> parameter Tensor (the live storage; wte includes the padding rows)."""
