@@ -89,12 +89,17 @@ std::vector<int64_t> drop_last(std::vector<int64_t> s) {
 }
 
 #ifdef GPTCORE_WITH_CUDA
-#define GPTCORE_DISPATCH(dev, call) \
-  do {                              \
-    if ((dev).is_cuda())            \
-      cuda::call;                   \
-    else                            \
-      cpu::call;                    \
+// A CUDA tensor can reach an op without a usable GPU (a foreign DLPack pointer): refuse it
+// before any kernel launch. device_count() is computed once.
+#define GPTCORE_DISPATCH(dev, call)                                                        \
+  do {                                                                                     \
+    if ((dev).is_cuda()) {                                                                 \
+      if (cuda::device_count() == 0)                                                       \
+        throw RuntimeError("tensors on " + (dev).str() + ": no CUDA GPU is available");   \
+      cuda::call;                                                                          \
+    } else {                                                                               \
+      cpu::call;                                                                           \
+    }                                                                                      \
   } while (0)
 #else
 #define GPTCORE_DISPATCH(dev, call)                                                      \
@@ -546,7 +551,11 @@ double global_norm(const std::vector<Tensor>& tensors) {
     check_same_device(tensors[0], tensors[i], "tensors[0]", name.c_str());
   }
 #ifdef GPTCORE_WITH_CUDA
-  if (tensors[0].is_cuda()) return cuda::global_norm(tensors);
+  if (tensors[0].is_cuda()) {
+    if (cuda::device_count() == 0)
+      throw RuntimeError("tensors on " + tensors[0].device().str() + ": no CUDA GPU is available");
+    return cuda::global_norm(tensors);
+  }
 #else
   if (tensors[0].is_cuda())
     throw RuntimeError("tensors on " + tensors[0].device().str() +
