@@ -33,7 +33,6 @@ import json
 import math
 import mmap
 import os
-import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -154,50 +153,7 @@ def _parallel_copy(pairs: Sequence[Tuple[np.ndarray, np.ndarray]]) -> None:
 # ================================================================================================
 
 
-def _fsync_path(path: str, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        if directory:  # some platforms cannot open directories; the rename is still atomic
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
-def _temp_name(path: str, tag: str) -> str:
-    parent, base = os.path.split(os.path.abspath(path))
-    return os.path.join(parent, f".{base}.{tag}-{secrets.token_hex(4)}")
-
-
-@contextlib.contextmanager
-def _atomic_file(path: PathLike) -> Iterator[Any]:
-    """Open a temporary file next to ``path`` for writing; on success fsync and rename it over
-    ``path``. On any error the temporary file is removed and ``path`` is left untouched."""
-    path = os.path.abspath(_p(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path!r} is a directory; expected a file name to write")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = _temp_name(path, "tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_path(parent, directory=True)
+from ._fileio import atomic_file as _atomic_file, fsync_path as _fsync_path, temp_name as _temp_name  # noqa: E402
 
 
 # Files a checkpoint directory may hold; anything else found in a directory being replaced is

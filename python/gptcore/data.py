@@ -14,8 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tempfile
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -34,23 +33,7 @@ META_NAME = "meta.json"
 # ---- shards -----------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: str, chunks: Iterable[bytes]) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+from ._fileio import write_atomic as _atomic_write_bytes  # noqa: E402
 
 
 def write_shard(path: str, tokens) -> None:

@@ -53,12 +53,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from typing import AbstractSet, Collection, Literal, Optional, Sequence, Union
 
 import numpy as np
 
 from ._load import _C
+from ._fileio import write_atomic
 
 _core = _C.tokenizer
 
@@ -209,16 +209,7 @@ def _gpt2_core():
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, [data])
 
 
 # ---- the tokenizer -----------------------------------------------------------------------------
