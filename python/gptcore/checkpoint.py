@@ -41,6 +41,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 
 from .config import GPTConfig
+from .data import HEADER_BYTES as _LLMC_HEADER_BYTES, HEADER_INTS as _LLMC_HEADER_INTS
+from .data import read_llmc_header
 
 __all__ = [
     "CheckpointError", "SafetensorsFile", "load_safetensors", "save_safetensors",
@@ -844,8 +846,6 @@ def _write_hf_dir(directory: str, cfg: GPTConfig, state: Mapping[str, np.ndarray
 LLMC_MODEL_MAGIC = 20240326
 LLMC_TOKENIZER_MAGIC = 20240328
 LLMC_SHARD_MAGIC = 20240520
-_LLMC_HEADER_INTS = 256
-_LLMC_HEADER_BYTES = 1024
 _LLMC_VERSIONS = {3: "float32", 5: "bfloat16"}
 
 
@@ -864,15 +864,7 @@ def _llmc_layout(L: int, C: int, maxT: int, Vp: int):
 
 
 def _read_header(path: str, what: str) -> Tuple[np.ndarray, int]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{what} {path!r} is not a regular file")
-    size = os.path.getsize(path)
-    if size < _LLMC_HEADER_BYTES:
-        raise CheckpointError(f"{what} {path!r} is {size} bytes, shorter than llm.c's 1024-byte header "
-                              "(truncated, or not an llm.c file)")
-    return np.fromfile(path, dtype="<i4", count=_LLMC_HEADER_INTS), size
+    return read_llmc_header(path, what, error=CheckpointError)
 
 
 def read_llmc_model(path: PathLike) -> Tuple[GPTConfig, Dict[str, np.ndarray], str]:

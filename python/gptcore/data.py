@@ -53,21 +53,30 @@ def write_shard(path: str, tokens) -> None:
     _atomic_write_bytes(path, [header.tobytes(), memoryview(body).cast("B")])
 
 
+def read_llmc_header(path: str, what: str, error=ValueError) -> Tuple[np.ndarray, int]:
+    """(the 256 little-endian int32 header every llm.c file starts with, file size in bytes).
+
+    A missing file raises FileNotFoundError; a directory or a file shorter than the header
+    raises ``error`` (a ValueError subclass) naming ``what`` and the path.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise error(f"{what} {path!r} is not a regular file")
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise error(f"{what} {path!r} is {size} bytes, shorter than llm.c's {HEADER_BYTES}-byte "
+                    "header (truncated, or not an llm.c file)")
+    return np.fromfile(path, dtype="<i4", count=HEADER_INTS), size
+
+
 def read_shard(path: str) -> np.ndarray:
     """The tokens of an llm.c shard as a read-only uint16 memmap, after validating the file.
 
     A missing file raises FileNotFoundError; a foreign, truncated or oversized one ValueError.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
-    if not os.path.isfile(path):
-        raise ValueError(f"data file {path!r} is not a regular file")
-    size = os.path.getsize(path)
-    if size < HEADER_BYTES:
-        raise ValueError(f"data file {path!r} is {size} bytes, shorter than the {HEADER_BYTES}-byte "
-                         "shard header: not a token shard (or truncated)")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    header, size = read_llmc_header(path, "data file")
     if int(header[0]) != SHARD_MAGIC:
         raise ValueError(f"data file {path!r} is not a token shard: magic {int(header[0])}, "
                          f"expected {SHARD_MAGIC} (llm.c format)")
