@@ -1,5 +1,5 @@
 // The checked entry point of every op: validate every argument (shape, dtype, device), allocate
-// the outputs, then hand over to cpu:: or cuda::. Backend kernels trust what arrives here.
+// the outputs (or check the caller's out= buffers), then hand over to cpu:: or cuda::. Backend kernels trust what arrives here.
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -88,6 +88,51 @@ std::vector<int64_t> drop_last(std::vector<int64_t> s) {
   return s;
 }
 
+// ---- output buffers (out=) --------------------------------------------------------------
+// Every op either allocates its outputs or writes into buffers the caller passes (out=), so a
+// training step or a decode step can run from buffers allocated once. A given buffer must match
+// the output exactly (shape, dtype, device) and must not overlap any input or other output:
+// kernels read inputs after they have started writing outputs.
+
+using Named = std::pair<const Tensor*, const char*>;
+
+Tensor take_out(const std::optional<Tensor>& given, const std::vector<int64_t>& shape,
+                DType dtype, Device device, const char* name) {
+  if (!given) return empty(shape, dtype, device);
+  const Tensor& t = *given;
+  need_defined(t, name);
+  if (t.dtype() != dtype)
+    throw TypeError(std::string(name) + ": expected a " + dtype_name(dtype) + " buffer, got " +
+                    dtype_name(t.dtype()));
+  if (t.device() != device)
+    throw ValueError(std::string(name) + ": buffer is on " + t.device().str() +
+                     " but the op runs on " + device.str());
+  check_shape(t, name, shape);
+  return t;
+}
+
+bool overlaps(const Tensor& a, const Tensor& b) {
+  if (!a.defined() || !b.defined() || a.device() != b.device() || !a.nbytes() || !b.nbytes())
+    return false;
+  const char* a0 = static_cast<const char*>(a.raw());
+  const char* b0 = static_cast<const char*>(b.raw());
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+// Refuses an output that shares memory with an input or with another output.
+void check_disjoint(std::initializer_list<Named> outs, std::initializer_list<Named> ins) {
+  for (auto o = outs.begin(); o != outs.end(); ++o) {
+    for (const Named& i : ins)
+      if (overlaps(*o->first, *i.first))
+        throw ValueError(std::string(o->second) + ": output buffer overlaps the input " +
+                         i.second + "; pass a separate buffer");
+    for (auto p = outs.begin(); p != o; ++p)
+      if (overlaps(*o->first, *p->first))
+        throw ValueError(std::string(o->second) + ": output buffer overlaps the output " +
+                         p->second + "; pass a separate buffer");
+  }
+}
+
 #ifdef GPTCORE_WITH_CUDA
 // A CUDA tensor can reach an op without a usable GPU (a foreign DLPack pointer): refuse it
 // before any kernel launch. device_count() is computed once.
@@ -144,9 +189,12 @@ static void check_embedding_args(const Tensor& idx, const Tensor& wte, const Ten
   }
 }
 
-Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe) {
+Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe,
+                         const std::optional<Tensor>& out_buf) {
   check_embedding_args(idx, wte, wpe);
-  Tensor out = empty({idx.size(0), idx.size(1), wte.size(1)}, wte.dtype(), wte.device());
+  Tensor out = take_out(out_buf, {idx.size(0), idx.size(1), wte.size(1)}, wte.dtype(),
+                        wte.device(), "out");
+  check_disjoint({{&out, "out"}}, {{&idx, "idx"}, {&wte, "wte"}, {&wpe, "wpe"}});
   GPTCORE_DISPATCH(idx.device(), embedding_forward(out, idx, wte, wpe));
   return out;
 }
@@ -181,12 +229,17 @@ static void check_eps(float eps) {
 }
 
 std::tuple<Tensor, Tensor, Tensor> layernorm_forward(const Tensor& x, const Tensor& weight,
-                                                     const Tensor& bias, float eps) {
+                                                     const Tensor& bias, float eps,
+                                                     const std::optional<Tensor>& out_buf,
+                                                     const std::optional<Tensor>& mean_buf,
+                                                     const std::optional<Tensor>& rstd_buf) {
   check_ln_params(x, weight, bias);
   check_eps(eps);
-  Tensor out = empty(x.shape(), x.dtype(), x.device());
-  Tensor mean = empty(drop_last(x.shape()), DType::float32, x.device());
-  Tensor rstd = empty(drop_last(x.shape()), DType::float32, x.device());
+  Tensor out = take_out(out_buf, x.shape(), x.dtype(), x.device(), "out");
+  Tensor mean = take_out(mean_buf, drop_last(x.shape()), DType::float32, x.device(), "mean");
+  Tensor rstd = take_out(rstd_buf, drop_last(x.shape()), DType::float32, x.device(), "rstd");
+  check_disjoint({{&out, "out"}, {&mean, "mean"}, {&rstd, "rstd"}},
+                 {{&x, "x"}, {&weight, "weight"}, {&bias, "bias"}});
   GPTCORE_DISPATCH(x.device(), layernorm_forward(out, mean, rstd, x, weight, bias, eps));
   return {out, mean, rstd};
 }
@@ -196,27 +249,31 @@ static Tensor layernorm_backward_named(Tensor& dweight, Tensor& dbias, const Ten
                                        const std::optional<Tensor>& dresidual, const Tensor& x,
                                        const Tensor& weight, const Tensor& mean,
                                        const Tensor& rstd, const char* x_name,
-                                       const char* dres_name);
+                                       const char* dres_name,
+                                       const std::optional<Tensor>& dx_buf);
 
 Tensor layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
                           const std::optional<Tensor>& dresidual, const Tensor& x,
-                          const Tensor& weight, const Tensor& mean, const Tensor& rstd) {
+                          const Tensor& weight, const Tensor& mean, const Tensor& rstd,
+                          const std::optional<Tensor>& dx_buf) {
   return layernorm_backward_named(dweight, dbias, dout, dresidual, x, weight, mean, rstd, "x",
-                                  "dresidual");
+                                  "dresidual", dx_buf);
 }
 
 Tensor residual_layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
                                    const std::optional<Tensor>& dsum, const Tensor& sum, const Tensor& weight,
-                                   const Tensor& mean, const Tensor& rstd) {
+                                   const Tensor& mean, const Tensor& rstd,
+                                   const std::optional<Tensor>& dx_buf) {
   return layernorm_backward_named(dweight, dbias, dout, dsum, sum, weight, mean, rstd, "sum",
-                                  "dsum");
+                                  "dsum", dx_buf);
 }
 
 static Tensor layernorm_backward_named(Tensor& dweight, Tensor& dbias, const Tensor& dout,
                                        const std::optional<Tensor>& dresidual, const Tensor& x,
                                        const Tensor& weight, const Tensor& mean,
                                        const Tensor& rstd, const char* x_name,
-                                       const char* dres_name) {
+                                       const char* dres_name,
+                                       const std::optional<Tensor>& dx_buf) {
   check_float(x, x_name);
   need(x.dim() >= 1, std::string(x_name) + ": expected (..., C), got a 0-D tensor");
   check_nonempty(x, x_name);
@@ -252,25 +309,31 @@ static Tensor layernorm_backward_named(Tensor& dweight, Tensor& dbias, const Ten
     check_same_device(x, dres, x_name, dres_name);
     check_same_dtype(x, dres, x_name, dres_name);
   }
-  Tensor dx = empty(x.shape(), x.dtype(), x.device());
+  Tensor dx = take_out(dx_buf, x.shape(), x.dtype(), x.device(), "out");
+  check_disjoint({{&dx, "out"}}, {{&dout, "dout"}, {&dres, dres_name}, {&x, x_name},
+                                  {&weight, "weight"}, {&mean, "mean"}, {&rstd, "rstd"},
+                                  {&dweight, "dweight"}, {&dbias, "dbias"}});
   GPTCORE_DISPATCH(x.device(),
                    layernorm_backward(dx, dweight, dbias, dout, dres, x, weight, mean, rstd));
   return dx;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> residual_layernorm_forward(
-    const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
-    float eps) {
+    const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias, float eps,
+    const std::optional<Tensor>& sum_buf, const std::optional<Tensor>& out_buf,
+    const std::optional<Tensor>& mean_buf, const std::optional<Tensor>& rstd_buf) {
   check_ln_params(x, weight, bias);
   check_eps(eps);
   check_float(residual, "residual");
   check_shape(residual, "residual", x.shape());
   check_same_device(x, residual, "x", "residual");
   check_same_dtype(x, residual, "x", "residual");
-  Tensor sum = empty(x.shape(), x.dtype(), x.device());
-  Tensor out = empty(x.shape(), x.dtype(), x.device());
-  Tensor mean = empty(drop_last(x.shape()), DType::float32, x.device());
-  Tensor rstd = empty(drop_last(x.shape()), DType::float32, x.device());
+  Tensor sum = take_out(sum_buf, x.shape(), x.dtype(), x.device(), "sum");
+  Tensor out = take_out(out_buf, x.shape(), x.dtype(), x.device(), "out");
+  Tensor mean = take_out(mean_buf, drop_last(x.shape()), DType::float32, x.device(), "mean");
+  Tensor rstd = take_out(rstd_buf, drop_last(x.shape()), DType::float32, x.device(), "rstd");
+  check_disjoint({{&sum, "sum"}, {&out, "out"}, {&mean, "mean"}, {&rstd, "rstd"}},
+                 {{&x, "x"}, {&residual, "residual"}, {&weight, "weight"}, {&bias, "bias"}});
   GPTCORE_DISPATCH(x.device(),
                    residual_layernorm_forward(sum, out, mean, rstd, x, residual, weight, bias, eps));
   return {sum, out, mean, rstd};
@@ -300,13 +363,17 @@ static void check_linear_params(const Tensor& x, const Tensor& weight,
 }
 
 std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
-                                          const std::optional<Tensor>& bias, bool gelu) {
+                                          const std::optional<Tensor>& bias, bool gelu,
+                                          const std::optional<Tensor>& out_buf,
+                                          const std::optional<Tensor>& pre_buf) {
   check_linear_params(x, weight, bias);
   const auto out_shape = with_last(x.shape(), weight.size(0));
-  Tensor out = empty(out_shape, x.dtype(), x.device());
+  Tensor out = take_out(out_buf, out_shape, x.dtype(), x.device(), "out");
   Tensor pre;
-  if (gelu) pre = empty(out_shape, x.dtype(), x.device());
+  if (gelu) pre = take_out(pre_buf, out_shape, x.dtype(), x.device(), "pre");
+  need(gelu || !pre_buf, "pre: only a linear layer with gelu=True has a pre-activation output");
   const Tensor b = bias ? *bias : Tensor();
+  check_disjoint({{&out, "out"}, {&pre, "pre"}}, {{&x, "x"}, {&weight, "weight"}, {&b, "bias"}});
   const int64_t N = rows_of(x);
   Tensor x2 = x.view({N, x.size(-1)}), out2 = out.view({N, weight.size(0)});
   Tensor pre2 = gelu ? pre.view({N, weight.size(0)}) : Tensor();
@@ -316,7 +383,7 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
 
 Tensor linear_backward(Tensor& dweight, std::optional<Tensor> dbias, const Tensor& dout,
                        const Tensor& x, const Tensor& weight, const std::optional<Tensor>& pre,
-                       bool need_dx) {
+                       bool need_dx, const std::optional<Tensor>& dx_buf) {
   check_linear_params(x, weight, std::nullopt);
   const auto out_shape = with_last(x.shape(), weight.size(0));
   check_float(dout, "dout");
@@ -344,12 +411,16 @@ Tensor linear_backward(Tensor& dweight, std::optional<Tensor> dbias, const Tenso
     check_same_dtype(x, *pre, "x", "pre");
     pre2 = pre->view({N, M});
   }
+  need(need_dx || !dx_buf, "out: given, but need_dx is False (no dx is computed)");
   Tensor dx, dx2;
-  if (need_dx) {
-    dx = empty(x.shape(), x.dtype(), x.device());
-    dx2 = dx.view({N, K});
-  }
   Tensor db = dbias ? *dbias : Tensor();
+  if (need_dx) {
+    dx = take_out(dx_buf, x.shape(), x.dtype(), x.device(), "out");
+    dx2 = dx.view({N, K});
+    Tensor pre_t = pre ? *pre : Tensor();
+    check_disjoint({{&dx, "out"}}, {{&dout, "dout"}, {&x, "x"}, {&weight, "weight"},
+                                   {&pre_t, "pre"}, {&dweight, "dweight"}, {&db, "dbias"}});
+  }
   Tensor dout2 = dout.view({N, M}), x2 = x.view({N, K});
   GPTCORE_DISPATCH(x.device(), linear_backward(dx2, dweight, db, dout2, x2, weight, pre2));
   return dx;
@@ -377,17 +448,21 @@ static int check_attention_args(const Tensor& qkv, int64_t n_head,
 }
 
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t n_head,
-                                             std::optional<int64_t> window) {
+                                             std::optional<int64_t> window,
+                                             const std::optional<Tensor>& out_buf,
+                                             const std::optional<Tensor>& lse_buf) {
   const int w = check_attention_args(qkv, n_head, window);
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
-  Tensor out = empty({B, T, C}, qkv.dtype(), qkv.device());
-  Tensor lse = empty({B, n_head, T}, DType::float32, qkv.device());
+  Tensor out = take_out(out_buf, {B, T, C}, qkv.dtype(), qkv.device(), "out");
+  Tensor lse = take_out(lse_buf, {B, n_head, T}, DType::float32, qkv.device(), "lse");
+  check_disjoint({{&out, "out"}, {&lse, "lse"}}, {{&qkv, "qkv"}});
   GPTCORE_DISPATCH(qkv.device(), attention_forward(out, lse, qkv, static_cast<int>(n_head), w));
   return {out, lse};
 }
 
 Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out,
-                          const Tensor& lse, int64_t n_head, std::optional<int64_t> window) {
+                          const Tensor& lse, int64_t n_head, std::optional<int64_t> window,
+                          const std::optional<Tensor>& dqkv_buf) {
   const int w = check_attention_args(qkv, n_head, window);
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   for (const auto& [t, name] :
@@ -400,7 +475,9 @@ Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& o
   check_f32(lse, "lse");
   check_shape(lse, "lse", {B, n_head, T});
   check_same_device(qkv, lse, "qkv", "lse");
-  Tensor dqkv = empty(qkv.shape(), qkv.dtype(), qkv.device());
+  Tensor dqkv = take_out(dqkv_buf, qkv.shape(), qkv.dtype(), qkv.device(), "out");
+  check_disjoint({{&dqkv, "out"}},
+                 {{&dout, "dout"}, {&qkv, "qkv"}, {&out, "out (forward)"}, {&lse, "lse"}});
   GPTCORE_DISPATCH(qkv.device(),
                    attention_backward(dqkv, dout, qkv, out, lse, static_cast<int>(n_head), w));
   return dqkv;
@@ -409,7 +486,8 @@ Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& o
 // ---- KV-cache attention (decoding) --------------------------------------------------------
 
 Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int64_t pos,
-                         int64_t n_head, std::optional<int64_t> window) {
+                         int64_t n_head, std::optional<int64_t> window,
+                         const std::optional<Tensor>& out_buf) {
   check_attention_args(qkv, n_head, std::nullopt);
   const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3, D = C / n_head;
   for (const auto& [t, name] :
@@ -437,7 +515,10 @@ Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, in
                            std::to_string(*window));
     w = static_cast<int>(std::min<int64_t>(*window, Tmax));  // a window >= Tmax is dense
   }
-  Tensor out = empty({B, Tn, C}, qkv.dtype(), qkv.device());
+  Tensor out = take_out(out_buf, {B, Tn, C}, qkv.dtype(), qkv.device(), "out");
+  check_disjoint({{&out, "out"}}, {{&qkv, "qkv"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}});
+  check_disjoint({{&k_cache, "k_cache"}}, {{&qkv, "qkv"}});
+  check_disjoint({{&v_cache, "v_cache"}}, {{&qkv, "qkv"}});
   GPTCORE_DISPATCH(qkv.device(), attention_kvcache(out, k_cache, v_cache, qkv, pos,
                                                    static_cast<int>(n_head), w));
   return out;
@@ -448,7 +529,9 @@ Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, in
 std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& targets,
                                          std::optional<int64_t> vocab_size,
                                          int64_t ignore_index, bool with_grad,
-                                         float grad_scale, bool inplace) {
+                                         float grad_scale, bool inplace,
+                                         const std::optional<Tensor>& losses_buf,
+                                         const std::optional<Tensor>& dlogits_buf) {
   check_float(logits, "logits");
   need(logits.dim() >= 2, "logits: expected (..., V) with at least 2 dimensions, got " +
                               logits.shape_str());
@@ -482,9 +565,18 @@ std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& tar
                      "targets, would need a device-to-host synchronisation)");
   }
   if (with_grad && std::isnan(grad_scale)) grad_scale = valid ? 1.0f / valid : 0.0f;
-  Tensor losses = empty(targets.shape(), DType::float32, logits.device());
+  need(with_grad || !dlogits_buf, "dlogits: given, but no gradient is computed");
+  need(!(inplace && dlogits_buf), "dlogits: given together with inplace=True (the gradient "
+                                  "then overwrites logits); pass one or the other");
+  Tensor losses = take_out(losses_buf, targets.shape(), DType::float32, logits.device(), "losses");
   Tensor dlogits;
-  if (with_grad) dlogits = inplace ? logits : empty(logits.shape(), logits.dtype(), logits.device());
+  if (with_grad)
+    dlogits = inplace ? logits
+                      : take_out(dlogits_buf, logits.shape(), logits.dtype(), logits.device(),
+                                 "dlogits");
+  const Tensor dlogits_sep = inplace ? Tensor() : dlogits;  // in place is the one allowed overlap
+  check_disjoint({{&losses, "losses"}, {&dlogits_sep, "dlogits"}},
+                 {{&logits, "logits"}, {&targets, "targets"}});
   Tensor logits2 = logits.view({N, Vp}), losses2 = losses.view({N}), targets2 = targets.view({N});
   Tensor dlogits2 = with_grad ? dlogits.view({N, Vp}) : Tensor();
   GPTCORE_DISPATCH(logits.device(), cross_entropy(losses2, dlogits2, logits2, targets2, V,

@@ -117,48 +117,64 @@ void cast(void* dst, DType dst_dtype, const void* src, DType src_dtype, int64_t 
 // ---- the checked, dispatching API (dispatch.cpp) ------------------------------------------
 namespace ops {
 
-Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe);
+// Every op that returns tensors takes trailing optional out buffers (out= in Python): when given
+// they must match the output exactly and not overlap any input; the op writes into them.
+Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe,
+                         const std::optional<Tensor>& out = std::nullopt);
 void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& idx);
 
 // returns (out, mean, rstd)
-std::tuple<Tensor, Tensor, Tensor> layernorm_forward(const Tensor& x, const Tensor& weight,
-                                                     const Tensor& bias, float eps);
+std::tuple<Tensor, Tensor, Tensor> layernorm_forward(
+    const Tensor& x, const Tensor& weight, const Tensor& bias, float eps,
+    const std::optional<Tensor>& out = std::nullopt, const std::optional<Tensor>& mean = std::nullopt,
+    const std::optional<Tensor>& rstd = std::nullopt);
 // returns dx (= dresidual + LN backward when dresidual is given)
 Tensor layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
                           const std::optional<Tensor>& dresidual, const Tensor& x,
-                          const Tensor& weight, const Tensor& mean, const Tensor& rstd);
+                          const Tensor& weight, const Tensor& mean, const Tensor& rstd,
+                          const std::optional<Tensor>& dx_out = std::nullopt);
 // returns the total gradient of sum (= dsum + LN backward of dout)
 Tensor residual_layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
                                    const std::optional<Tensor>& dsum, const Tensor& sum, const Tensor& weight,
-                                   const Tensor& mean, const Tensor& rstd);
+                                   const Tensor& mean, const Tensor& rstd,
+                                   const std::optional<Tensor>& dx_out = std::nullopt);
 // returns (sum, out, mean, rstd)
 std::tuple<Tensor, Tensor, Tensor, Tensor> residual_layernorm_forward(
-    const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias,
-    float eps);
+    const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias, float eps,
+    const std::optional<Tensor>& sum = std::nullopt, const std::optional<Tensor>& out = std::nullopt,
+    const std::optional<Tensor>& mean = std::nullopt, const std::optional<Tensor>& rstd = std::nullopt);
 
 // returns (out, pre) -- pre is undefined unless gelu
 std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
-                                          const std::optional<Tensor>& bias, bool gelu);
+                                          const std::optional<Tensor>& bias, bool gelu,
+                                          const std::optional<Tensor>& out = std::nullopt,
+                                          const std::optional<Tensor>& pre = std::nullopt);
 // returns dx (undefined when need_dx is false)
 Tensor linear_backward(Tensor& dweight, std::optional<Tensor> dbias, const Tensor& dout,
                        const Tensor& x, const Tensor& weight, const std::optional<Tensor>& pre,
-                       bool need_dx);
+                       bool need_dx, const std::optional<Tensor>& dx_out = std::nullopt);
 
 // returns (out, lse)
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t n_head,
-                                             std::optional<int64_t> window);
+                                             std::optional<int64_t> window,
+                                             const std::optional<Tensor>& out = std::nullopt,
+                                             const std::optional<Tensor>& lse = std::nullopt);
 Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out,
-                          const Tensor& lse, int64_t n_head, std::optional<int64_t> window);
+                          const Tensor& lse, int64_t n_head, std::optional<int64_t> window,
+                          const std::optional<Tensor>& dqkv_out = std::nullopt);
 // KV-cache attention for decoding: writes qkv's k, v into k_cache, v_cache (B, H, Tmax, D) at
 // positions pos..pos+Tn-1 (in place), returns out (B, Tn, C).
 Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int64_t pos,
-                         int64_t n_head, std::optional<int64_t> window);
+                         int64_t n_head, std::optional<int64_t> window,
+                         const std::optional<Tensor>& out = std::nullopt);
 
 // returns (losses, dlogits) -- dlogits undefined unless with_grad
 std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& targets,
                                          std::optional<int64_t> vocab_size,
                                          int64_t ignore_index, bool with_grad,
-                                         float grad_scale, bool inplace);
+                                         float grad_scale, bool inplace,
+                                         const std::optional<Tensor>& losses_out = std::nullopt,
+                                         const std::optional<Tensor>& dlogits_out = std::nullopt);
 
 void adamw_step(std::vector<Tensor> params, const std::vector<Tensor>& grads,
                 std::vector<Tensor> m, std::vector<Tensor> v, std::vector<Tensor> master,

@@ -10,6 +10,11 @@ Conventions (the same on every backend and in :mod:`gptcore.reference`):
   the buffers you pass (``+=``), so micro-batch gradient accumulation is free. Pass zeroed
   buffers for a plain gradient.
 * Gradients of *activations* (``dx``, ``dqkv``...) are returned as new tensors.
+* ``out=``: every op that returns tensors can write them into buffers you allocated once
+  instead (what a training or decode loop does). ``out`` is what the op returns: one buffer, or
+  a tuple with one entry per returned tensor (``None`` entries are allocated as usual). Each
+  buffer must have exactly the output's shape, dtype and device, be writable, and share no
+  memory with the op's inputs or other outputs. The op returns the buffers it wrote.
 * Floating-point tensors are float32 on the CPU, float32 or bfloat16 on CUDA. Statistics saved
   for backward (LayerNorm ``mean``/``rstd``, attention ``lse``) and losses are float32.
 * Token ids and targets are int32 or int64.
@@ -60,16 +65,32 @@ def _out(x, name):
     return as_tensor(x, name)
 
 
+def _outs(out, names: Sequence[str]) -> list:
+    """out= normalised to one checked buffer (or None) per returned tensor."""
+    n = len(names)
+    if out is None:
+        return [None] * n
+    if n == 1:
+        if isinstance(out, (tuple, list)):
+            raise TypeError(f"out: expected one buffer for {names[0]}, got a {type(out).__name__}")
+        return [_out(out, "out")]
+    if not isinstance(out, (tuple, list)) or len(out) != n:
+        raise TypeError(f"out: expected a tuple of {n} buffers ({', '.join(names)}; None entries "
+                        f"are allocated), got {type(out).__name__}")
+    return [_out(o, f"out[{i}] ({names[i]})") for i, o in enumerate(out)]
+
+
 # ---- embedding ------------------------------------------------------------------------------
 
 
-def embedding_forward(idx, wte, wpe) -> Tensor:
+def embedding_forward(idx, wte, wpe, *, out=None) -> Tensor:
     """Token + position embedding.
 
     idx (B, T) int32/int64 token ids in [0, V); wte (V, C); wpe (maxT, C) with T <= maxT.
     Returns out (B, T, C) with ``out[b, t] = wte[idx[b, t]] + wpe[t]``.
     """
-    return _C.embedding_forward(as_tensor(idx, "idx"), as_tensor(wte, "wte"), as_tensor(wpe, "wpe"))
+    return _C.embedding_forward(as_tensor(idx, "idx"), as_tensor(wte, "wte"), as_tensor(wpe, "wpe"),
+                                *_outs(out, ["out"]))
 
 
 def embedding_backward(dout, idx, dwte, dwpe) -> None:
@@ -85,7 +106,7 @@ def embedding_backward(dout, idx, dwte, dwpe) -> None:
 # ---- layernorm ------------------------------------------------------------------------------
 
 
-def layernorm_forward(x, weight, bias, eps: float = 1e-5):
+def layernorm_forward(x, weight, bias, eps: float = 1e-5, *, out=None):
     """LayerNorm over the last dimension.
 
     x (..., C); weight, bias (C,). Returns ``(out, mean, rstd)``: out like x, and the float32
@@ -93,10 +114,12 @@ def layernorm_forward(x, weight, bias, eps: float = 1e-5):
     ``out = (x - mean) * rstd * weight + bias`` with ``rstd = 1 / sqrt(var + eps)`` (biased var).
     """
     return tuple(_C.layernorm_forward(as_tensor(x, "x"), as_tensor(weight, "weight"),
-                                      as_tensor(bias, "bias"), float(eps)))
+                                      as_tensor(bias, "bias"), float(eps),
+                                      *_outs(out, ["out", "mean", "rstd"])))
 
 
-def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dresidual=None) -> Tensor:
+def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dresidual=None, *,
+                       out=None) -> Tensor:
     """Backward of :func:`layernorm_forward`.
 
     Returns dx (like x). ``dweight`` and ``dbias`` (C,) are accumulated in place. If
@@ -106,20 +129,22 @@ def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dresidual=No
     return _C.layernorm_backward(_out(dweight, "dweight"), _out(dbias, "dbias"),
                                  as_tensor(dout, "dout"), _opt(dresidual, "dresidual"),
                                  as_tensor(x, "x"), as_tensor(weight, "weight"),
-                                 as_tensor(mean, "mean"), as_tensor(rstd, "rstd"))
+                                 as_tensor(mean, "mean"), as_tensor(rstd, "rstd"),
+                                 *_outs(out, ["dx"]))
 
 
-def residual_layernorm_forward(x, residual, weight, bias, eps: float = 1e-5):
+def residual_layernorm_forward(x, residual, weight, bias, eps: float = 1e-5, *, out=None):
     """Fused residual add + LayerNorm: ``sum = x + residual; out = LayerNorm(sum)``.
 
     x, residual (..., C); weight, bias (C,). Returns ``(sum, out, mean, rstd)``.
     """
     return tuple(_C.residual_layernorm_forward(as_tensor(x, "x"), as_tensor(residual, "residual"),
                                                as_tensor(weight, "weight"), as_tensor(bias, "bias"),
-                                               float(eps)))
+                                               float(eps), *_outs(out, ["sum", "out", "mean", "rstd"])))
 
 
-def residual_layernorm_backward(dout, dsum, sum, weight, mean, rstd, dweight, dbias) -> Tensor:
+def residual_layernorm_backward(dout, dsum, sum, weight, mean, rstd, dweight, dbias, *,
+                                out=None) -> Tensor:
     """Backward of :func:`residual_layernorm_forward`.
 
     dout is the gradient of ``out``, dsum the gradient that reaches ``sum`` from elsewhere
@@ -129,25 +154,29 @@ def residual_layernorm_backward(dout, dsum, sum, weight, mean, rstd, dweight, db
     return _C.residual_layernorm_backward(_out(dweight, "dweight"), _out(dbias, "dbias"),
                                           as_tensor(dout, "dout"), _opt(dsum, "dsum"),
                                           as_tensor(sum, "sum"), as_tensor(weight, "weight"),
-                                          as_tensor(mean, "mean"), as_tensor(rstd, "rstd"))
+                                          as_tensor(mean, "mean"), as_tensor(rstd, "rstd"),
+                                          *_outs(out, ["dsum"]))
 
 
 # ---- linear ---------------------------------------------------------------------------------
 
 
-def linear_forward(x, weight, bias=None, gelu: bool = False):
+def linear_forward(x, weight, bias=None, gelu: bool = False, *, out=None):
     """Linear layer with an optional fused tanh-GELU epilogue.
 
     x (..., K); weight (M, K) in (out, in) layout; bias (M,) or None.
     Returns ``(out, pre)``: with ``gelu=False`` out = x @ weight.T + bias and pre is None;
     with ``gelu=True`` pre = x @ weight.T + bias (kept for backward) and out = gelu_tanh(pre).
+    ``out`` may be one buffer (for out) or the tuple ``(out, pre)``.
     """
+    bufs = _outs(out if isinstance(out, (tuple, list)) else (out, None), ["out", "pre"])
     out, pre = _C.linear_forward(as_tensor(x, "x"), as_tensor(weight, "weight"),
-                                 _opt(bias, "bias"), bool(gelu))
+                                 _opt(bias, "bias"), bool(gelu), *bufs)
     return out, (pre if gelu else None)  # the binding returns an undefined Tensor otherwise
 
 
-def linear_backward(dout, x, weight, dweight, dbias=None, pre=None, need_dx: bool = True):
+def linear_backward(dout, x, weight, dweight, dbias=None, pre=None, need_dx: bool = True, *,
+                    out=None):
     """Backward of :func:`linear_forward`.
 
     dout (..., M). If ``pre`` is given the layer had a GELU epilogue and the gradient is first
@@ -156,14 +185,15 @@ def linear_backward(dout, x, weight, dweight, dbias=None, pre=None, need_dx: boo
     """
     dx = _C.linear_backward(_out(dweight, "dweight"), _out(dbias, "dbias"),
                             as_tensor(dout, "dout"), as_tensor(x, "x"),
-                            as_tensor(weight, "weight"), _opt(pre, "pre"), bool(need_dx))
+                            as_tensor(weight, "weight"), _opt(pre, "pre"), bool(need_dx),
+                            *_outs(out, ["dx"]))
     return dx if need_dx else None
 
 
 # ---- attention ------------------------------------------------------------------------------
 
 
-def attention_forward(qkv, n_head: int, window: Optional[int] = None):
+def attention_forward(qkv, n_head: int, window: Optional[int] = None, *, out=None):
     """Causal multi-head self-attention, flash-style (no (T, T) buffer).
 
     qkv (B, T, 3C) packed as [q | k | v] along the last axis, each split into n_head heads of
@@ -173,18 +203,22 @@ def attention_forward(qkv, n_head: int, window: Optional[int] = None):
     float32, each row's log-sum-exp of scaled scores, the only thing backward keeps.
     """
     return tuple(_C.attention_forward(as_tensor(qkv, "qkv"), int(n_head),
-                                      None if window is None else int(window)))
+                                      None if window is None else int(window),
+                                      *_outs(out, ["out", "lse"])))
 
 
-def attention_backward(dout, qkv, out, lse, n_head: int, window: Optional[int] = None) -> Tensor:
-    """Backward of :func:`attention_forward`. Returns dqkv (B, T, 3C)."""
+def attention_backward(dout, qkv, out, lse, n_head: int, window: Optional[int] = None, *,
+                       dqkv=None) -> Tensor:
+    """Backward of :func:`attention_forward`. Returns dqkv (B, T, 3C), written into the
+    ``dqkv`` buffer when given (named so because ``out`` is the forward output here)."""
     return _C.attention_backward(as_tensor(dout, "dout"), as_tensor(qkv, "qkv"),
                                  as_tensor(out, "out"), as_tensor(lse, "lse"), int(n_head),
-                                 None if window is None else int(window))
+                                 None if window is None else int(window),
+                                 None if dqkv is None else _out(dqkv, "dqkv"))
 
 
 def attention_kvcache(qkv, k_cache, v_cache, pos: int, n_head: int,
-                      window: Optional[int] = None) -> Tensor:
+                      window: Optional[int] = None, *, out=None) -> Tensor:
     """Attention for decoding: append new tokens to a KV cache and attend over it.
 
     qkv (B, Tn, 3C) packed like :func:`attention_forward`, holding Tn new tokens at absolute
@@ -198,14 +232,14 @@ def attention_kvcache(qkv, k_cache, v_cache, pos: int, n_head: int,
     """
     return _C.attention_kvcache(as_tensor(qkv, "qkv"), as_tensor(k_cache, "k_cache"),
                                 as_tensor(v_cache, "v_cache"), int(pos), int(n_head),
-                                None if window is None else int(window))
+                                None if window is None else int(window), *_outs(out, ["out"]))
 
 
 # ---- cross-entropy --------------------------------------------------------------------------
 
 
 def cross_entropy_forward(logits, targets, vocab_size: Optional[int] = None,
-                          ignore_index: int = -1) -> Tensor:
+                          ignore_index: int = -1, *, out=None) -> Tensor:
     """Per-position softmax cross-entropy.
 
     logits (..., Vp); targets (...) int32/int64. Only the first ``vocab_size`` columns
@@ -214,13 +248,14 @@ def cross_entropy_forward(logits, targets, vocab_size: Optional[int] = None,
     A target outside [0, V) that is not ignore_index raises ValueError.
     """
     losses, _ = _C.cross_entropy(as_tensor(logits, "logits"), as_tensor(targets, "targets"),
-                                 vocab_size, int(ignore_index), False, 0.0, False)
+                                 vocab_size, int(ignore_index), False, 0.0, False,
+                                 *_outs(out, ["losses"]), None)
     return losses
 
 
 def cross_entropy_forward_backward(logits, targets, vocab_size: Optional[int] = None,
                                    ignore_index: int = -1, grad_scale: Optional[float] = None,
-                                   inplace: bool = False):
+                                   inplace: bool = False, *, out=None):
     """Fused cross-entropy: per-position losses and the logits' gradient in one pass.
 
     Returns ``(losses, dlogits)``; the softmax is never stored.
@@ -228,12 +263,13 @@ def cross_entropy_forward_backward(logits, targets, vocab_size: Optional[int] = 
     and ignored rows. ``grad_scale`` defaults to 1 / (number of non-ignored positions), the
     gradient of the mean loss. With ``inplace=True`` dlogits overwrites ``logits`` (which must
     then be a gptcore Tensor or a writable array) and no new (N, Vp) buffer is allocated.
+    ``out`` is ``(losses, dlogits)``; its dlogits entry must be None when ``inplace``.
     """
     logits_t = _out(logits, "logits") if inplace else as_tensor(logits, "logits")
     return tuple(_C.cross_entropy(logits_t, as_tensor(targets, "targets"),
                                   vocab_size, int(ignore_index), True,
                                   float("nan") if grad_scale is None else float(grad_scale),
-                                  bool(inplace)))
+                                  bool(inplace), *_outs(out, ["losses", "dlogits"])))
 
 
 # ---- optimiser ------------------------------------------------------------------------------
