@@ -246,6 +246,48 @@ def test_shorter_sequence_than_block_and_odd_sizes(rng):
     check_against_reference(cfg, rng, B=1, T=7)
 
 
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_workspace_reused_across_steps_gives_fresh_results(rng, prenorm):
+    """Activations live in a per-shape workspace: a second step with other data writes the same
+    buffers and still matches the reference, results handed out are copies, and another
+    forward between forward and backward makes backward refuse instead of using clobbered data."""
+    cfg = tiny_config(prenorm=prenorm)
+    model = GPT(cfg, seed=3)
+    state = random_state(model, rng)
+    model.load_state_dict(state)
+    P = padded_f64(model, state)
+    B, T = 2, cfg.block_size
+    first_logits = None
+    ptrs = None
+    for step in range(2):
+        idx = rng.integers(0, cfg.vocab_size, (B, T))
+        targets = rng.integers(0, cfg.vocab_size, (B, T))
+        model.zero_grad()
+        loss = model.forward(idx, targets)
+        model.backward()
+        ref_loss, ref_G = ref_grads(P, cfg, idx, targets)
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+        for name, g in model.grads().items():
+            assert rel_err(g.numpy(), ref_G[name]) < 5e-5, name
+        ws = model._workspaces[(B, T)]
+        now = [t.data_ptr() for A in ws.layers for t in A.values()]
+        assert ptrs is None or now == ptrs  # the same buffers, not new ones
+        ptrs = now
+        logits = model(idx)
+        if first_logits is None:
+            first_logits, kept = logits, logits.copy()
+    np.testing.assert_array_equal(first_logits, kept)  # not overwritten by later steps
+    # an eval shape gets its own workspace; only two shapes are kept
+    model.loss(idx[:1, :3], targets[:1, :3])
+    model.logits(idx[:, :2])
+    assert set(model._workspaces) == {(1, 3), (2, 2)}  # the training shape (B, T) was dropped
+    # a forward in between invalidates the pending backward
+    model.forward(idx, targets)
+    model.logits(idx)
+    with pytest.raises(RuntimeError, match="call forward"):
+        model.backward()
+
+
 # ---- the model's behaviour ----------------------------------------------------------------------
 
 

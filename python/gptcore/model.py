@@ -18,9 +18,10 @@ Parameters live on ``device`` in ``dtype`` (float32, or bfloat16 on CUDA). Their
 always float32 (the ops accumulate parameter gradients in float32 on CUDA), so an optimiser can
 keep float32 master weights next to bfloat16 parameters.
 
-Memory: the ops return fresh output tensors (the op API has no ``out=`` buffers), so each
-forward allocates its activations anew; the previous step's are released when the next
-forward starts, and backward releases each block's as soon as it has passed it.
+Memory: activations live in a workspace allocated once per (batch, sequence) shape and reused
+by every step (the ops write into it through ``out=``), llm.c style. Backward needs only a few
+activation-gradient buffers of its own, shared by all blocks. The two most recently used shapes
+keep their workspaces (a training shape and an evaluation shape); others are released.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class GPT:
         self.seed = int(seed)
         self._params: Dict[str, Tensor] = {}
         self._grads: Dict[str, Tensor] = {}
-        self._acts: Optional[dict] = None  # what the last forward kept for backward
+        self._acts: Optional[_Workspace] = None  # the workspace a pending backward reads
+        self._workspaces: Dict[tuple, _Workspace] = {}  # (B, T) -> activation buffers
         # init=False allocates zeroed parameters (a checkpoint load then fills them) and skips
         # drawing ~all parameters from the random generator.
         self._init_params(np.random.default_rng(self.seed) if init else None)
@@ -306,57 +308,77 @@ class GPT:
         b = P.get(prefix + ".bias")
         return ops.linear_forward(x, P[prefix + ".weight"], b, gelu=gelu)
 
-    def _run(self, idx_t: Tensor, head: bool = True) -> dict:
-        """Forward through the blocks (and the LM head); returns the kept activations."""
+    def _workspace(self, B: int, T: int) -> "_Workspace":
+        """The activation buffers for a (B, T) batch, allocated on first use and kept (the two
+        most recently used shapes, so a training shape and an evaluation shape coexist)."""
+        key = (B, T)
+        ws = self._workspaces.pop(key, None)
+        if ws is None:
+            ws = _Workspace(self, B, T)
+            while len(self._workspaces) >= 2:
+                self._workspaces.pop(next(iter(self._workspaces)))
+        self._workspaces[key] = ws  # most recent last
+        return ws
+
+    def _run(self, idx_t: Tensor, head: bool = True) -> "_Workspace":
+        """Forward through the blocks (and the LM head) into the (B, T) workspace."""
+        self._acts = None  # the workspace is about to be overwritten: no pending backward
         cfg, P = self.config, self._params
         eps, H = cfg.ln_eps, cfg.n_head
-        x0 = ops.embedding_forward(idx_t, P["wte"], P["wpe"])
-        layers: List[dict] = []
+        ws = self._workspace(*idx_t.shape)
+        ws.idx = idx_t
+        x0 = ops.embedding_forward(idx_t, P["wte"], P["wpe"], out=ws.x0)
+        scratch = ws.scratch  # c_proj outputs, consumed by the next fused residual+LN
+
+        def lin(x, prefix, out):
+            return ops.linear_forward(x, P[prefix + ".weight"], P.get(prefix + ".bias"), out=out)
+
         if cfg.prenorm:
-            prev = None
-            for i in range(cfg.n_layer):
+            for i, A in enumerate(ws.layers):
                 h = f"h.{i}"
-                A = {}
-                if prev is None:  # the residual stream entering block 0 is the embedding
+                w1, b1 = P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias")
+                if i == 0:  # the residual stream entering block 0 is the embedding
                     A["res"] = x0
-                    A["ln1"], A["m1"], A["r1"] = ops.layernorm_forward(
-                        x0, P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias"), eps)
+                    ops.layernorm_forward(x0, w1, b1, eps, out=(A["ln1"], A["m1"], A["r1"]))
                 else:  # residual add of the previous MLP fused with this block's ln_1
-                    A["res"], A["ln1"], A["m1"], A["r1"] = ops.residual_layernorm_forward(
-                        prev["mlp"], prev["res_mid"], P[h + ".ln_1.weight"],
-                        self._ln_bias(h + ".ln_1.bias"), eps)
-                A["qkv"], _ = self._lin(A["ln1"], h + ".attn.c_attn")
-                A["att"], A["lse"] = ops.attention_forward(A["qkv"], H, cfg.attn_window[i])
-                proj, _ = self._lin(A["att"], h + ".attn.c_proj")
-                A["res_mid"], A["ln2"], A["m2"], A["r2"] = ops.residual_layernorm_forward(
-                    proj, A["res"], P[h + ".ln_2.weight"], self._ln_bias(h + ".ln_2.bias"), eps)
-                A["fc"], A["fc_pre"] = self._lin(A["ln2"], h + ".mlp.c_fc", gelu=True)
-                A["mlp"], _ = self._lin(A["fc"], h + ".mlp.c_proj")
-                layers.append(A)
-                prev = A
-            res_f, xf, mf, rf = ops.residual_layernorm_forward(
-                prev["mlp"], prev["res_mid"], P["ln_f.weight"], self._ln_bias("ln_f.bias"), eps)
-            final = {"res": res_f, "x": xf, "m": mf, "r": rf}
+                    ops.residual_layernorm_forward(scratch, ws.layers[i - 1]["res_mid"], w1, b1, eps,
+                                                   out=(A["res"], A["ln1"], A["m1"], A["r1"]))
+                lin(A["ln1"], h + ".attn.c_attn", A["qkv"])
+                ops.attention_forward(A["qkv"], H, cfg.attn_window[i], out=(A["att"], A["lse"]))
+                lin(A["att"], h + ".attn.c_proj", scratch)
+                ops.residual_layernorm_forward(
+                    scratch, A["res"], P[h + ".ln_2.weight"], self._ln_bias(h + ".ln_2.bias"), eps,
+                    out=(A["res_mid"], A["ln2"], A["m2"], A["r2"]))
+                lin_gelu = P.get(h + ".mlp.c_fc.bias")
+                ops.linear_forward(A["ln2"], P[h + ".mlp.c_fc.weight"], lin_gelu, gelu=True,
+                                   out=(A["fc"], A["fc_pre"]))
+                lin(A["fc"], h + ".mlp.c_proj", scratch)
+            F = ws.final
+            ops.residual_layernorm_forward(scratch, ws.layers[-1]["res_mid"], P["ln_f.weight"],
+                                           self._ln_bias("ln_f.bias"), eps,
+                                           out=(F["res"], F["x"], F["m"], F["r"]))
         else:  # GPT-1: x = LN(x + attn(x)); x = LN(x + mlp(x)); no final LN
             x = x0
-            for i in range(cfg.n_layer):
+            for i, A in enumerate(ws.layers):
                 h = f"h.{i}"
-                A = {"x": x}
-                A["qkv"], _ = self._lin(x, h + ".attn.c_attn")
-                A["att"], A["lse"] = ops.attention_forward(A["qkv"], H, cfg.attn_window[i])
-                proj, _ = self._lin(A["att"], h + ".attn.c_proj")
-                A["s1"], A["n1"], A["m1"], A["r1"] = ops.residual_layernorm_forward(
-                    proj, x, P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias"), eps)
-                A["fc"], A["fc_pre"] = self._lin(A["n1"], h + ".mlp.c_fc", gelu=True)
-                mlp, _ = self._lin(A["fc"], h + ".mlp.c_proj")
-                A["s2"], x, A["m2"], A["r2"] = ops.residual_layernorm_forward(
-                    mlp, A["n1"], P[h + ".ln_2.weight"], self._ln_bias(h + ".ln_2.bias"), eps)
-                layers.append(A)
-            final = {"x": x}
-        acts = {"idx": idx_t, "layers": layers, "final": final}
+                A["x"] = x
+                lin(x, h + ".attn.c_attn", A["qkv"])
+                ops.attention_forward(A["qkv"], H, cfg.attn_window[i], out=(A["att"], A["lse"]))
+                lin(A["att"], h + ".attn.c_proj", scratch)
+                ops.residual_layernorm_forward(
+                    scratch, x, P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias"), eps,
+                    out=(A["s1"], A["n1"], A["m1"], A["r1"]))
+                ops.linear_forward(A["n1"], P[h + ".mlp.c_fc.weight"], P.get(h + ".mlp.c_fc.bias"),
+                                   gelu=True, out=(A["fc"], A["fc_pre"]))
+                lin(A["fc"], h + ".mlp.c_proj", scratch)
+                ops.residual_layernorm_forward(
+                    scratch, A["n1"], P[h + ".ln_2.weight"], self._ln_bias(h + ".ln_2.bias"), eps,
+                    out=(A["s2"], A["out"], A["m2"], A["r2"]))
+                x = A["out"]
+            ws.final["x"] = x
         if head:  # tied LM head: logits (B, T, Vp) = x @ wte^T
-            acts["logits"], _ = ops.linear_forward(final["x"], P["wte"], None)
-        return acts
+            ops.linear_forward(ws.final["x"], P["wte"], None, out=ws.logits())
+        return ws
 
     def forward(self, idx, targets=None, *, loss_scale: float = 1.0, grad: bool = True):
         """Run the model.
@@ -370,21 +392,21 @@ class GPT:
         """
         idx_t = self._prepare_idx(idx)
         if targets is None:
-            return self._logits_numpy(self._run(idx_t)["logits"])
+            return self._logits_numpy(self._run(idx_t).logits())
         if not isinstance(loss_scale, (int, float)) or not math.isfinite(loss_scale):
             raise ValueError(f"loss_scale: expected a finite number, got {loss_scale!r}")
         tgt, n_valid = self._prepare_targets(targets, tuple(idx_t.shape))
-        self._acts = None  # drop the previous step's buffers before allocating new ones
-        acts = self._run(idx_t)
+        ws = self._run(idx_t)
         V = self.config.vocab_size
         if grad:
             scale = float(loss_scale) / n_valid if n_valid else 0.0
-            losses, _ = ops.cross_entropy_forward_backward(acts["logits"], tgt, V, -1,
-                                                           grad_scale=scale, inplace=True)
-            acts["dlogits"] = acts.pop("logits")  # the buffer now holds the gradient
-            self._acts = acts
+            # the logits buffer now holds their gradient
+            losses, _ = ops.cross_entropy_forward_backward(ws.logits(), tgt, V, -1,
+                                                           grad_scale=scale, inplace=True,
+                                                           out=(ws.losses, None))
+            self._acts = ws
         else:
-            losses = ops.cross_entropy_forward(acts["logits"], tgt, V, -1)
+            losses = ops.cross_entropy_forward(ws.logits(), tgt, V, -1, out=ws.losses)
         if n_valid == 0:
             return float("nan")
         return float(np.asarray(losses.numpy(), dtype=np.float64).sum() / n_valid)
@@ -400,19 +422,19 @@ class GPT:
         """
         idx_t = self._prepare_idx(idx)
         if not last_only:
-            return self._logits_numpy(self._run(idx_t)["logits"])
-        x = self._run(idx_t, head=False)["final"]["x"]
+            return self._logits_numpy(self._run(idx_t).logits())
+        x = self._run(idx_t, head=False).final["x"]
         B, T, C = x.shape
         if B == 1:  # the last row of a (T, C) view, on the device
             last = x.view([T, C]).narrow(T - 1, 1)
         else:  # (B, C): one row per sequence, gathered through the host
             last = _upload(np.ascontiguousarray(np.asarray(x.numpy())[:, -1, :]), self.device, self.dtype)
         out, _ = ops.linear_forward(last, self._params["wte"], None)
-        return np.ascontiguousarray(np.asarray(out.numpy())[:, : self.config.vocab_size])
+        return self._logits_numpy(out)
 
     def _logits_numpy(self, logits: Tensor) -> np.ndarray:
-        arr = np.asarray(logits.numpy())
-        return np.ascontiguousarray(arr[..., : self.config.vocab_size])
+        arr = np.asarray(logits.numpy())  # may view the workspace: always copy out
+        return np.array(arr[..., : self.config.vocab_size], dtype=np.float32, order="C", copy=True)
 
     def loss(self, idx, targets) -> float:
         """Mean cross-entropy without keeping anything for backward (for evaluation)."""
@@ -422,69 +444,73 @@ class GPT:
 
     def backward(self) -> None:
         """Accumulate the gradients of the last ``forward(idx, targets)`` into ``grads()``."""
-        acts = self._acts
-        if acts is None:
-            raise RuntimeError("backward: call forward(idx, targets) first (and only once per forward)")
+        ws = self._acts
+        if ws is None:
+            raise RuntimeError("backward: call forward(idx, targets) first (and only once per "
+                               "forward, with no other forward or logits call in between)")
         self._acts = None
         cfg, P, G = self.config, self._params, self._grads
         H = cfg.n_head
-        layers, final = acts["layers"], acts["final"]
-        # tied LM head: its weight gradient lands in dwte together with the embedding's
-        dx = ops.linear_backward(acts.pop("dlogits"), final["x"], P["wte"], G["wte"], None)
+        grab = ws.grad_buffers()  # grab(*live) -> a (B, T, C) gradient buffer not in `live`
+        dfc, dqkv = ws.dfc, ws.dqkv
 
-        def lin_back(dout, x, prefix, pre=None):
+        def lin_back(dout, x, prefix, out, pre=None):
             return ops.linear_backward(dout, x, P[prefix + ".weight"], G[prefix + ".weight"],
-                                       G.get(prefix + ".bias"), pre=pre)
+                                       G.get(prefix + ".bias"), pre=pre, out=out)
 
+        def ln_back(dout, x, prefix, mean, rstd, out, dresidual=None):
+            return ops.layernorm_backward(dout, x, P[prefix + ".weight"], mean, rstd,
+                                          G[prefix + ".weight"], self._dln_bias(prefix + ".bias"),
+                                          dresidual=dresidual, out=out)
+
+        # tied LM head: its weight gradient lands in dwte together with the embedding's
+        F = ws.final
+        dx = ops.linear_backward(ws.logits(), F["x"], P["wte"], G["wte"], None, out=grab())
         if cfg.prenorm:
-            dres = ops.residual_layernorm_backward(dx, None, final["res"], P["ln_f.weight"],
-                                                   final["m"], final["r"], G["ln_f.weight"],
-                                                   self._dln_bias("ln_f.bias"))
+            dres = ln_back(dx, F["res"], "ln_f", F["m"], F["r"], out=grab(dx))
             for i in reversed(range(cfg.n_layer)):
-                h, A = f"h.{i}", layers[i]
-                layers[i] = None  # free this block's activations as soon as we are done
-                dfc = lin_back(dres, A["fc"], h + ".mlp.c_proj")
-                dln2 = lin_back(dfc, A["ln2"], h + ".mlp.c_fc", pre=A["fc_pre"])
-                dres_mid = ops.residual_layernorm_backward(
-                    dln2, dres, A["res_mid"], P[h + ".ln_2.weight"], A["m2"], A["r2"],
-                    G[h + ".ln_2.weight"], self._dln_bias(h + ".ln_2.bias"))
-                datt = lin_back(dres_mid, A["att"], h + ".attn.c_proj")
-                dqkv = ops.attention_backward(datt, A["qkv"], A["att"], A["lse"], H,
-                                              cfg.attn_window[i])
-                dln1 = lin_back(dqkv, A["ln1"], h + ".attn.c_attn")
-                dres = ops.layernorm_backward(dln1, A["res"], P[h + ".ln_1.weight"], A["m1"],
-                                              A["r1"], G[h + ".ln_1.weight"],
-                                              self._dln_bias(h + ".ln_1.bias"), dresidual=dres_mid)
-            self._embedding_backward(dres, acts["idx"])
+                h, A = f"h.{i}", ws.layers[i]
+                lin_back(dres, A["fc"], h + ".mlp.c_proj", dfc)
+                dln2 = lin_back(dfc, A["ln2"], h + ".mlp.c_fc", grab(dres), pre=A["fc_pre"])
+                dres_mid = ln_back(dln2, A["res_mid"], h + ".ln_2", A["m2"], A["r2"],
+                                   out=grab(dres, dln2), dresidual=dres)
+                datt = lin_back(dres_mid, A["att"], h + ".attn.c_proj", grab(dres_mid))
+                ops.attention_backward(datt, A["qkv"], A["att"], A["lse"], H, cfg.attn_window[i],
+                                       dqkv=dqkv)
+                dln1 = lin_back(dqkv, A["ln1"], h + ".attn.c_attn", grab(dres_mid))
+                dres = ln_back(dln1, A["res"], h + ".ln_1", A["m1"], A["r1"],
+                               out=grab(dres_mid, dln1), dresidual=dres_mid)
+            self._embedding_backward(dres, ws.idx)
         else:
             # The gradient reaching a block's output arrives as two parts (g_a + g_b): there is
             # no add op, and LayerNorm's backward is linear in dout, so LN'(g_a + g_b) is one
             # call for g_a and a second that adds LN'(g_b) via dresidual.
             g_a, g_b = dx, None
             for i in reversed(range(cfg.n_layer)):
-                h, A = f"h.{i}", layers[i]
-                layers[i] = None
-                ds2 = self._ln_back_sum(g_a, g_b, A["s2"], h + ".ln_2", A["m2"], A["r2"])
-                dfc = lin_back(ds2, A["fc"], h + ".mlp.c_proj")
-                dn1 = lin_back(dfc, A["n1"], h + ".mlp.c_fc", pre=A["fc_pre"])
+                h, A = f"h.{i}", ws.layers[i]
+                ds2 = self._ln_back_sum(g_a, g_b, A["s2"], h + ".ln_2", A["m2"], A["r2"], grab)
+                lin_back(ds2, A["fc"], h + ".mlp.c_proj", dfc)
+                dn1 = lin_back(dfc, A["n1"], h + ".mlp.c_fc", grab(ds2), pre=A["fc_pre"])
                 # n1 fed both c_fc and the residual of s2
-                ds1 = self._ln_back_sum(ds2, dn1, A["s1"], h + ".ln_1", A["m1"], A["r1"])
-                datt = lin_back(ds1, A["att"], h + ".attn.c_proj")
-                dqkv = ops.attention_backward(datt, A["qkv"], A["att"], A["lse"], H,
-                                              cfg.attn_window[i])
-                dx_in = lin_back(dqkv, A["x"], h + ".attn.c_attn")
+                ds1 = self._ln_back_sum(ds2, dn1, A["s1"], h + ".ln_1", A["m1"], A["r1"], grab)
+                datt = lin_back(ds1, A["att"], h + ".attn.c_proj", grab(ds1))
+                ops.attention_backward(datt, A["qkv"], A["att"], A["lse"], H, cfg.attn_window[i],
+                                       dqkv=dqkv)
+                dx_in = lin_back(dqkv, A["x"], h + ".attn.c_attn", grab(ds1))
                 g_a, g_b = ds1, dx_in  # x fed both c_attn and the residual of s1
-            self._embedding_backward(g_a, acts["idx"])
-            self._embedding_backward(g_b, acts["idx"])
+            self._embedding_backward(g_a, ws.idx)
+            self._embedding_backward(g_b, ws.idx)
 
-    def _ln_back_sum(self, g_a, g_b, x, prefix, mean, rstd):
+    def _ln_back_sum(self, g_a, g_b, x, prefix, mean, rstd, grab):
         """LN backward for dout = g_a + g_b (g_b may be None), accumulating dweight/dbias."""
         P, G = self._params, self._grads
         w, dw, db = P[prefix + ".weight"], G[prefix + ".weight"], self._dln_bias(prefix + ".bias")
-        d = ops.layernorm_backward(g_a, x, w, mean, rstd, dw, db)
+        live = (g_a,) if g_b is None else (g_a, g_b)
+        d = ops.layernorm_backward(g_a, x, w, mean, rstd, dw, db, out=grab(*live))
         if g_b is None:
             return d
-        return ops.layernorm_backward(g_b, x, w, mean, rstd, dw, db, dresidual=d)
+        return ops.layernorm_backward(g_b, x, w, mean, rstd, dw, db, dresidual=d,
+                                      out=grab(*live, d))
 
     def _embedding_backward(self, dx: Tensor, idx_t: Tensor) -> None:
         if dx.dtype != "float32":  # gradients are float32 buffers; embedding wants dout alike
@@ -496,3 +522,66 @@ class GPT:
         return (f"GPT(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
                 f"block_size={c.block_size}, vocab_size={c.vocab_size}, prenorm={c.prenorm}, "
                 f"params={self.num_parameters():,}, device={self.device!r}, dtype={self.dtype!r})")
+
+
+class _Workspace:
+    """Activation buffers for one (B, T) shape: what forward writes and backward reads.
+
+    Per block (pre-LN): res, ln1, m1, r1, qkv, att, lse, res_mid, ln2, m2, r2, fc, fc_pre; GPT-1
+    keeps x, s1, n1, s2, out instead of res/ln1/res_mid/ln2. One (B, T, C) ``scratch`` carries each
+    c_proj output to the fused residual+LayerNorm that consumes it. The logits and the backward
+    buffers are allocated when first needed (sampling and evaluation never need the latter).
+    """
+
+    def __init__(self, model: "GPT", B: int, T: int):
+        cfg, dev, dt = model.config, model.device, model.dtype
+        C, H = cfg.n_embd, cfg.n_head
+        self.model, self.B, self.T = model, B, T
+        self.idx: Optional[Tensor] = None
+
+        def act(*shape):
+            return empty([B, T, *shape], dt, dev)
+
+        def stat(*shape):
+            return empty([B, *shape], "float32", dev)
+
+        self.x0 = act(C)
+        self.scratch = act(C)
+        self.losses = empty([B, T], "float32", dev)
+        names = (("res", "ln1", "res_mid", "ln2") if cfg.prenorm else ("s1", "n1", "s2", "out"))
+        self.layers: List[dict] = []
+        for _ in range(cfg.n_layer):
+            A = {n: act(C) for n in names}
+            A.update(qkv=act(3 * C), att=act(C), fc=act(4 * C), fc_pre=act(4 * C),
+                     lse=stat(H, T), m1=stat(T), r1=stat(T), m2=stat(T), r2=stat(T))
+            self.layers.append(A)
+        self.final = ({"res": act(C), "x": act(C), "m": stat(T), "r": stat(T)}
+                      if cfg.prenorm else {})
+        self._logits: Optional[Tensor] = None
+        self._grad: Optional[List[Tensor]] = None
+        self.dfc = self.dqkv = None
+
+    def logits(self) -> Tensor:
+        if self._logits is None:
+            cfg = self.model.config
+            self._logits = empty([self.B, self.T, cfg.padded_vocab_size], self.model.dtype,
+                                 self.model.device)
+        return self._logits
+
+    def grad_buffers(self):
+        """Allocate backward's buffers once; returns grab(*live): a (B, T, C) buffer that is
+        none of the live ones (four rotate through every block)."""
+        if self._grad is None:
+            C = self.model.config.n_embd
+            mk = lambda *s: empty([self.B, self.T, *s], self.model.dtype, self.model.device)
+            self._grad = [mk(C) for _ in range(4)]
+            self.dfc, self.dqkv = mk(4 * C), mk(3 * C)
+
+        def grab(*live):
+            taken = {t.data_ptr() for t in live}
+            for buf in self._grad:
+                if buf.data_ptr() not in taken:
+                    return buf
+            raise AssertionError("backward needs more than four (B, T, C) buffers")
+
+        return grab
