@@ -102,6 +102,9 @@ class Decoder:
         self.v_cache = [empty(shape, self.dtype, self.device) for _ in range(cfg.n_layer)]
         # bias-free models still hand LayerNorm a bias: a zero vector
         self._zero = None if cfg.bias else zeros([cfg.n_embd], self.dtype, self.device)
+        self.logits = empty([B, cfg.padded_vocab_size], self.dtype, self.device)
+        self._step: Optional[_StepBuffers] = None
+        self._prefill: Optional[_StepBuffers] = None
         self.pos = 0
 
     def reset(self) -> None:
@@ -128,49 +131,79 @@ class Decoder:
     def _ln_bias(self, name: str) -> Tensor:
         return self.params[name] if self.config.bias else self._zero
 
-    def _lin(self, x, prefix: str, gelu: bool = False) -> Tensor:
-        P = self.params
-        out, _ = ops.linear_forward(x, P[prefix + ".weight"], P.get(prefix + ".bias"), gelu=gelu)
-        return out
+    def _buffers(self, Tn: int) -> "_StepBuffers":
+        """Buffers for feeding Tn positions: the one-position step's are made once and kept;
+        a prefill's are kept until a prefill of another length needs its own."""
+        if Tn == 1:
+            if self._step is None:
+                self._step = _StepBuffers(self, 1)
+            return self._step
+        if self._prefill is None or self._prefill.Tn != Tn:
+            self._prefill = None  # release the old prefill buffers first
+            self._prefill = _StepBuffers(self, Tn)
+        return self._prefill
 
     def forward(self, tokens) -> np.ndarray:
         """Feed (B, Tn) tokens; returns the last position's logits, float32 (B, vocab_size)."""
-        idx = self._ids(tokens)
+        logits = self.forward_tensor(self._ids(tokens))
+        out = np.asarray(logits.numpy())[:, : self.config.vocab_size]
+        return np.array(out, dtype=np.float32, order="C", copy=True)  # never a view of the buffer
+
+    def forward_tensor(self, idx: Tensor, pos=None) -> Tensor:
+        """Like :meth:`forward`, for (B, Tn) int32 ids already on the model's device; returns the
+        logits buffer (B, padded_vocab_size) itself, overwritten by the next call.
+
+        Every intermediate lands in buffers allocated once (:class:`_StepBuffers`), so a
+        one-position step allocates nothing."""
         cfg, P, eps = self.config, self.params, self.config.ln_eps
         B, Tn = idx.shape
-        pos, H = self.pos, cfg.n_head
-        x = ops.embedding_forward(idx, P["wte"], P["wpe"].narrow(pos, Tn))
+        if pos is None:
+            pos = self.pos
+        H, S = cfg.n_head, self._buffers(Tn)
+        x = ops.embedding_forward(idx, P["wte"], P["wpe"].narrow(pos, Tn), out=S.x0)
 
-        def attend(h_in, i):
-            qkv = self._lin(h_in, f"h.{i}.attn.c_attn")
-            att = ops.attention_kvcache(qkv, self.k_cache[i], self.v_cache[i], pos, H,
-                                        cfg.attn_window[i])
-            return self._lin(att, f"h.{i}.attn.c_proj")
+        def lin(x, prefix, out, gelu=False):
+            w, b = P[prefix + ".weight"], P.get(prefix + ".bias")
+            return ops.linear_forward(x, w, b, gelu=gelu, out=out)
+
+        def attend(h_in, i):  # attention sub-block; its c_proj output lands in S.scratch
+            lin(h_in, f"h.{i}.attn.c_attn", S.qkv)
+            ops.attention_kvcache(S.qkv, self.k_cache[i], self.v_cache[i], pos, H,
+                                  cfg.attn_window[i], out=S.att)
+            lin(S.att, f"h.{i}.attn.c_proj", S.scratch)
+
+        def mlp(h_in, i):  # MLP sub-block; its output lands in S.scratch
+            lin(h_in, f"h.{i}.mlp.c_fc", (S.fc, S.fc_pre), gelu=True)
+            lin(S.fc, f"h.{i}.mlp.c_proj", S.scratch)
+
+        def res_ln(x, residual, prefix, sum_out, ln_out):
+            ops.residual_layernorm_forward(x, residual, P[prefix + ".weight"],
+                                           self._ln_bias(prefix + ".bias"), eps,
+                                           out=(sum_out, ln_out, S.mean, S.rstd))
+            return sum_out, ln_out
 
         if cfg.prenorm:  # GPT-2/3: residual adds fused with the next LayerNorm
-            res, mlp = x, None
+            # residual stream: x0 -> res_mid (r1) -> res (r0) -> res_mid (r1) -> ...
+            res = x
             for i in range(cfg.n_layer):
                 h = f"h.{i}"
-                if mlp is None:
-                    ln1, _, _ = ops.layernorm_forward(res, P[h + ".ln_1.weight"],
-                                                      self._ln_bias(h + ".ln_1.bias"), eps)
+                if i == 0:
+                    ops.layernorm_forward(x, P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias"),
+                                          eps, out=(S.ln, S.mean, S.rstd))
                 else:
-                    res, ln1, _, _ = ops.residual_layernorm_forward(
-                        mlp, res, P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias"), eps)
-                res, ln2, _, _ = ops.residual_layernorm_forward(
-                    attend(ln1, i), res, P[h + ".ln_2.weight"], self._ln_bias(h + ".ln_2.bias"), eps)
-                mlp = self._lin(self._lin(ln2, h + ".mlp.c_fc", gelu=True), h + ".mlp.c_proj")
-            _, xf, _, _ = ops.residual_layernorm_forward(mlp, res, P["ln_f.weight"],
-                                                         self._ln_bias("ln_f.bias"), eps)
+                    res, _ = res_ln(S.scratch, res, h + ".ln_1", S.r0, S.ln)
+                attend(S.ln, i)
+                res, _ = res_ln(S.scratch, res, h + ".ln_2", S.r1, S.ln)
+                mlp(S.ln, i)
+            _, xf = res_ln(S.scratch, res, "ln_f", S.r0, S.ln)
         else:  # GPT-1: x = LN(x + attn(x)); x = LN(x + mlp(x))
             xf = x
             for i in range(cfg.n_layer):
                 h = f"h.{i}"
-                _, n1, _, _ = ops.residual_layernorm_forward(
-                    attend(xf, i), xf, P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias"), eps)
-                mlp = self._lin(self._lin(n1, h + ".mlp.c_fc", gelu=True), h + ".mlp.c_proj")
-                _, xf, _, _ = ops.residual_layernorm_forward(
-                    mlp, n1, P[h + ".ln_2.weight"], self._ln_bias(h + ".ln_2.bias"), eps)
+                attend(xf, i)
+                _, n1 = res_ln(S.scratch, xf, h + ".ln_1", S.r0, S.ln)
+                mlp(n1, i)
+                _, xf = res_ln(S.scratch, n1, h + ".ln_2", S.r1, S.out)
         self.pos = pos + Tn
         C = cfg.n_embd
         if Tn == 1:
@@ -180,9 +213,26 @@ class Decoder:
         else:  # the last position of every row, through the host (prefill only)
             host = np.ascontiguousarray(np.asarray(xf.numpy())[:, -1, :], dtype=np.float32)
             last = tensor(host, device=self.device, dtype=self.dtype)
-        logits, _ = ops.linear_forward(last, P["wte"], None)  # tied head, padded vocabulary
-        out = np.asarray(logits.numpy())
-        return np.ascontiguousarray(out[:, : cfg.vocab_size], dtype=np.float32)
+        return ops.linear_forward(last, P["wte"], None, out=self.logits)[0]  # tied head
+
+
+class _StepBuffers:
+    """Every intermediate of a decoder forward over Tn positions, allocated once.
+
+    Nothing is kept for a backward pass, so all blocks share one set: a residual stream that
+    alternates between ``r0`` and ``r1`` (a fused residual+LayerNorm may not write its own
+    input), one LayerNorm output, qkv, attention output, MLP hidden (and its pre-GELU twin,
+    which the fused GELU GEMM writes), and the ``scratch`` that carries each sub-block's output
+    to the next residual add."""
+
+    def __init__(self, dec: Decoder, Tn: int):
+        B, C, dt, dev = dec.batch_size, dec.config.n_embd, dec.dtype, dec.device
+        act = lambda n: empty([B, Tn, n], dt, dev)
+        self.Tn = Tn
+        self.x0, self.r0, self.r1, self.ln, self.out = (act(C) for _ in range(5))
+        self.qkv, self.att, self.scratch = act(3 * C), act(C), act(C)
+        self.fc, self.fc_pre = act(4 * C), act(4 * C)
+        self.mean, self.rstd = empty([B, Tn], "float32", dev), empty([B, Tn], "float32", dev)
 
 
 # ---- results -----------------------------------------------------------------------------------
