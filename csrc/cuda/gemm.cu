@@ -479,6 +479,95 @@ __global__ void gelu_backward_kernel(T* g, const T* dout, const T* pre, int64_t 
   for (; i < n; i += stride) g[i] = from_f<T>(to_f(dout[i]) * gelu_grad_f(to_f(pre[i])));
 }
 
+// ---- few-row linear (decoding) ----------------------------------------------------------------
+// A decode step multiplies a handful of activation rows (one per sequence) by every weight
+// matrix: the cost is reading the weights once. The tile kernels above would launch only
+// (out_features / tile width) blocks for that -- too few to keep the memory system busy -- and
+// waste most of each tile. Here one warp owns one output feature: its lanes stream that weight
+// row in 16-byte vectors (evict-first: it is read once) and dot it with every activation row
+// (a few KB, served from L1/L2), then lane 0 adds the bias and applies GELU (writing the
+// pre-activation too). out_features warps keep enough loads in flight to approach bandwidth.
+constexpr int kFewRowsMax = 8;
+
+template <typename T, int ROWS, bool VEC>
+__global__ void __launch_bounds__(256)
+    linear_few_rows_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                           const T* __restrict__ bias, T* __restrict__ out, T* __restrict__ pre,
+                           int rows, int64_t out_features, int64_t K, bool gelu) {
+  const int lane = threadIdx.x & 31;
+  const int64_t n = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;  // this warp's feature
+  if (n >= out_features) return;  // the whole warp leaves together
+  float acc[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
+  const T* wrow = w + n * K;
+  if constexpr (VEC) {  // K % P == 0 and 16-byte aligned x, w
+    constexpr int P = Pack<T>::N;
+    for (int64_t k = int64_t(lane) * P; k < K; k += 32 * P) {
+      const Pack<T> wv = Pack<T>::load_cs(wrow + k);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        if (r < rows) {
+          const Pack<T> xv = Pack<T>::load(x + r * K + k);
+#pragma unroll
+          for (int e = 0; e < P; ++e) acc[r] = fmaf(wv.f(e), xv.f(e), acc[r]);
+        }
+      }
+    }
+  } else {
+    for (int64_t k = lane; k < K; k += 32) {
+      const float wk = to_f(wrow[k]);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r)
+        if (r < rows) acc[r] = fmaf(wk, to_f(x[r * K + k]), acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) acc[r] = warp_sum(acc[r]);
+  if (lane == 0) {
+    const float b = bias ? to_f(bias[n]) : 0.f;
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (r < rows) {
+        float v = acc[r] + b;
+        if (gelu) {
+          pre[r * out_features + n] = from_f<T>(v);
+          v = gelu_f(v);
+        }
+        out[r * out_features + n] = from_f<T>(v);
+      }
+    }
+  }
+}
+
+template <typename T, int ROWS>
+void launch_few_rows(const T* x, const T* w, const T* bias, T* out, T* pre, int rows,
+                     int64_t out_features, int64_t K, bool gelu) {
+  constexpr int P = Pack<T>::N;
+  const bool vec = aligned16(x) && aligned16(w) && K % P == 0;
+  const unsigned blocks = ceil_div(out_features * 32, 256);
+  if (vec)
+    linear_few_rows_kernel<T, ROWS, true><<<blocks, 256, 0, stream()>>>(x, w, bias, out, pre, rows,
+                                                                        out_features, K, gelu);
+  else
+    linear_few_rows_kernel<T, ROWS, false><<<blocks, 256, 0, stream()>>>(x, w, bias, out, pre, rows,
+                                                                         out_features, K, gelu);
+  GPTCORE_CHECK_LAUNCH("linear_few_rows_kernel");
+}
+
+template <typename T>
+void linear_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& out,
+                     Tensor& pre, bool gelu) {
+  const int rows = static_cast<int>(x.size(0));
+  const int64_t K = x.size(1), M = weight.size(0);
+  const T* b = bias.defined() ? bias.data<T>() : nullptr;
+  T* pr = gelu ? pre.data<T>() : nullptr;
+  if (rows == 1) launch_few_rows<T, 1>(x.data<T>(), weight.data<T>(), b, out.data<T>(), pr, rows, M, K, gelu);
+  else if (rows == 2) launch_few_rows<T, 2>(x.data<T>(), weight.data<T>(), b, out.data<T>(), pr, rows, M, K, gelu);
+  else if (rows <= 4) launch_few_rows<T, 4>(x.data<T>(), weight.data<T>(), b, out.data<T>(), pr, rows, M, K, gelu);
+  else launch_few_rows<T, kFewRowsMax>(x.data<T>(), weight.data<T>(), b, out.data<T>(), pr, rows, M, K, gelu);
+}
+
 }  // namespace
 
 // ---- the linear layer -------------------------------------------------------------------------
@@ -487,6 +576,11 @@ void linear_forward(Tensor& out, Tensor& pre, const Tensor& x, const Tensor& wei
                     const Tensor& bias, bool gelu) {
   DeviceGuard guard(x.device().index);
   const int64_t N = x.size(0), K = x.size(1), M = weight.size(0);
+  if (N <= kFewRowsMax) {  // a decode step: bandwidth-bound, one warp per output feature
+    if (x.dtype() == DType::bfloat16) linear_few_rows<bf16>(x, weight, bias, out, pre, gelu);
+    else linear_few_rows<float>(x, weight, bias, out, pre, gelu);
+    return;
+  }
   GemmArgs a;
   a.M = N; a.N = M; a.K = K;
   a.A = x.raw(); a.lda = K; a.a_kmajor = true;
