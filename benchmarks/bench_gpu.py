@@ -278,8 +278,37 @@ def bench_training(rng, quick, W, R):
     return [(f"GPT-2 124M train step B{B} T{T}", "Ktok/s", B * T / t / 1e3, None, 450, "")]
 
 
+def bench_sample_tokens(rng, quick, W, R):
+    """Device-side next-token sampling (temperature + top-p) on GPT-2 logits, per call; the torch
+    figure is the usual sort / cumsum / multinomial nucleus sampler. Lower is better."""
+    V, Vp = 50257, 50304
+    rows = []
+    for B in (1, 8):
+        x_np = rand(rng, B, Vp, scale=3.0)
+        x = gptcore.tensor(x_np, device="cuda", dtype="bfloat16")
+        counter = gptcore.zeros([B], dtype="int64", device="cuda")
+        out = gptcore.empty([B], dtype="int32", device="cuda")
+        t = timeit(lambda: ops.sample_tokens(x, vocab_size=V, temperature=0.8, top_p=0.95,
+                                             counter=counter, out=out), W, R)
+        tt = None
+        if HAVE_TORCH:
+            xt = to_torch(x)[:, :V]
+
+            def torch_sample():
+                probs = torch.softmax(xt.float() / 0.8, dim=-1)
+                sp, si = torch.sort(probs, dim=-1, descending=True)
+                cum = torch.cumsum(sp, dim=-1)
+                sp = sp.masked_fill(cum - sp >= 0.95, 0.0)
+                return si.gather(-1, torch.multinomial(sp, 1))
+
+            tt = timeit(torch_sample, W, R)
+        rows.append((f"sample_tokens top_p B{B} V{V} (lower=better)", "us", t * 1e6,
+                     tt and tt * 1e6, None, ""))
+    return rows
+
+
 BENCHES = [bench_copy, bench_gemm_peak, bench_linear, bench_attention, bench_layernorm,
-           bench_cross_entropy, bench_adamw, bench_training]
+           bench_cross_entropy, bench_adamw, bench_training, bench_sample_tokens]
 
 
 def main(argv=None) -> int:

@@ -262,3 +262,31 @@ def test_sgemm(benchmark, bt, K, M, impl):
             np.matmul(x, wt)
     _run(benchmark, fn, op="sgemm", group=f"sgemm | {bt}x{K} -> {M}", impl=impl,
          size=f"{bt}x{K} -> {M}", target="within 5% of NumPy")
+
+
+# ---- sampling: next-token draw from GPT-2 logits (temperature + top-p) --------------------------
+
+
+@pytest.mark.parametrize("impl", ["gptcore", "reference"])
+@pytest.mark.parametrize("B", [1, 8], ids=lambda b: f"B{b}")
+def test_sample_tokens(benchmark, B, impl):
+    """ops.sample_tokens against reference.sample_tokens, both on the same float32 logits (scale
+    3, a nucleus of a few thousand tokens at top_p=0.95). Each call takes the next of 16 logit
+    arrays, so neither side profits from having just seen the same row."""
+    rng = _rng()
+    xs = [_f32(rng, B, VP, scale=3.0) for _ in range(16)]
+    i = [0]
+    if impl == "gptcore":
+        counter = np.zeros(B, np.int64)
+
+        def fn():
+            i[0] = (i[0] + 1) % len(xs)
+            ops.sample_tokens(xs[i[0]], vocab_size=V, temperature=0.8, top_p=0.95, counter=counter)
+    else:
+        xs = [x.astype(np.float64) for x in xs]
+
+        def fn():
+            i[0] = (i[0] + 1) % len(xs)
+            ref.sample_tokens(xs[i[0]], vocab_size=V, temperature=0.8, top_p=0.95)
+    _run(benchmark, fn, op="sample_tokens", group=f"sample_tokens top_p=0.95 | B={B}, V={V}",
+         impl=impl, size=f"B={B}", rounds=200 if impl == "gptcore" else 10)

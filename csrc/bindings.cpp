@@ -301,6 +301,7 @@ CuPy or JAX without a copy.
   m.def("cross_entropy", &ops::cross_entropy, nogil);
   m.def("adamw_step", &ops::adamw_step, nogil);
   m.def("global_norm", &ops::global_norm, nogil);
+  m.def("sample_tokens", &ops::sample_tokens, nogil);
 
   // ---- CUDA runtime -----------------------------------------------------------------------
   py::module_ mc = m.def_submodule("cuda", "CUDA runtime controls");
@@ -312,9 +313,21 @@ CuPy or JAX without a copy.
   mc.def("synchronize", &cuda::synchronize, py::call_guard<py::gil_scoped_release>());
   mc.def("empty_cache", &cuda::empty_cache);
   mc.def("cached_bytes", &cuda::cached_bytes);
+  mc.def("capturing", &cuda::capturing);
+  // CUDA graphs (python/gptcore/cuda.py wraps this in gptcore.cuda.Graph).
+  py::class_<cuda::Graph>(mc, "Graph")
+      .def(py::init<>())
+      .def("capture_begin", &cuda::Graph::capture_begin)
+      .def("capture_end", &cuda::Graph::capture_end, py::call_guard<py::gil_scoped_release>())
+      .def("capture_abort", &cuda::Graph::capture_abort)
+      .def("replay", &cuda::Graph::replay, py::call_guard<py::gil_scoped_release>())
+      .def("reset", &cuda::Graph::reset)
+      .def_property_readonly("captured", &cuda::Graph::captured)
+      .def_property_readonly("in_capture", &cuda::Graph::in_capture);
 #else
   mc.attr("compiled") = false;
   mc.def("device_count", []() { return 0; });
+  mc.def("capturing", []() { return false; });
 #endif
 
   // ==== tokenizer (owned by tok) ====

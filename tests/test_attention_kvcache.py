@@ -179,3 +179,139 @@ def test_kvcache_cuda_device_mismatch():
     qkv = gptcore.zeros([1, 1, 24], device="cuda")
     with pytest.raises(ValueError, match="k_cache"):
         ops.attention_kvcache(qkv, gptcore.zeros([1, 2, 4, 4]), gptcore.zeros([1, 2, 4, 4], device="cuda"), 0, 2)
+
+
+# ---- the position as a tensor (decode steps captured in a CUDA graph) --------------------------
+
+
+@pytest.mark.parametrize("B, Tn, H, D, Tmax, pos, window", CASES)
+def test_kvcache_tensor_pos_matches_reference(rng, B, Tn, H, D, Tmax, pos, window):
+    C = H * D
+    qkv = rng.randn(B, Tn, 3 * C)
+    k0, v0 = rng.randn(B, H, Tmax, D), rng.randn(B, H, Tmax, D)
+    out_r, k_r, v_r = ref.attention_kvcache(qkv, k0, v0, pos, H, window)
+    for p in (np.array([pos], np.int32), gptcore.tensor(np.array([pos], np.int32))):
+        kc, vc = gptcore.tensor(k0), gptcore.tensor(v0)
+        out = ops.attention_kvcache(qkv, kc, vc, p, H, window)
+        _check("out (tensor pos)", out, out_r, rng)
+        np.testing.assert_array_equal(np.asarray(kc), k_r.astype(np.float32), err_msg=str(rng))
+        np.testing.assert_array_equal(np.asarray(vc), v_r.astype(np.float32), err_msg=str(rng))
+
+
+def test_kvcache_tensor_pos_is_read_at_every_call(rng):
+    """One position tensor advanced in place: incremental decoding equals full attention."""
+    B, T, H, D = 2, 11, 3, 8
+    C = H * D
+    qkv = rng.randn(B, T, 3 * C)
+    full = np.asarray(ops.attention_forward(qkv, H)[0], np.float64)
+    kc, vc = gptcore.zeros([B, H, T, D]), gptcore.zeros([B, H, T, D])
+    p = gptcore.tensor(np.array([0], np.int32))
+    step, out = gptcore.empty([B, 1, 3 * C]), gptcore.empty([B, 1, C])
+    rows = []
+    for t in range(T):
+        step.copy_(gptcore.tensor(np.ascontiguousarray(qkv[:, t:t + 1])))
+        p.copy_(gptcore.tensor(np.array([t], np.int32)))
+        ops.attention_kvcache(step, kc, vc, p, H, out=out)
+        rows.append(np.array(out))
+    _check("tensor-pos decoding vs full", np.concatenate(rows, axis=1), full, rng)
+
+
+@pytest.mark.parametrize("pos, exc, match", [
+    (np.array([-1], np.int32), ValueError, "pos"),
+    (np.array([8], np.int32), ValueError, "pos"),             # pos + Tn > Tmax
+    (np.array([2**31 - 1], np.int32), ValueError, "pos"),
+    (np.array([3], np.int64), TypeError, "pos"),              # int32 only
+    (np.array([3.0], np.float32), TypeError, "pos"),
+    (np.array([3, 4], np.int32), ValueError, "pos"),          # one element only
+    (np.array([[3]], np.int32), ValueError, "pos"),
+    (np.zeros((0,), np.int32), ValueError, "pos"),
+    (None, TypeError, "pos"),
+    (True, TypeError, "pos"),
+    (3.0, TypeError, "pos"),
+])
+def test_kvcache_bad_tensor_pos(pos, exc, match):
+    qkv, kc, vc = _args()
+    with pytest.raises(exc, match=match):
+        ops.attention_kvcache(qkv, kc, vc, pos, 2)
+
+
+def test_kvcache_pos_tensor_overlapping_outputs_is_refused():
+    qkv, kc, vc = _args()
+    out = np.zeros((2, 1, 8), np.float32)
+    with pytest.raises(ValueError, match="pos"):
+        ops.attention_kvcache(qkv, kc, vc, out.reshape(-1)[:1].view(np.int32), 2, out=out)
+    k_np = np.zeros((2, 2, 8, 4), np.float32)
+    with pytest.raises(ValueError, match="pos"):
+        ops.attention_kvcache(qkv, k_np, vc, k_np.reshape(-1)[:1].view(np.int32), 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
+@pytest.mark.parametrize("B, Tn, H, D, Tmax, pos, window", GPU_CASES)
+def test_kvcache_cuda_device_pos(rng, dtype, tol, B, Tn, H, D, Tmax, pos, window):
+    """A device position sizes the launch for Tmax keys and splits the real ones in the kernel:
+    the result must equal the reference at every position, split or not."""
+    C = H * D
+    qkv = gptcore.tensor(rng.randn(B, Tn, 3 * C), device="cuda", dtype=dtype)
+    kc = gptcore.tensor(rng.randn(B, H, Tmax, D), device="cuda", dtype=dtype)
+    vc = gptcore.tensor(rng.randn(B, H, Tmax, D), device="cuda", dtype=dtype)
+    q_h, k_h, v_h = (np.asarray(t.numpy(), np.float64) for t in (qkv, kc, vc))
+    out_r, k_r, v_r = ref.attention_kvcache(q_h, k_h, v_h, pos, H, window)
+    p = gptcore.tensor(np.array([pos], np.int32), device="cuda")
+    out = ops.attention_kvcache(qkv, kc, vc, p, H, window)
+    _check(f"cuda {dtype} out (device pos)", out.numpy(), out_r, rng, tol=tol)
+    np.testing.assert_array_equal(np.asarray(kc.numpy(), np.float64), k_r)
+    np.testing.assert_array_equal(np.asarray(vc.numpy(), np.float64), v_r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 5, 300])
+def test_kvcache_cuda_device_pos_decoding(rng, window):
+    """Every position of a long cache through one device position tensor (one split at first,
+    several later): each step equals the int-position result of the same inputs."""
+    B, H, D, Tmax = 1, 4, 64, 600
+    C = H * D
+    qkv = rng.randn(B, Tmax, 3 * C)
+    kc, vc = gptcore.zeros([B, H, Tmax, D], device="cuda"), gptcore.zeros([B, H, Tmax, D], device="cuda")
+    kc2, vc2 = gptcore.zeros([B, H, Tmax, D], device="cuda"), gptcore.zeros([B, H, Tmax, D], device="cuda")
+    p = gptcore.tensor(np.array([0], np.int32), device="cuda")
+    step = gptcore.empty([B, 1, 3 * C], device="cuda")
+    for t in range(0, Tmax, 7):
+        step.copy_(gptcore.tensor(np.ascontiguousarray(qkv[:, t:t + 1])))
+        p.copy_(gptcore.tensor(np.array([t], np.int32)))
+        got = ops.attention_kvcache(step, kc, vc, p, H, window)
+        want = ops.attention_kvcache(step, kc2, vc2, t, H, window)
+        _check(f"device pos {t}", got.numpy(), np.asarray(want.numpy(), np.float64), rng)
+    np.testing.assert_array_equal(np.asarray(kc.numpy()), np.asarray(kc2.numpy()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Tmax", [8, 1024])  # one key range, and several + the combine kernel
+@pytest.mark.parametrize("bad", [-1, "end", 2**31 - 1])
+def test_kvcache_cuda_device_pos_out_of_range(rng, Tmax, bad):
+    """The host cannot check a device position: the caches stay untouched and out is NaN."""
+    B, Tn, H, D = 1, 2, 2, 64
+    bad = Tmax - Tn + 1 if bad == "end" else bad
+    qkv = gptcore.tensor(rng.randn(B, Tn, 3 * H * D), device="cuda")
+    k0, v0 = rng.randn(B, H, Tmax, D), rng.randn(B, H, Tmax, D)
+    kc, vc = gptcore.tensor(k0, device="cuda"), gptcore.tensor(v0, device="cuda")
+    p = gptcore.tensor(np.array([bad], np.int32), device="cuda")
+    out = np.asarray(ops.attention_kvcache(qkv, kc, vc, p, H).numpy())
+    assert np.isnan(out).all(), f"pos={bad}: expected NaN output"
+    np.testing.assert_array_equal(np.asarray(kc.numpy()), k0)
+    np.testing.assert_array_equal(np.asarray(vc.numpy()), v0)
+
+
+@pytest.mark.gpu
+def test_kvcache_cuda_pos_tensor_on_wrong_device():
+    qkv = gptcore.zeros([1, 1, 24], device="cuda")
+    kc, vc = gptcore.zeros([1, 2, 4, 4], device="cuda"), gptcore.zeros([1, 2, 4, 4], device="cuda")
+    with pytest.raises(ValueError, match="pos"):
+        ops.attention_kvcache(qkv, kc, vc, np.array([0], np.int32), 2)
+    with pytest.raises(ValueError, match="pos"):
+        ops.attention_kvcache(np.zeros((1, 1, 24), np.float32), gptcore.zeros([1, 2, 4, 4]),
+                              gptcore.zeros([1, 2, 4, 4]),
+                              gptcore.zeros([1], dtype="int32", device="cuda"), 2)
+    with pytest.raises(ValueError, match="qkv"):  # Tn > Tmax is visible without the value
+        ops.attention_kvcache(gptcore.zeros([1, 5, 24], device="cuda"), kc, vc,
+                              gptcore.zeros([1], dtype="int32", device="cuda"), 2)

@@ -56,15 +56,15 @@ def test_prepare_then_train_then_resume(tmp_path, capsys):
             "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1", "--out", str(out),
             "--sample-tokens", "10", "--prompt", "the ", "--no-progress", "--seed", "3"]
     assert main(args + ["--stop-after", "2"]) == 0
-    assert (out / "checkpoint" / "model.npz").is_file()
+    assert (out / "checkpoint" / "model.safetensors").is_file()
     assert main(["train", "--out", str(out), "--resume", "--no-progress", "--lr", "9"]) == 0
     captured = capsys.readouterr()
     assert "ignoring --lr" in captured.err
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert all(r["lr"] < 1 for r in records if "lr" in r), "resume must keep the checkpoint's lr"
-    state = json.load(open(out / "checkpoint" / "state.json"))
-    assert state["step"] == 4
+    state = json.load(open(out / "checkpoint" / "trainer_state.json"))
+    assert state["step"] == 4 and state["state"]["data_meta"]["tokenizer"] == "byte"
 
 
 def test_train_prints_progress_and_sample(tmp_path, capsys):

@@ -316,6 +316,34 @@ def test_logprobs(model, rng):
     assert all(len(e.top) == 3 for e in entries)
 
 
+def test_logprobs_do_not_change_the_tokens(model, rng):
+    prompts = [list(rng.integers(0, 97, size=n)) for n in (3, 6, 4)]
+    kw = dict(temperature=0.9, top_p=0.9, frequency_penalty=0.4, presence_penalty=0.3,
+              logit_bias={5: 2.0, 7: -float("inf")}, seed=int(rng.integers(1 << 31)))
+    plain = generate(model, prompts, 8, **kw)
+    with_lp, lp = generate(model, prompts, 8, logprobs=2, **kw)
+    np.testing.assert_array_equal(plain, with_lp)
+    assert not (plain == 7).any()  # banned
+    assert np.isfinite(lp.token_logprobs).all()
+
+
+def test_tokens_follow_the_reference_sampler(model, rng):
+    """generate() is prefill + decode steps + ops.sample_tokens: replaying the steps with full
+    recomputation and gptcore.reference.sample_tokens gives the same tokens."""
+    from gptcore import reference as R
+    prompt = list(rng.integers(0, 97, size=5))
+    seed = int(rng.integers(1 << 31))
+    kw = dict(temperature=0.8, top_k=20, top_p=0.9, frequency_penalty=0.5, presence_penalty=0.2)
+    out = generate(model, [prompt], 10, seed=seed, **kw)[0]
+    ids, V = list(prompt), model.config.vocab_size
+    counts, counter = np.zeros((1, V), np.int32), np.zeros(1, np.int64)
+    for _ in range(10):
+        z = _full_last_logits(model, ids)[None, :]
+        tok, counts, counter = R.sample_tokens(z, seed=seed, counts=counts, counter=counter, **kw)
+        ids.append(int(tok[0]))
+    np.testing.assert_array_equal(out, ids)
+
+
 # ---- stopping -------------------------------------------------------------------------------------------
 
 

@@ -200,12 +200,15 @@ def test_checkpoint_save_is_atomic_and_load_validates(tmp_path):
     assert load_checkpoint(path)["state"]["step"] == 2
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(str(tmp_path / "nope"))
-    os.unlink(os.path.join(path, "optim.npz"))
-    with pytest.raises(FileNotFoundError, match="optim.npz"):
+    os.unlink(os.path.join(path, "optimizer.safetensors"))
+    with pytest.raises(FileNotFoundError, match="optimizer.safetensors"):
         load_checkpoint(path)
-    with open(os.path.join(path, "optim.npz"), "wb") as f:
+    with open(os.path.join(path, "optimizer.safetensors"), "wb") as f:
         f.write(b"garbage")
-    with pytest.raises(ValueError, match="damaged"):
+    with pytest.raises(ValueError, match="optimizer.safetensors"):
+        load_checkpoint(path)
+    os.unlink(os.path.join(path, "trainer_state.json"))
+    with pytest.raises(FileNotFoundError, match="trainer_state.json"):  # weights only
         load_checkpoint(path)
 
 
@@ -257,3 +260,122 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(corpus, tmp_p
     rest = train(run_cfg(corpus, tmp_path / "b", steps=None, resume=True))  # None: the checkpoint's
     assert part["losses"] + rest["losses"] == full["losses"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+# ---- checkpoints that other tools open --------------------------------------------------------
+
+
+def test_train_checkpoint_opens_with_load_pretrained_and_sample(corpus, tmp_path, rng):
+    from gptcore import checkpoint as ck
+    from gptcore import sample
+
+    res = train(run_cfg(corpus, tmp_path / "r", steps=4, eval_every=0))
+    d = tmp_path / "r" / "checkpoint"
+    assert {"config.json", "model.safetensors", "optimizer.safetensors",
+            "trainer_state.json"} <= set(os.listdir(d))
+    assert ck.detect_format(d) == "hf-gpt2"
+    x = rng.integers(0, 257, (2, 32))
+    want = np.asarray(res["model"](x))
+    assert np.array_equal(np.asarray(ck.load_pretrained(d)(x)), want), rng
+    model, tok = sample.load_for_sampling(str(tmp_path / "r"))  # the run directory
+    assert np.array_equal(np.asarray(model(x)), want)
+    assert tok.name == "byte", "a byte-level run is known by the tokenizer name it recorded"
+    # ... and resuming from it needs the training state, not just the weights
+    ck.save_pretrained(res["model"], tmp_path / "weights")
+    with pytest.raises(FileNotFoundError, match="trainer_state.json"):
+        train(run_cfg(corpus, tmp_path / "r2", resume=str(tmp_path / "weights")))
+    ck.save_pretrained(res["model"], tmp_path / "no-optim", step=4)
+    with pytest.raises(ValueError, match="gptcore train"):
+        train(run_cfg(corpus, tmp_path / "r2", resume=str(tmp_path / "no-optim")))
+
+
+def test_train_checkpoint_opens_in_transformers(corpus, tmp_path, rng):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    res = train(run_cfg(corpus, tmp_path / "r", steps=3, eval_every=0))
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "r" / "checkpoint").eval()
+    x = rng.integers(0, 257, (2, 32))
+    with torch.no_grad():
+        got = theirs(torch.as_tensor(x)).logits.numpy()
+    want = np.asarray(res["model"](x))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4, rng
+
+
+def test_gpt2_tokenized_run_saves_its_vocabulary(tmp_path):
+    from gptcore import checkpoint as ck
+    from gptcore import sample
+
+    try:
+        gpt2 = gd.get_tokenizer("gpt2")
+    except ValueError as e:
+        pytest.skip(f"GPT-2's vocabulary is not installed ({e})")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    data = tmp_path / "data"
+    gd.prepare([str(text)], str(data), val_fraction=0.1, tokenizer="gpt2", progress=False)
+    train(run_cfg(str(data), tmp_path / "r", steps=1, eval_every=0, batch_size=2, seq_len=16))
+    d = tmp_path / "r" / "checkpoint"
+    assert {"vocab.json", "merges.txt"} <= set(os.listdir(d))
+    assert json.load(open(d / "config.json"))["eos_token_id"] == 50256
+    s = "Hello, world! The fox."
+    assert ck.load_tokenizer(d).encode(s) == gpt2.encode(s)
+    _, tok = sample.load_for_sampling(str(d))
+    assert tok.encode(s) == gpt2.encode(s)
+
+
+def _write_native_v1(path, ck):
+    """A checkpoint in the old native format, as `gptcore train` wrote it before it used
+    gptcore.checkpoint (the library only reads this format now)."""
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(ck["config"].to_json())
+    np.savez(os.path.join(path, "model.npz"), **ck["model"])
+    hyper = dict(ck["optim"])
+    arrays = {f"{group}/{name}": arr for group in ("m", "v", "master")
+              for name, arr in (hyper.pop(group, None) or {}).items()}
+    np.savez(os.path.join(path, "optim.npz"), **arrays)
+    with open(os.path.join(path, "state.json"), "w") as f:
+        json.dump(dict(ck["state"], optimizer=hyper, format="gptcore-native-1"), f)
+
+
+def test_old_native_checkpoint_still_resumes_exactly_and_samples(corpus, tmp_path, rng):
+    import shutil
+
+    from gptcore import sample
+
+    full = train(run_cfg(corpus, tmp_path / "a", steps=6))
+    part = train(run_cfg(corpus, tmp_path / "b", steps=6, stop_after=3))
+    d = str(tmp_path / "b" / "checkpoint")
+    _write_native_v1(d + "-old", load_checkpoint(d))
+    shutil.rmtree(d)
+    os.rename(d + "-old", d)
+    x = rng.integers(0, 257, (2, 32))
+    model, tok = sample.load_for_sampling(d)
+    assert np.array_equal(np.asarray(model(x)), np.asarray(part["model"](x)))
+    assert tok.name == "byte"
+    rest = train(run_cfg(corpus, tmp_path / "b", steps=None, resume=True))
+    assert part["losses"] + rest["losses"] == full["losses"]
+    files = set(os.listdir(d))  # rewritten in the new layout, the old files gone
+    assert "model.safetensors" in files and not files & {"model.npz", "optim.npz", "state.json"}
+    assert load_checkpoint(d)["state"]["step"] == 6
+
+
+@pytest.mark.gpu
+def test_bfloat16_cuda_checkpoint_round_trips_exactly(corpus, tmp_path):
+    """A bf16 run's checkpoint holds its bf16 weights as BF16 (exactly) and the fp32 master
+    weights and moments next to them; resuming from it continues the run."""
+    from gptcore import checkpoint as ck
+
+    part = train(run_cfg(corpus, tmp_path / "b", steps=6, stop_after=3, device="cuda",
+                         dtype="bfloat16"))
+    d = tmp_path / "b" / "checkpoint"
+    f = ck.SafetensorsFile(d / "model.safetensors")
+    assert {f.dtype(k) for k in f.keys()} == {"BF16"}
+    saved = load_checkpoint(str(d))
+    for name, arr in part["model"].state_dict().items():
+        assert np.array_equal(np.asarray(saved["model"][name], np.float32), arr), name
+    assert {"m", "v", "master"} <= set(saved["optim"])
+    rest = train(run_cfg(corpus, tmp_path / "b", steps=None, resume=True, device="cuda"))
+    assert rest["steps"] == 6 and len(rest["losses"]) == 3
+    assert all(math.isfinite(x) for x in rest["losses"])

@@ -189,13 +189,38 @@ static void check_embedding_args(const Tensor& idx, const Tensor& wte, const Ten
   }
 }
 
+// A decode position passed as a tensor (so that a captured CUDA graph reads its current value):
+// one int32 element on the op's device. Returns the value when the host can read it (CPU);
+// reading a CUDA value would wait for the device, so there the kernels guard the range.
+static std::optional<int64_t> check_pos_tensor(const Tensor& p, const Tensor& ref,
+                                               const char* ref_name) {
+  need_defined(p, "pos");
+  if (p.dtype() != DType::int32)
+    throw TypeError(std::string("pos: a position tensor must be int32, got ") +
+                    dtype_name(p.dtype()));
+  need(p.numel() == 1 && p.dim() <= 1,
+       "pos: a position tensor must hold one element (shape (1,) or ()), got shape " +
+           p.shape_str());
+  check_same_device(ref, p, ref_name, "pos");
+  if (p.device().is_cpu()) return static_cast<int64_t>(p.data<int32_t>()[0]);
+  return std::nullopt;
+}
+
 Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe,
-                         const std::optional<Tensor>& out_buf) {
+                         const std::optional<Tensor>& out_buf, int64_t pos,
+                         const std::optional<Tensor>& pos_dev) {
   check_embedding_args(idx, wte, wpe);
-  Tensor out = take_out(out_buf, {idx.size(0), idx.size(1), wte.size(1)}, wte.dtype(),
-                        wte.device(), "out");
-  check_disjoint({{&out, "out"}}, {{&idx, "idx"}, {&wte, "wte"}, {&wpe, "wpe"}});
-  GPTCORE_DISPATCH(idx.device(), embedding_forward(out, idx, wte, wpe));
+  const int64_t T = idx.size(1), P = wpe.size(0);
+  const std::optional<int64_t> p = pos_dev ? check_pos_tensor(*pos_dev, idx, "idx") : pos;
+  if (p) {
+    need(*p >= 0, "pos: expected >= 0, got " + std::to_string(*p));
+    need(*p + T <= P, "pos: " + std::to_string(*p) + " + " + std::to_string(T) +
+                          " positions exceed the " + std::to_string(P) + " positions of wpe");
+  }
+  Tensor out = take_out(out_buf, {idx.size(0), T, wte.size(1)}, wte.dtype(), wte.device(), "out");
+  const Tensor pt = pos_dev ? *pos_dev : Tensor();
+  check_disjoint({{&out, "out"}}, {{&idx, "idx"}, {&wte, "wte"}, {&wpe, "wpe"}, {&pt, "pos"}});
+  GPTCORE_DISPATCH(idx.device(), embedding_forward(out, idx, wte, wpe, pos, pt));
   return out;
 }
 
@@ -487,7 +512,8 @@ Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& o
 
 Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int64_t pos,
                          int64_t n_head, std::optional<int64_t> window,
-                         const std::optional<Tensor>& out_buf) {
+                         const std::optional<Tensor>& out_buf,
+                         const std::optional<Tensor>& pos_dev) {
   check_attention_args(qkv, n_head, std::nullopt);
   const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3, D = C / n_head;
   for (const auto& [t, name] :
@@ -505,10 +531,16 @@ Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, in
   check_shape(v_cache, "v_cache", k_cache.shape());
   need(k_cache.raw() != v_cache.raw(), "v_cache: is the same memory as k_cache; pass two buffers");
   const int64_t Tmax = k_cache.size(2);
-  need(pos >= 0, "pos: expected >= 0, got " + std::to_string(pos));
-  need(pos + Tn <= Tmax, "pos: " + std::to_string(pos) + " + " + std::to_string(Tn) +
-                             " new tokens exceeds the cache's " + std::to_string(Tmax) +
-                             " positions");
+  const std::optional<int64_t> p = pos_dev ? check_pos_tensor(*pos_dev, qkv, "qkv") : pos;
+  if (p) {
+    need(*p >= 0, "pos: expected >= 0, got " + std::to_string(*p));
+    need(*p + Tn <= Tmax, "pos: " + std::to_string(*p) + " + " + std::to_string(Tn) +
+                              " new tokens exceeds the cache's " + std::to_string(Tmax) +
+                              " positions");
+  } else {
+    need(Tn <= Tmax, "qkv: " + std::to_string(Tn) + " new tokens exceed the cache's " +
+                         std::to_string(Tmax) + " positions");
+  }
   int w = 0;
   if (window) {
     need(*window >= 1, "window: expected >= 1 (or None for full causal attention), got " +
@@ -516,10 +548,12 @@ Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, in
     w = static_cast<int>(std::min<int64_t>(*window, Tmax));  // a window >= Tmax is dense
   }
   Tensor out = take_out(out_buf, {B, Tn, C}, qkv.dtype(), qkv.device(), "out");
-  check_disjoint({{&out, "out"}}, {{&qkv, "qkv"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}});
-  check_disjoint({{&k_cache, "k_cache"}}, {{&qkv, "qkv"}});
-  check_disjoint({{&v_cache, "v_cache"}}, {{&qkv, "qkv"}});
-  GPTCORE_DISPATCH(qkv.device(), attention_kvcache(out, k_cache, v_cache, qkv, pos,
+  const Tensor pt = pos_dev ? *pos_dev : Tensor();
+  check_disjoint({{&out, "out"}},
+                 {{&qkv, "qkv"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&pt, "pos"}});
+  check_disjoint({{&k_cache, "k_cache"}}, {{&qkv, "qkv"}, {&pt, "pos"}});
+  check_disjoint({{&v_cache, "v_cache"}}, {{&qkv, "qkv"}, {&pt, "pos"}});
+  GPTCORE_DISPATCH(qkv.device(), attention_kvcache(out, k_cache, v_cache, qkv, pos, pt,
                                                    static_cast<int>(n_head), w));
   return out;
 }
@@ -654,6 +688,88 @@ double global_norm(const std::vector<Tensor>& tensors) {
                        ": this gptcore build has no CUDA support (rebuild with nvcc)");
 #endif
   return cpu::global_norm(tensors);
+}
+
+// ---- sampling ----------------------------------------------------------------------------
+
+static std::string sampling_num(double v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+// A sampling state or control tensor: exactly `dtype` and `shape`, on the logits' device.
+static void check_sampling_tensor(const Tensor& t, const char* name, DType dtype,
+                                  const std::vector<int64_t>& shape, const Tensor& logits) {
+  need_defined(t, name);
+  if (t.dtype() != dtype)
+    throw TypeError(std::string(name) + ": expected " + dtype_name(dtype) + ", got " +
+                    dtype_name(t.dtype()));
+  check_shape(t, name, shape);
+  check_same_device(logits, t, "logits", name);
+}
+
+Tensor sample_tokens(const Tensor& logits, std::optional<int64_t> vocab_size, double temperature,
+                     std::optional<int64_t> top_k, std::optional<double> top_p,
+                     double frequency_penalty, double presence_penalty,
+                     const std::optional<Tensor>& counts_in, const std::optional<Tensor>& counter_in,
+                     const std::optional<Tensor>& logit_bias_in, uint64_t seed,
+                     const std::optional<Tensor>& forced_in, const std::optional<Tensor>& out_buf) {
+  check_float(logits, "logits");
+  check_dim(logits, "logits", 2, "(B, Vp) next-token logits");
+  check_nonempty(logits, "logits");
+  const int64_t B = logits.size(0), Vp = logits.size(1);
+  const int64_t V = vocab_size ? *vocab_size : Vp;
+  need(V >= 1 && V <= Vp, "vocab_size: expected 1 <= vocab_size <= " + std::to_string(Vp) +
+                              " (logits' last dim), got " + std::to_string(V));
+  need(V <= 2147483647LL, "vocab_size: " + std::to_string(V) + " does not fit the int32 tokens");
+  need(std::isfinite(temperature) && temperature >= 0,
+       "temperature: expected a finite number >= 0 (0 = greedy), got " + sampling_num(temperature));
+  need(!top_k || *top_k >= 1,
+       "top_k: expected None (off) or an int >= 1, got " + std::to_string(top_k ? *top_k : 0));
+  need(!top_p || (*top_p > 0 && *top_p <= 1),
+       "top_p: expected None (off) or a number in (0, 1], got " + sampling_num(top_p ? *top_p : 0));
+  need(std::isfinite(frequency_penalty),
+       "frequency_penalty: expected a finite number, got " + sampling_num(frequency_penalty));
+  need(std::isfinite(presence_penalty),
+       "presence_penalty: expected a finite number, got " + sampling_num(presence_penalty));
+
+  Tensor counts, counter, bias, forced;
+  if (counts_in) {
+    counts = *counts_in;
+    check_sampling_tensor(counts, "counts", DType::int32, {B, V}, logits);
+  } else {
+    need(frequency_penalty == 0 && presence_penalty == 0,
+         "counts: frequency_penalty and presence_penalty need counts, the (B, V) int32 number "
+         "of times each row has generated each token; pass counts=");
+  }
+  if (counter_in) {
+    counter = *counter_in;
+    check_sampling_tensor(counter, "counter", DType::int64, {B}, logits);
+  }
+  if (logit_bias_in) {
+    bias = *logit_bias_in;
+    check_sampling_tensor(bias, "logit_bias", DType::float32, {V}, logits);
+  }
+  if (forced_in) {
+    forced = *forced_in;
+    check_sampling_tensor(forced, "forced", DType::int32, {B}, logits);
+    if (forced.device().is_cpu()) {  // a CUDA kernel cannot raise: checked where it is cheap
+      const int32_t* f = forced.data<int32_t>();
+      for (int64_t b = 0; b < B; ++b)
+        need(f[b] < V, "forced: token " + std::to_string(f[b]) + " for row " + std::to_string(b) +
+                           " is outside the vocabulary [0, " + std::to_string(V) +
+                           ") (negative values mean not forced)");
+    }
+  }
+  Tensor tokens = take_out(out_buf, {B}, DType::int32, logits.device(), "out");
+  check_disjoint({{&tokens, "out"}, {&counts, "counts"}, {&counter, "counter"}},
+                 {{&logits, "logits"}, {&bias, "logit_bias"}, {&forced, "forced"}});
+  GPTCORE_DISPATCH(logits.device(),
+                   sample_tokens(tokens, counts, counter, logits, bias, forced, V, temperature,
+                                 top_k ? *top_k : 0, top_p ? *top_p : 1.0, frequency_penalty,
+                                 presence_penalty, seed));
+  return tokens;
 }
 
 }  // namespace ops

@@ -25,8 +25,12 @@ namespace gptcore {
 
 // Declares one op family's backend entry points in the current namespace.
 #define GPTCORE_BACKEND_OPS                                                                    \
-  /* out[b,t,:] = wte[idx[b,t],:] + wpe[t,:] */                                                \
-  void embedding_forward(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe); \
+  /* out[b,t,:] = wte[idx[b,t],:] + wpe[p+t,:], p = pos, or *pos_dev when pos_dev (a 1-element \
+     int32 tensor on idx's device, read by the kernel so a captured graph sees its current     \
+     value) is defined. dispatch checks a host-visible p; on CUDA a device p with p < 0 or     \
+     p + T > wpe rows gives NaN rows (wpe is never read out of bounds). */                     \
+  void embedding_forward(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe,  \
+                         int64_t pos, const Tensor& pos_dev);                                  \
   /* dwte[idx[b,t],:] += dout[b,t,:];  dwpe[t,:] += sum_b dout[b,t,:]  (deterministic) */      \
   void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& idx);  \
                                                                                                \
@@ -62,9 +66,11 @@ namespace gptcore {
   /* Decoding attention over a KV cache. qkv (B,Tn,3C) holds Tn new tokens at absolute        \
      positions pos..pos+Tn-1; k_cache, v_cache (B,H,Tmax,D), qkv's dtype. Writes the new k, v  \
      into the caches at those positions (in place), then new token i attends causally to       \
-     cache positions 0..pos+i (with window w > 0 only the last w of them). out (B,Tn,C). */    \
+     cache positions 0..pos+i (with window w > 0 only the last w of them). out (B,Tn,C).      \
+     pos_dev as in embedding_forward: when defined, its device value replaces pos; on CUDA a    \
+     value with pos < 0 or pos + Tn > Tmax leaves the caches untouched and gives NaN out. */   \
   void attention_kvcache(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,     \
-                         int64_t pos, int n_head, int window);                                 \
+                         int64_t pos, const Tensor& pos_dev, int n_head, int window);          \
                                                                                                \
   /* logits (N,Vp), targets (N,), only the first V columns are real (V <= Vp).                 \
      losses[i] = logsumexp(logits[i,:V]) - logits[i,targets[i]], 0 where targets[i] ==         \
@@ -85,7 +91,17 @@ namespace gptcore {
                   float beta1, float beta2, float eps, float weight_decay, int64_t step,       \
                   float grad_scale, uint64_t seed);                                            \
   /* sqrt(sum of squares of every element of every tensor), accumulated in double/fp32 */      \
-  double global_norm(const std::vector<Tensor>& tensors);
+  double global_norm(const std::vector<Tensor>& tensors);                                      \
+                                                                                               \
+  /* Next-token sampling, one token per row of logits (B,Vp); the full semantics are at        \
+     ops::sample_tokens below. tokens (B,) int32 is written; counts (B,V) int32 and counter    \
+     (B,) int64 are updated in place; logit_bias (V,) float32 and forced (B,) int32 are read.  \
+     Each of counts, counter, logit_bias, forced may be undefined. top_k 0 = off, top_p 1 =    \
+     off; dispatch has checked every value it can see. */                                      \
+  void sample_tokens(Tensor& tokens, Tensor& counts, Tensor& counter, const Tensor& logits,    \
+                     const Tensor& logit_bias, const Tensor& forced, int64_t vocab_size,       \
+                     double temperature, int64_t top_k, double top_p,                          \
+                     double frequency_penalty, double presence_penalty, uint64_t seed);
 
 namespace cpu {
 GPTCORE_BACKEND_OPS
@@ -111,6 +127,32 @@ uintptr_t current_stream();
 void synchronize();
 // dtype conversion on the device (float32 <-> bfloat16, ints <-> floats).
 void cast(void* dst, DType dst_dtype, const void* src, DType src_dtype, int64_t n, int device);
+// True while work launched on the current stream is being recorded into a CUDA graph (by a
+// Graph on this thread, or by the caller on the stream handed to set_stream). Host copies,
+// synchronize, empty_cache and cudaMalloc then raise RuntimeError instead of breaking it.
+bool capturing();
+// A CUDA graph of the kernels gptcore launches between capture_begin and capture_end (recorded
+// on a private stream), replayed on the current stream with one launch. Memory the capture
+// allocates or frees stays reserved for the graph until reset/destruction; cudaMalloc is not
+// allowed during the capture (buffers come from the cache or are allocated before).
+class Graph {
+ public:
+  Graph();  // RuntimeError without a GPU
+  ~Graph();
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  void capture_begin();          // replaces a previous graph
+  void capture_end();            // instantiates; on failure the capture is discarded and raises
+  void capture_abort() noexcept; // discards an unfinished capture, restores the stream
+  void replay();
+  void reset();                  // frees the graph and its reserved memory
+  bool captured() const;
+  bool in_capture() const;
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
 }  // namespace cuda
 #endif
 
@@ -119,8 +161,11 @@ namespace ops {
 
 // Every op that returns tensors takes trailing optional out buffers (out= in Python): when given
 // they must match the output exactly and not overlap any input; the op writes into them.
+// Positions pos..pos+T-1 (pos_dev: a 1-element int32 tensor on idx's device holding pos instead;
+// on the CPU it is read and checked, on CUDA the kernel reads it, see the backend note above).
 Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe,
-                         const std::optional<Tensor>& out = std::nullopt);
+                         const std::optional<Tensor>& out = std::nullopt, int64_t pos = 0,
+                         const std::optional<Tensor>& pos_dev = std::nullopt);
 void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& idx);
 
 // returns (out, mean, rstd)
@@ -164,9 +209,12 @@ Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& o
                           const std::optional<Tensor>& dqkv_out = std::nullopt);
 // KV-cache attention for decoding: writes qkv's k, v into k_cache, v_cache (B, H, Tmax, D) at
 // positions pos..pos+Tn-1 (in place), returns out (B, Tn, C).
+// pos_dev (a 1-element int32 tensor on qkv's device) replaces pos when given, as in
+// embedding_forward.
 Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int64_t pos,
                          int64_t n_head, std::optional<int64_t> window,
-                         const std::optional<Tensor>& out = std::nullopt);
+                         const std::optional<Tensor>& out = std::nullopt,
+                         const std::optional<Tensor>& pos_dev = std::nullopt);
 
 // returns (losses, dlogits) -- dlogits undefined unless with_grad
 std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& targets,
@@ -181,6 +229,44 @@ void adamw_step(std::vector<Tensor> params, const std::vector<Tensor>& grads,
                 const std::vector<bool>& decay, float lr, float beta1, float beta2, float eps,
                 float weight_decay, int64_t step, float grad_scale, uint64_t seed);
 double global_norm(const std::vector<Tensor>& tensors);
+
+// ---- sampling (csrc/cpu/sampling.cpp, csrc/cuda/sampling.cu) ----------------------------------
+// Next-token sampling on the device that holds the logits, so a decode step never leaves it.
+// logits (B, Vp): float32 (CPU) or float32/bfloat16 (CUDA); only the first V = vocab_size
+// (default Vp) columns are real. Per row b that is not forced:
+//   z = logits[b, :V] (+ logit_bias) - (counts[b]*frequency_penalty + (counts[b] > 0)*presence_penalty)
+//       logit_bias (V,) float32 may hold -inf (bans a token). Penalties need counts (B, V) int32
+//       (OpenAI's definition: counts are the tokens the row has generated). Only finite z take
+//       part: -inf, +inf and NaN entries are never chosen. A row without a finite z gets -1.
+//   temperature == 0: greedy, the index of the largest z (ties -> lowest index); no filter.
+//   otherwise p_j = exp((z_j - max z) / temperature) and
+//     top_k (>= 1): keep j with z_j >= the k-th largest finite z (ties with it are kept).
+//     top_p (0, 1]: of the kept, with p sorted descending, m = the smallest count whose sum
+//       reaches top_p * sum(kept p); keep those with p_j >= the m-th (ties kept; the most likely
+//       token always stays). top_p == 1 keeps everything.
+//   draw: u = uniform(seed, b, c_b), c_b = counter[b] (0 without counter); the token is the
+//     smallest index j whose running sum of kept p in index order exceeds u * sum(kept p) (if
+//     rounding leaves none, the last kept index with p > 0).
+//   uniform(seed, b, c): 64-bit unsigned arithmetic modulo 2^64, G = 0x9E3779B97F4A7C15,
+//     mix(x) = splitmix64's finaliser: x ^= x >> 30; x *= 0xBF58476D1CE4E5B9; x ^= x >> 27;
+//              x *= 0x94D049BB133111EB; x ^= x >> 31;
+//     h = mix(seed + G); h = mix(h + G * (b + 1)); h = mix(h + G * (c + 1))  (c's two's
+//     complement bits); u = (h >> 11) * 2^-53. Bit-identical on CPU, CUDA and in reference.py.
+//   then counts[b, token] += 1 (token >= 0) and counter[b] += 1, in place.
+// forced (B,) int32: where forced[b] >= 0 the row's token is forced[b] and nothing else of the row
+// changes (no draw, no counts/counter update). Values must be < V (checked on the CPU; on CUDA a
+// larger value is written out as given).
+// top_k / top_p: std::nullopt = off. Returns tokens (B,) int32 (written into out when given).
+// Precision: the CPU computes z, p and the sums in double (token-for-token equal to the float64
+// reference but for rounding-level ties); CUDA in float32 (equal but for draws within ~1e-6 of a
+// boundary of the cumulative distribution or of the top-p mass).
+Tensor sample_tokens(const Tensor& logits, std::optional<int64_t> vocab_size, double temperature,
+                     std::optional<int64_t> top_k, std::optional<double> top_p,
+                     double frequency_penalty, double presence_penalty,
+                     const std::optional<Tensor>& counts, const std::optional<Tensor>& counter,
+                     const std::optional<Tensor>& logit_bias, uint64_t seed,
+                     const std::optional<Tensor>& forced,
+                     const std::optional<Tensor>& out = std::nullopt);
 
 }  // namespace ops
 }  // namespace gptcore

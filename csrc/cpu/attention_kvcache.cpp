@@ -19,7 +19,9 @@ namespace gptcore {
 namespace cpu {
 
 void attention_kvcache(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                       int64_t pos, int n_head, int window) {
+                       int64_t pos_arg, const Tensor& pos_dev, int n_head, int window) {
+  // dispatch has checked 0 <= pos and pos + Tn <= Tmax, also for a position tensor's value
+  const int64_t pos = pos_dev.defined() ? pos_dev.data<int32_t>()[0] : pos_arg;
   const int64_t B = qkv.size(0), Tn = qkv.size(1), C3 = qkv.size(2), C = C3 / 3;
   const int64_t D = C / n_head, Tmax = k_cache.size(2);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));

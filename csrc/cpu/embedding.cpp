@@ -7,10 +7,13 @@
 namespace gptcore {
 namespace cpu {
 
-void embedding_forward(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe) {
+void embedding_forward(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe,
+                       int64_t pos, const Tensor& pos_dev) {
   const int64_t B = idx.size(0), T = idx.size(1), C = wte.size(1);
   const float* te = wte.data<float>();
-  const float* pe = wpe.data<float>();
+  // positions start at p (dispatch has checked 0 <= p and p + T <= wpe rows)
+  const int64_t p0 = pos_dev.defined() ? pos_dev.data<int32_t>()[0] : pos;
+  const float* pe = wpe.data<float>() + p0 * C;
   float* o = out.data<float>();
 #pragma omp parallel for schedule(static)
   for (int64_t bt = 0; bt < B * T; ++bt) {

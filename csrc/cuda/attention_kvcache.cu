@@ -15,6 +15,13 @@
 // from qkv (never from the cache being written), and the split-0 block of each new token writes
 // that token's k and v into the caches. No block reads a cache slot that this launch writes.
 //
+// The position may live in device memory (pos_dev), so that a decode step captured once in a
+// CUDA graph serves every position: the launch shape is then fixed by the largest possible key
+// count (Tmax, or the window), and each block derives its key range from the position it reads;
+// ranges past the last key stay empty and merge as zero. The host cannot check a device
+// position: a value with pos < 0 or pos + Tn > Tmax makes every block skip its work (no cache
+// slot is read or written) and the output rows NaN.
+//
 // Scores are computed in the log2 domain (q pre-scaled by log2(e)/sqrt(D), exp2 afterwards);
 // every accumulation is fp32, caches and output in the input dtype (fp32 or bf16).
 #include <algorithm>
@@ -37,6 +44,7 @@ struct KvArgs {
   void* out;
   float* part_ml;   // (rows, splits, 2): m (log2 units), l
   float* part_acc;  // (rows, splits, D)
+  const int32_t* pos_dev;  // the position in device memory (nullptr: pos)
   int64_t pos, Tmax;
   int Tn, H, D, C, window, splits, chunk;  // chunk: keys per split
 };
@@ -67,10 +75,23 @@ __global__ void __launch_bounds__(kThreads) kvcache_attention_kernel(KvArgs a) {
   const int h = static_cast<int>(bh % H);
   const int64_t b = bh / H;
   const int split = blockIdx.y;
-  const int64_t pos = a.pos, t = pos + i;
+  int64_t pos = a.pos, chunk = a.chunk;
+  if (a.pos_dev) {  // block-uniform: every thread reads the same value
+    pos = *a.pos_dev;
+    if (pos < 0 || pos + Tn > a.Tmax) {  // out of range: touch no cache slot
+      if (a.splits == 1)
+        for (int d = threadIdx.x; d < D; d += kThreads)
+          static_cast<T*>(a.out)[(b * Tn + i) * int64_t(C) + h * D + d] = from_f<T>(NAN);
+      return;  // with several splits the combine kernel writes the NaN rows
+    }
+    // the host sized the launch for the most keys possible; share this step's keys out
+    const int64_t n_keys = a.window > 0 ? min(int64_t(a.window), pos + Tn) : pos + Tn;
+    chunk = max(int64_t(kMinKeysPerSplit), (n_keys + a.splits - 1) / a.splits);
+  }
+  const int64_t t = pos + i;
   const int64_t lo = a.window > 0 ? max(int64_t(0), t - a.window + 1) : int64_t(0);
-  const int64_t k_begin = lo + int64_t(split) * a.chunk;
-  const int64_t k_end = min(t + 1, k_begin + a.chunk);
+  const int64_t k_begin = lo + int64_t(split) * chunk;
+  const int64_t k_end = min(t + 1, k_begin + chunk);
 
   const T* qkv = static_cast<const T*>(a.qkv);
   const int64_t C3 = 3 * int64_t(C);
@@ -194,6 +215,11 @@ __global__ void kvcache_combine_kernel(KvArgs a) {
   const int64_t bh = row / a.Tn;
   const int h = static_cast<int>(bh % a.H);
   const int64_t b = bh / a.H;
+  T* o = static_cast<T*>(a.out) + (b * a.Tn + i) * int64_t(a.C) + h * a.D;
+  if (a.pos_dev && (*a.pos_dev < 0 || int64_t(*a.pos_dev) + a.Tn > a.Tmax)) {
+    for (int d = threadIdx.x; d < a.D; d += blockDim.x) o[d] = from_f<T>(NAN);
+    return;  // the attention kernel skipped this position: no partials were written
+  }
   const float* ml = a.part_ml + row * a.splits * 2;
   float M = -INFINITY;
   for (int s = 0; s < a.splits; ++s) M = fmaxf(M, ml[2 * s]);
@@ -201,7 +227,6 @@ __global__ void kvcache_combine_kernel(KvArgs a) {
   for (int s = 0; s < a.splits; ++s)
     if (ml[2 * s] != -INFINITY) L += ml[2 * s + 1] * exp2f(ml[2 * s] - M);
   const float inv = 1.0f / L;
-  T* o = static_cast<T*>(a.out) + (b * a.Tn + i) * int64_t(a.C) + h * a.D;
   const float* acc = a.part_acc + row * a.splits * a.D;
   for (int d = threadIdx.x; d < a.D; d += blockDim.x) {
     float x = 0.f;
@@ -222,7 +247,7 @@ void launch(const KvArgs& a, int64_t rows) {
 
 template <typename T>
 void kvcache_impl(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, int64_t pos,
-                  int n_head, int window) {
+                  const int32_t* pos_dev, int n_head, int window) {
   const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3, D = C / n_head;
   if (D > 256)
     throw ValueError("n_head: head dimension " + std::to_string(D) +
@@ -236,6 +261,7 @@ void kvcache_impl(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& q
   a.k_cache = k_cache.raw();
   a.v_cache = v_cache.raw();
   a.out = out.raw();
+  a.pos_dev = pos_dev;
   a.pos = pos;
   a.Tmax = k_cache.size(2);
   a.Tn = static_cast<int>(Tn);
@@ -245,8 +271,10 @@ void kvcache_impl(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& q
   a.window = window;
 
   // Split the longest query's keys so that the launch has ~2 blocks per SM, but no range is
-  // shorter than kMinKeysPerSplit keys.
-  const int64_t n_keys = window > 0 ? std::min<int64_t>(window, pos + Tn) : pos + Tn;
+  // shorter than kMinKeysPerSplit keys. A device position is unknown here: size the launch for
+  // the most keys there can be (the kernel then recomputes the ranges).
+  const int64_t last = pos_dev ? a.Tmax : pos + Tn;
+  const int64_t n_keys = window > 0 ? std::min<int64_t>(window, last) : last;
   const int64_t want = std::max<int64_t>(1, (2 * int64_t(sm_count()) + rows - 1) / rows);
   const int64_t most = std::max<int64_t>(1, n_keys / kMinKeysPerSplit);
   a.splits = static_cast<int>(std::min<int64_t>({want, most, 1024}));
@@ -281,10 +309,11 @@ void kvcache_impl(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& q
 }  // namespace
 
 void attention_kvcache(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                       int64_t pos, int n_head, int window) {
+                       int64_t pos, const Tensor& pos_dev, int n_head, int window) {
   DeviceGuard guard(qkv.device().index);
+  const int32_t* p = pos_dev.defined() ? pos_dev.data<int32_t>() : nullptr;
   GPTCORE_FLOAT_TYPES(qkv.dtype(), "qkv",
-                      kvcache_impl<scalar_t>(out, k_cache, v_cache, qkv, pos, n_head, window));
+                      kvcache_impl<scalar_t>(out, k_cache, v_cache, qkv, pos, p, n_head, window));
 }
 
 }  // namespace cuda

@@ -1,7 +1,10 @@
 // Token + position embedding on the GPU: the gather, and a deterministic scatter-add.
 //
-// Forward: out[b,t,:] = wte[idx[b,t],:] + wpe[t,:], 16-byte vectors per thread. An id outside
+// Forward: out[b,t,:] = wte[idx[b,t],:] + wpe[p+t,:], 16-byte vectors per thread. An id outside
 // [0, V) cannot be raised from a kernel; its row is written as NaN (never read out of bounds).
+// The first position p is an argument, or is read from device memory (pos_dev) by every thread,
+// so that a decode step captured in a CUDA graph embeds at the position current at replay. The
+// host cannot check a device p; a p with p < 0 or p + T > wpe rows makes every row NaN.
 //
 // Backward: dwpe[t] += sum_b dout[b,t] is a plain column sum in b order. dwte is a scatter-add
 // with repeated ids, where float atomics would make the result depend on timing. Instead the
@@ -21,16 +24,18 @@ namespace {
 template <typename T, bool VEC>
 __global__ void embedding_forward_kernel(T* __restrict__ out, const void* idx, bool idx64,
                                          const T* __restrict__ wte, const T* __restrict__ wpe,
-                                         int64_t N, int64_t T_, int64_t C, int64_t V) {
+                                         const int32_t* pos_dev, int64_t pos, int64_t N,
+                                         int64_t T_, int64_t C, int64_t V, int64_t n_pos) {
   constexpr int P = VEC ? Pack<T>::N : 1;
   const int64_t per_row = C / P;
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= N * per_row) return;
   const int64_t bt = i / per_row, c = (i % per_row) * P;
   const int64_t id = load_index(idx, idx64, bt);
-  const int64_t t = bt % T_;
+  const int64_t p0 = pos_dev ? static_cast<int64_t>(*pos_dev) : pos;
+  const int64_t t = p0 + bt % T_;
   T* o = out + bt * C + c;
-  if (id < 0 || id >= V) {
+  if (id < 0 || id >= V || p0 < 0 || p0 + T_ > n_pos) {
 #pragma unroll
     for (int e = 0; e < P; ++e) o[e] = from_f<T>(NAN);
     return;
@@ -160,7 +165,8 @@ embedding_dwte_kernel(T* dwte, const T* dout, Buckets bk, const void* idx, bool 
 }
 
 template <typename T>
-void forward_impl(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe) {
+void forward_impl(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe,
+                  int64_t pos, const int32_t* pos_dev) {
   const int64_t B = idx.size(0), T_ = idx.size(1), C = wte.size(1), V = wte.size(0);
   const int64_t N = B * T_;
   constexpr int P = Pack<T>::N;
@@ -168,12 +174,15 @@ void forward_impl(Tensor& out, const Tensor& idx, const Tensor& wte, const Tenso
   const bool i64 = idx.dtype() == DType::int64;
   const int64_t work = N * (vec ? C / P : C);
   const unsigned blocks = ceil_div(work, 256);
+  const int64_t n_pos = wpe.size(0);
   if (vec)
     embedding_forward_kernel<T, true><<<blocks, 256, 0, stream()>>>(
-        out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), N, T_, C, V);
+        out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos, N, T_, C, V,
+        n_pos);
   else
     embedding_forward_kernel<T, false><<<blocks, 256, 0, stream()>>>(
-        out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), N, T_, C, V);
+        out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos, N, T_, C, V,
+        n_pos);
   GPTCORE_CHECK_LAUNCH("embedding_forward_kernel");
 }
 
@@ -216,9 +225,11 @@ void backward_impl(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor&
 
 }  // namespace
 
-void embedding_forward(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe) {
+void embedding_forward(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe,
+                       int64_t pos, const Tensor& pos_dev) {
   DeviceGuard guard(idx.device().index);
-  GPTCORE_FLOAT_TYPES(wte.dtype(), "wte", forward_impl<scalar_t>(out, idx, wte, wpe));
+  const int32_t* p = pos_dev.defined() ? pos_dev.data<int32_t>() : nullptr;
+  GPTCORE_FLOAT_TYPES(wte.dtype(), "wte", forward_impl<scalar_t>(out, idx, wte, wpe, pos, p));
 }
 
 void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& idx) {

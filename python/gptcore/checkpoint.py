@@ -165,6 +165,7 @@ _CHECKPOINT_FILES = {
     "trainer_state.json", "generation_config.json", "vocab.json", "merges.txt", "tokenizer.json",
     "tokenizer_config.json", "special_tokens_map.json", "pytorch_model.bin", "encoder.json",
     "vocab.bpe", "special_tokens.json",
+    "model.npz", "optim.npz", "state.json",  # gptcore train's first format, replaced on save
 }
 
 

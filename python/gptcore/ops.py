@@ -25,6 +25,7 @@ the argument; a CUDA failure raises ``RuntimeError`` naming the kernel.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 from . import _C
@@ -46,6 +47,7 @@ __all__ = [
     "cross_entropy_forward_backward",
     "adamw_step",
     "global_norm",
+    "sample_tokens",
 ]
 
 
@@ -63,6 +65,19 @@ def _out(x, name):
     if isinstance(x, memoryview) and x.readonly:
         raise ValueError(f"{name}: is read-only, but the op writes into it; pass a writable buffer")
     return as_tensor(x, name)
+
+
+def _pos(pos):
+    """A position argument as (int, None) or (0, position tensor)."""
+    if pos is None:
+        return 0, None
+    if isinstance(pos, bool):
+        raise TypeError("pos: expected an int or a 1-element int32 tensor, got bool")
+    if isinstance(pos, numbers.Integral):
+        return int(pos), None
+    if isinstance(pos, numbers.Number):
+        raise TypeError(f"pos: expected an int or a 1-element int32 tensor, got {type(pos).__name__}")
+    return 0, as_tensor(pos, "pos")
 
 
 def _outs(out, names: Sequence[str]) -> list:
@@ -83,14 +98,20 @@ def _outs(out, names: Sequence[str]) -> list:
 # ---- embedding ------------------------------------------------------------------------------
 
 
-def embedding_forward(idx, wte, wpe, *, out=None) -> Tensor:
+def embedding_forward(idx, wte, wpe, pos=None, *, out=None) -> Tensor:
     """Token + position embedding.
 
-    idx (B, T) int32/int64 token ids in [0, V); wte (V, C); wpe (maxT, C) with T <= maxT.
-    Returns out (B, T, C) with ``out[b, t] = wte[idx[b, t]] + wpe[t]``.
+    idx (B, T) int32/int64 token ids in [0, V); wte (V, C); wpe (maxT, C). The tokens sit at
+    positions ``p .. p+T-1``: ``pos=None`` means p = 0, an int is p, and a 1-element int32
+    tensor on idx's device holds p (see :func:`attention_kvcache`: a captured CUDA graph then
+    reads the current value at every replay). Returns out (B, T, C) with
+    ``out[b, t] = wte[idx[b, t]] + wpe[p + t]``. ``p + T <= maxT`` is checked (ValueError)
+    whenever the host can see p; a CUDA tensor's value is only seen by the kernel, which writes
+    NaN rows for an out-of-range p instead of reading outside wpe.
     """
+    p, p_dev = _pos(pos)
     return _C.embedding_forward(as_tensor(idx, "idx"), as_tensor(wte, "wte"), as_tensor(wpe, "wpe"),
-                                *_outs(out, ["out"]))
+                                *_outs(out, ["out"]), p, p_dev)
 
 
 def embedding_backward(dout, idx, dwte, dwpe) -> None:
@@ -217,7 +238,7 @@ def attention_backward(dout, qkv, out, lse, n_head: int, window: Optional[int] =
                                  None if dqkv is None else _out(dqkv, "dqkv"))
 
 
-def attention_kvcache(qkv, k_cache, v_cache, pos: int, n_head: int,
+def attention_kvcache(qkv, k_cache, v_cache, pos, n_head: int,
                       window: Optional[int] = None, *, out=None) -> Tensor:
     """Attention for decoding: append new tokens to a KV cache and attend over it.
 
@@ -229,10 +250,21 @@ def attention_kvcache(qkv, k_cache, v_cache, pos: int, n_head: int,
     ``window=w`` only to the last w of them (``pos+i-w < s <= pos+i``). Requires
     ``pos + Tn <= Tmax``. Returns out (B, Tn, C), heads concatenated; with ``pos=0`` it equals
     ``attention_forward(qkv, n_head, window)[0]``.
+
+    ``pos`` is an int, or a 1-element int32 tensor on qkv's device holding it. The tensor form
+    is for decode steps captured in a CUDA graph (:class:`gptcore.cuda.Graph`): the kernel reads
+    the position when it runs, so one captured step serves every position (advance it with
+    ``pos_tensor.copy_(...)`` between replays). On the CPU its value is checked like an int; on
+    CUDA it is never read by the host (that would wait for the device), and a value with
+    ``pos < 0`` or ``pos + Tn > Tmax`` leaves the caches untouched and makes out NaN.
     """
+    if pos is None:
+        raise TypeError("pos: expected an int or a 1-element int32 tensor, got None")
+    p, p_dev = _pos(pos)
     return _C.attention_kvcache(as_tensor(qkv, "qkv"), as_tensor(k_cache, "k_cache"),
-                                as_tensor(v_cache, "v_cache"), int(pos), int(n_head),
-                                None if window is None else int(window), *_outs(out, ["out"]))
+                                as_tensor(v_cache, "v_cache"), p, int(n_head),
+                                None if window is None else int(window), *_outs(out, ["out"]),
+                                p_dev)
 
 
 # ---- cross-entropy --------------------------------------------------------------------------
@@ -301,3 +333,71 @@ def adamw_step(params: Sequence, grads: Sequence, m: Sequence, v: Sequence, *, l
 def global_norm(tensors: Sequence) -> float:
     """L2 norm over every element of every tensor (the global gradient norm for clipping)."""
     return float(_C.global_norm([as_tensor(t, "tensors") for t in tensors]))
+
+
+# ---- sampling -------------------------------------------------------------------------------
+
+
+def _sampling_number(v, name: str) -> float:
+    if isinstance(v, (bool, str, bytes)) or not hasattr(v, "__float__"):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+    return float(v)
+
+
+def _sampling_int(v, name: str) -> int:
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    return v.__index__()
+
+
+def sample_tokens(logits, *, vocab_size: Optional[int] = None, temperature: float = 1.0,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, counts=None,
+                  logit_bias=None, seed: int = 0, counter=None, forced=None, out=None) -> Tensor:
+    """Next-token sampling on the logits' device: one token per row, so a decode step can keep
+    its tokens and sampling state on the GPU (no host round trip, CUDA-graph friendly).
+
+    logits (B, Vp): float32 (CPU) or float32/bfloat16 (CUDA); only the first
+    V = ``vocab_size`` (default Vp) columns are real. For every row b that is not forced:
+
+    1. ``z = logits[b, :V] + logit_bias - counts[b] * frequency_penalty
+       - (counts[b] > 0) * presence_penalty`` (OpenAI's penalties; ``logit_bias`` (V,) float32
+       may hold ``-inf`` to ban tokens). Penalties need ``counts`` (B, V) int32, the number of
+       times each row has generated each token. Only finite z take part: ``-inf``, ``+inf`` and
+       NaN entries are never chosen, and a row without any finite z gets token **-1** (a kernel
+       cannot raise).
+    2. ``temperature == 0``: greedy, the index of the largest z (ties: the lowest index); top_k
+       and top_p do not apply. Otherwise ``p_j = exp((z_j - max z) / temperature)`` and
+       ``top_k`` keeps the tokens with z at least the k-th largest (ties with it kept);
+       ``top_p`` then keeps, of those, the tokens at least as likely as the m-th most likely,
+       m the smallest count whose probability reaches ``top_p`` of the kept total (ties kept;
+       the most likely token always stays; ``top_p=1`` keeps all).
+    3. The token is drawn by inverse CDF in vocabulary order: the smallest j whose running sum
+       of kept p exceeds ``u * sum(kept p)``, with ``u`` in [0, 1) a counter-based hash of
+       ``(seed, b, counter[b])`` (``counter[b]`` is 0 without ``counter``; the exact formula is
+       in ``csrc/core/ops.h`` and :mod:`gptcore.reference`). Same seed and counters, same tokens.
+    4. ``counts[b, token] += 1`` and ``counter[b] += 1`` **in place** (when given; counter is
+       (B,) int64), so the whole sampling state can live on the device across steps.
+
+    ``forced`` (B,) int32: where ``forced[b] >= 0`` the row's token is ``forced[b]`` and nothing
+    else of that row changes (no draw, no counts or counter update): a row still reading its
+    prompt. Forced values must be < V.
+
+    counts, counter (updated) must be gptcore Tensors or writable arrays on the logits' device;
+    ``out`` is an optional (B,) int32 buffer for the tokens. Returns the tokens (B,) int32.
+    The CPU computes in double and matches :func:`gptcore.reference.sample_tokens` token for
+    token (but for rounding-level ties); CUDA computes in float32.
+    """
+    kw_top_k = None if top_k is None else _sampling_int(top_k, "top_k")
+    kw_top_p = None if top_p is None else _sampling_number(top_p, "top_p")
+    vs = None if vocab_size is None else _sampling_int(vocab_size, "vocab_size")
+    s = _sampling_int(seed, "seed")
+    if not 0 <= s < 2 ** 64:
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {s}")
+    return _C.sample_tokens(as_tensor(logits, "logits"), vs,
+                            _sampling_number(temperature, "temperature"), kw_top_k, kw_top_p,
+                            _sampling_number(frequency_penalty, "frequency_penalty"),
+                            _sampling_number(presence_penalty, "presence_penalty"),
+                            _out(counts, "counts"), _out(counter, "counter"),
+                            _opt(logit_bias, "logit_bias"), s, _opt(forced, "forced"),
+                            *_outs(out, ["tokens"]))

@@ -40,6 +40,7 @@ __all__ = [
     "cross_entropy_backward",
     "adamw_step",
     "global_norm",
+    "sample_tokens",
 ]
 
 
@@ -96,18 +97,22 @@ def _check_idx(idx: np.ndarray, vocab_size: int, max_positions: int) -> None:
         raise ValueError(f"idx: token ids must lie in [0, {vocab_size})")
 
 
-def embedding_forward(idx, wte, wpe) -> np.ndarray:
+def embedding_forward(idx, wte, wpe, pos: Optional[int] = None) -> np.ndarray:
     """Token + position embedding.
 
-    idx (B, T) integer ids in [0, V); wte (V, C); wpe (maxT, C), T <= maxT.
-    Returns out (B, T, C) with ``out[b, t] = wte[idx[b, t]] + wpe[t]``.
+    idx (B, T) integer ids in [0, V); wte (V, C); wpe (maxT, C). The tokens sit at positions
+    ``pos .. pos+T-1`` (``pos=None`` means 0), which must lie below maxT.
+    Returns out (B, T, C) with ``out[b, t] = wte[idx[b, t]] + wpe[pos + t]``.
     """
     idx, wte, wpe = _index(idx, "idx"), _f64(wte, "wte"), _f64(wpe, "wpe")
     if wte.ndim != 2 or wpe.ndim != 2 or wpe.shape[1] != wte.shape[1]:
         raise ValueError(f"wte, wpe: expected (V, C) and (maxT, C), got {wte.shape} and {wpe.shape}")
     _check_idx(idx, wte.shape[0], wpe.shape[0])
     T = idx.shape[1]
-    return wte[idx] + wpe[:T]
+    p = 0 if pos is None else int(pos)
+    if p < 0 or p + T > wpe.shape[0]:
+        raise ValueError(f"pos: need 0 <= pos and pos + {T} <= {wpe.shape[0]}, got pos={p}")
+    return wte[idx] + wpe[p:p + T]
 
 
 def embedding_backward(dout, idx, vocab_size: int, max_positions: int):
@@ -482,3 +487,127 @@ def attention_kvcache(qkv, k_cache, v_cache, pos: int, n_head: int,
     p /= p.sum(axis=-1, keepdims=True)
     out = p @ vc[:, :, :L]  # (B, H, Tn, D)
     return out.transpose(0, 2, 1, 3).reshape(B, Tn, C), kc, vc
+
+
+# ---- sampling -------------------------------------------------------------------------------
+# The uniform number of a draw: three splitmix64 steps over (seed, row, counter), the same bits
+# as csrc/cpu/sampling.cpp and csrc/cuda/sampling.cu (the formula is in csrc/core/ops.h).
+
+_SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_SPLITMIX_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_SPLITMIX_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint64(30))
+    x = x * _SPLITMIX_M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _SPLITMIX_M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _sample_uniform(seed: int, rows, counters) -> np.ndarray:
+    """u in [0, 1) for each (row, counter): the number the sampler draws with (float64)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    counters = np.asarray(counters, dtype=np.int64)
+    rows, counters = np.broadcast_arrays(rows, counters)
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2**64, as intended
+        h = np.full(rows.shape, int(seed), dtype=np.uint64)
+        h = _mix64(h + _SPLITMIX_GAMMA)
+        h = _mix64(h + _SPLITMIX_GAMMA * (np.ascontiguousarray(rows).view(np.uint64) + np.uint64(1)))
+        h = _mix64(h + _SPLITMIX_GAMMA * (np.ascontiguousarray(counters).view(np.uint64) + np.uint64(1)))
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def _sample_filter(z: np.ndarray, temperature: float, top_k: Optional[int],
+                   top_p: Optional[float]) -> np.ndarray:
+    """One row's unnormalised sampling weights (V,) after temperature, top-k and top-p: 0 for
+    every token that cannot be drawn. z (V,) float64 adjusted logits, at least one finite."""
+    finite = np.isfinite(z)
+    zf = z[finite]
+    keep = finite.copy()
+    if top_k is not None and top_k < zf.size:
+        kth = np.sort(zf)[zf.size - top_k]  # the k-th largest; ties with it stay
+        keep &= np.where(finite, z, -np.inf) >= kth
+    p = np.zeros(z.shape)
+    p[keep] = np.exp((z[keep] - zf.max()) / temperature)
+    if top_p is not None and top_p < 1:
+        kp = p[keep]
+        target = top_p * kp.sum()
+        sp = np.sort(kp)[::-1]
+        m = min(int(np.searchsorted(np.cumsum(sp), target, side="left")), sp.size - 1)
+        p[p < sp[m]] = 0.0  # ties with the m-th stay
+    return p
+
+
+def sample_tokens(logits, *, vocab_size: Optional[int] = None, temperature: float = 1.0,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, counts=None,
+                  logit_bias=None, seed: int = 0, counter=None, forced=None):
+    """Next-token sampling, one token per row of logits (the semantics of
+    :func:`gptcore.ops.sample_tokens`, computed in float64).
+
+    Pure, unlike the op: returns ``(tokens, counts, counter)`` where tokens is (B,) int32 and
+    counts, counter are updated copies of the given arrays (None where not given).
+    """
+    lg = _f64(logits, "logits")
+    if lg.ndim != 2 or lg.size == 0:
+        raise ValueError(f"logits: expected a non-empty (B, Vp) array, got shape {lg.shape}")
+    B, Vp = lg.shape
+    V = Vp if vocab_size is None else int(vocab_size)
+    if not 1 <= V <= Vp:
+        raise ValueError(f"vocab_size: must lie in [1, {Vp}], got {V}")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature: expected a finite number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected None or >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p}")
+    for name, v in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if not math.isfinite(v):
+            raise ValueError(f"{name}: expected a finite number, got {v}")
+    z = lg[:, :V].copy()
+    if logit_bias is not None:
+        bias = _f64(logit_bias, "logit_bias")
+        _same_shape(bias, (V,), "logit_bias")
+        z += bias
+    if counts is not None:
+        counts = _index(counts, "counts").copy()
+        _same_shape(counts, (B, V), "counts")
+        z -= counts * float(frequency_penalty) + (counts > 0) * float(presence_penalty)
+    elif frequency_penalty != 0 or presence_penalty != 0:
+        raise ValueError("counts: frequency_penalty and presence_penalty need counts (B, V)")
+    if counter is not None:
+        counter = _index(counter, "counter").copy()
+        _same_shape(counter, (B,), "counter")
+    c = counter if counter is not None else np.zeros(B, np.int64)
+    f = np.full(B, -1, np.int64)
+    if forced is not None:
+        f = _index(forced, "forced")
+        _same_shape(f, (B,), "forced")
+        if (f >= V).any():
+            raise ValueError(f"forced: token ids must be < vocab_size {V}, got {int(f.max())}")
+    u = _sample_uniform(seed, np.arange(B), c)
+    tokens = np.empty(B, np.int32)
+    for b in range(B):
+        if f[b] >= 0:  # forced: nothing else of the row changes
+            tokens[b] = f[b]
+            continue
+        finite = np.isfinite(z[b])
+        if not finite.any():
+            t = -1
+        elif temperature == 0:
+            t = int(np.argmax(np.where(finite, z[b], -np.inf)))  # first of equal maxima
+        else:
+            w = _sample_filter(z[b], temperature, top_k, top_p)
+            cum = np.cumsum(w)  # in index order
+            t = int(np.searchsorted(cum, u[b] * cum[-1], side="right"))
+            if t == V:  # u * sum rounded up to the sum: the last token that can be drawn
+                t = int(np.flatnonzero(w > 0)[-1])
+        tokens[b] = t
+        if counts is not None and t >= 0:
+            counts[b, t] += 1
+        if counter is not None:
+            counter[b] += 1
+    return tokens, counts, counter

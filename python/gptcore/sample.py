@@ -13,8 +13,10 @@ How a batch is decoded (:class:`Decoder`):
   common prefix (the shortest prompt) is prefilled for every row at once, then rows still inside
   their prompt are fed their next prompt token instead of a sample until they reach its end.
   A row's result is therefore exactly what running it alone gives.
-* Only the last position's logits are computed by the LM head; sampling runs in NumPy (float64)
-  on those (B, V) logits.
+* Only the last position's logits are computed by the LM head, and the next tokens are chosen
+  on the model's device by :func:`gptcore.ops.sample_tokens` (which also keeps the rows'
+  token counts and draw counters there), writing them straight into the next step's input.
+  The host only reads the B chosen tokens back for stop checks and streaming.
 
 Sampling controls, applied in this order to each row's next-token logits:
 
@@ -24,15 +26,15 @@ Sampling controls, applied in this order to each row's next-token logits:
    row has *generated* token j so far (the prompt does not count).
 3. ``temperature``: the logits are divided by it; ``temperature=0`` is greedy (argmax, the
    filters below cannot change it).
-4. ``top_k``: only the k most likely tokens stay.
+4. ``top_k``: only the k most likely tokens stay (and any tied with the k-th).
 5. ``top_p`` (nucleus): of those, only the smallest most-likely-first set whose probability
    reaches ``top_p`` stays (the most likely token always does, and so do tokens exactly as
    likely as the last one kept).
 
 The next token is then drawn from the renormalised probabilities by inverse-CDF with one
-uniform number from the row's own ``numpy.random.Generator`` (``seed`` seeds them all; row b
-uses the b-th child of ``numpy.random.SeedSequence(seed)``), so seeded runs repeat and a row's
-draws do not depend on how many other rows are in the batch.
+uniform number hashed from ``(seed, row, that row's draw count)`` (see
+:func:`gptcore.ops.sample_tokens`), so seeded runs repeat and a row's draws do not depend on
+what the other rows of the batch do. Without ``seed`` a random one is taken.
 
 ``logprobs=k`` reports, per generated token, its log-probability and the k most likely tokens
 with theirs, under the distribution after steps 1-2 (logit bias and penalties) but before
@@ -55,7 +57,7 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 
-from . import ops
+from . import ops, reference
 from .tensor import Tensor, empty, tensor, zeros
 
 __all__ = ["generate", "complete", "Decoder", "Logprobs", "TokenLogprob", "PAD",
@@ -391,42 +393,6 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))
 
 
-def _nucleus_threshold(p: np.ndarray, target: float) -> float:
-    """The probability of the m-th most likely candidate, m the smallest count whose mass
-    reaches ``target`` (p unnormalised, target in its units)."""
-    sp = np.sort(p)[::-1]
-    c = np.cumsum(sp)
-    m = min(int(np.searchsorted(c, target, side="left")), len(sp) - 1)  # first index reaching it
-    return float(sp[m])
-
-
-def _candidates(z: np.ndarray, temperature: float, top_k: Optional[int],
-                top_p: Optional[float]) -> Tuple[np.ndarray, np.ndarray]:
-    """One row's sampling set: (token ids, unnormalised probabilities) after temperature,
-    top-k and top-p. z (V,) float64 adjusted logits with at least one finite entry.
-
-    top-p keeps every token at least as likely as the m-th most likely one, m the smallest
-    count whose probability reaches top_p (exact ties with the m-th are kept together)."""
-    V = z.shape[0]
-    ids = np.argpartition(z, V - top_k)[V - top_k:] if top_k is not None else np.arange(V)
-    zs = z if top_k is None else z[ids]
-    p = np.exp((zs - zs.max()) / temperature)
-    if top_p is None:
-        return ids, p
-    target = top_p * p.sum()
-    n = len(p)
-    # The nucleus is usually a few hundred tokens: if the 256 most likely hold it, sort only
-    # those; otherwise sort all of them (values only).
-    if n > 256:
-        part = np.argpartition(p, n - 256)[n - 256:]
-        if p[part].sum() >= target:
-            tau = _nucleus_threshold(p[part], target)
-            keep = part[p[part] >= tau]
-            return ids[keep], p[keep]
-    keep = p >= _nucleus_threshold(p, target)
-    return ids[keep], p[keep]
-
-
 def filtered_distribution(logits, temperature: float = 1.0, top_k: Optional[int] = None,
                           top_p: Optional[float] = None) -> np.ndarray:
     """The probabilities (V,) the sampler draws from for one row of (already biased and
@@ -439,60 +405,86 @@ def filtered_distribution(logits, temperature: float = 1.0, top_k: Optional[int]
     if temperature == 0:
         out[int(np.argmax(z))] = 1.0
         return out
-    ids, p = _candidates(z, c.temperature, c.top_k, c.top_p)
-    out[ids] = p / p.sum()
-    return out
+    w = reference._sample_filter(z, c.temperature, c.top_k, c.top_p)
+    return w / w.sum()
 
 
 class _Sampler:
-    def __init__(self, ctl: _Controls, B: int, V: int):
-        self.ctl, self.V = ctl, V
-        self.gens = [np.random.Generator(np.random.PCG64(s))
-                     for s in np.random.SeedSequence(ctl.seed).spawn(B)]
-        self.counts = (np.zeros((B, V), np.int32)
-                       if ctl.frequency_penalty or ctl.presence_penalty else None)
+    """Chooses every row's next token with :func:`gptcore.ops.sample_tokens` on the model's
+    device, writing them into ``ids`` (B, 1), the decoder's next input. Sampling state lives
+    next to it: per-row draw counters, per-row token counts (only with penalties), the dense
+    logit bias, and ``forced`` (B,) -- the token of each row that is not sampled this step (a
+    prompt token, or filler for a finished row; -1 where the row samples).
 
-    def __call__(self, logits: np.ndarray, rows: List[int]):
-        """Next tokens for `rows` from their logits (len(rows), V); returns (tokens, logprob entries)."""
-        ctl = self.ctl
-        if (ctl.temperature == 0 and ctl.bias_ids is None and self.counts is None
-                and ctl.logprobs is None and np.isfinite(logits).all()):
-            return np.argmax(logits, axis=1), [None] * len(rows)  # plain greedy
-        z = logits.astype(np.float64)
+    ``logprobs`` are computed on the host from a copy of the logits, with the same bias and
+    penalties, so asking for them never changes which tokens are drawn."""
+
+    def __init__(self, ctl: _Controls, B: int, V: int, device: str):
+        self.ctl, self.B, self.V, self.device = ctl, B, V, device
+        self.seed = (int(ctl.seed) if ctl.seed is not None
+                     else int(np.random.SeedSequence().entropy) % (1 << 63))
+        penalties = bool(ctl.frequency_penalty or ctl.presence_penalty)
+        self.counter = zeros([B], "int64", device)
+        self.counts = zeros([B, V], "int32", device) if penalties else None
+        self.bias = None
+        self.bias_host = None
         if ctl.bias_ids is not None:
-            z[:, ctl.bias_ids] += ctl.bias_vals
-        if self.counts is not None:
-            cnt = self.counts[rows]
-            z -= cnt * ctl.frequency_penalty + (cnt > 0) * ctl.presence_penalty
-        zmax = z.max(axis=1)
-        if not np.all(np.isfinite(zmax)):
-            r = rows[int(np.argmin(np.isfinite(zmax)))]
-            raise ValueError(f"logit_bias: row {r} has no token left to sample (every logit is -inf "
-                             f"or the model produced non-finite logits)")
-        if ctl.temperature == 0:
-            toks = np.argmax(z, axis=1)
-        else:
-            toks = np.empty(len(rows), np.int64)
-            for n, b in enumerate(rows):
-                ids, p = _candidates(z[n], ctl.temperature, ctl.top_k, ctl.top_p)
-                c = np.cumsum(p)
-                u = self.gens[b].random() * c[-1]
-                toks[n] = ids[min(int(np.searchsorted(c, u, side="right")), len(ids) - 1)]
-        if self.counts is not None:
-            self.counts[rows, toks] += 1
+            self.bias_host = np.zeros(V, np.float32)
+            self.bias_host[ctl.bias_ids] = ctl.bias_vals
+            self.bias = tensor(self.bias_host, device=device)
+        self.forced_host = np.full(B, -1, np.int32)
+        self.forced = empty([B], "int32", device)
+        self.ids = empty([B, 1], "int32", device)
+        # logprobs need the counts on the host too (before each step's update)
+        self.counts_host = (np.zeros((B, V), np.int32)
+                            if penalties and ctl.logprobs is not None else None)
+
+    def __call__(self, logits: Tensor, rows: List[int]):
+        """Tokens (B,) for this step from the (B, Vp) logits (rows not in ``rows`` take
+        ``forced_host``); returns (tokens, logprob entries for ``rows``)."""
+        ctl = self.ctl
         lps: List[Optional[TokenLogprob]] = [None] * len(rows)
-        if ctl.logprobs is not None:
-            lp = _log_softmax(z)
-            k = ctl.logprobs
-            for n in range(len(rows)):
-                if k:
-                    top = np.argpartition(lp[n], self.V - k)[self.V - k:]
-                    top = top[np.argsort(-lp[n][top], kind="stable")]
-                    pairs = [(int(t), float(lp[n][t])) for t in top]
-                else:
-                    pairs = []
-                lps[n] = TokenLogprob(int(toks[n]), float(lp[n][toks[n]]), pairs)
+        if ctl.logprobs is not None and rows:
+            host = np.asarray(logits.numpy(), dtype=np.float64)[rows, : self.V]
+            lps = self._logprobs(host, rows)
+        self.forced.copy_(tensor(self.forced_host))
+        ops.sample_tokens(logits, vocab_size=self.V, temperature=ctl.temperature, top_k=ctl.top_k,
+                          top_p=ctl.top_p, frequency_penalty=ctl.frequency_penalty,
+                          presence_penalty=ctl.presence_penalty, counts=self.counts,
+                          logit_bias=self.bias, seed=self.seed, counter=self.counter,
+                          forced=self.forced, out=self.ids.view([self.B]))
+        toks = np.asarray(self.ids.numpy()).reshape(-1).astype(np.int64)
+        for b in rows:
+            if toks[b] < 0:
+                raise ValueError(f"logit_bias: row {b} has no token left to sample (every logit is "
+                                 f"-inf or the model produced non-finite logits)")
+        if self.counts_host is not None:
+            self.counts_host[rows, toks[rows]] += 1
+        for n, b in enumerate(rows):
+            if lps[n] is not None:
+                lps[n] = lps[n]._replace(token=int(toks[b]), logprob=float(lps[n].logprob[toks[b]]))
         return toks, lps
+
+    def _logprobs(self, z: np.ndarray, rows: List[int]) -> List[TokenLogprob]:
+        """Log-probabilities after bias and penalties; the chosen token's is filled in later
+        (``logprob`` holds the whole row until then)."""
+        ctl = self.ctl
+        if self.bias_host is not None:
+            z = z + self.bias_host
+        if self.counts_host is not None:
+            cnt = self.counts_host[rows]
+            z = z - (cnt * ctl.frequency_penalty + (cnt > 0) * ctl.presence_penalty)
+        with np.errstate(invalid="ignore"):
+            lp = _log_softmax(z)
+        k, out = ctl.logprobs, []
+        for n in range(len(rows)):
+            pairs = []
+            if k:
+                top = np.argpartition(lp[n], self.V - k)[self.V - k:]
+                top = top[np.argsort(-lp[n][top], kind="stable")]
+                pairs = [(int(t), float(lp[n][t])) for t in top]
+            out.append(TokenLogprob(-1, lp[n], pairs))
+        return out
 
 
 # ---- one row's progress ----------------------------------------------------------------------------
@@ -633,23 +625,22 @@ class _Generation:
             return
         m = min(r.L for r in rows)
         dec = Decoder(self.model, B, self.Lmax + N - 1)
-        sampler = _Sampler(ctl, B, self.V)
-        logits = dec.forward(np.stack([r.prompt[:m] for r in rows]))
+        sampler = _Sampler(ctl, B, self.V, dec.device)
+        logits = dec.forward_tensor(dec._ids(np.stack([r.prompt[:m] for r in rows])))
         p = m  # the position whose token is decided in this step
-        feed = np.zeros(B, np.int64)
+        forced = sampler.forced_host
         while True:
             want = [b for b, r in enumerate(rows) if not r.done and p >= r.L]
-            for b, r in enumerate(rows):
-                feed[b] = r.prompt[p] if p < r.L else 0  # forced prompt token (0: filler for done rows)
+            for b, r in enumerate(rows):  # a prompt token, -1 (sample), or 0 (filler once done)
+                forced[b] = r.prompt[p] if p < r.L else (0 if r.done else -1)
+            toks, lps = sampler(logits, want)  # also writes the next input, sampler.ids
             if want:
-                toks, lps = sampler(logits[want], want)
                 for n, b in enumerate(want):
-                    rows[b].accept(int(toks[n]), lps[n])
-                    feed[b] = toks[n]
+                    rows[b].accept(int(toks[b]), lps[n])
                 yield
             if all(r.done for r in rows):
                 return
-            logits = dec.forward(feed[:, None])
+            logits = dec.forward_tensor(sampler.ids)
             p += 1
 
     def result(self, return_lengths: bool):
@@ -847,18 +838,18 @@ def load_for_sampling(path: str, device: str = "cpu", dtype: str = "float32",
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) \
             and os.path.isdir(os.path.join(path, "checkpoint")):
         path = os.path.join(path, "checkpoint")  # a `gptcore train --out DIR` directory
-    meta_name = None
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "model.npz")):
-        from .train import load_checkpoint  # gptcore train's native format
+    from .train import is_native_v1_checkpoint, load_checkpoint, recorded_tokenizer
 
+    if os.path.isdir(path) and is_native_v1_checkpoint(path):  # written by an older gptcore train
         ck = load_checkpoint(path)
-        model = GPT(ck["config"], device=device, dtype=dtype)
+        model = GPT(ck["config"], device=device, dtype=dtype, init=False)
         model.load_state_dict(ck["model"])
-        meta_name = (ck["state"].get("data_meta") or {}).get("tokenizer")
     else:
         from .checkpoint import load_pretrained
 
         model = load_pretrained(path, device=device, dtype=dtype)
+    # a byte-level `gptcore train` run saves no vocabulary files, only its tokenizer's name
+    meta_name = recorded_tokenizer(path) if os.path.isdir(path) else None
     tok = _resolve_tokenizer(tokenizer, path, model.config.vocab_size, meta_name)
     return model, tok
 

@@ -8,9 +8,14 @@ A run writes into ``out``: ``log.jsonl`` (one JSON object per step and per evalu
 continues from that checkpoint exactly: the same batches, the same updates, the same losses
 as a run that was never interrupted. Ctrl-C stops at the next step boundary and checkpoints.
 
-Checkpoints here are gptcore's native format (a directory: config.json, model.npz, optim.npz,
-state.json); all reading and writing of it lives in :func:`save_checkpoint` and
-:func:`load_checkpoint`.
+The checkpoint is gptcore's checkpoint directory (:mod:`gptcore.checkpoint`): a transformers
+GPT-2 (or GPT-1) directory, config.json + model.safetensors, that ``transformers``,
+``gptcore sample`` and ``gptcore convert`` open as it is, plus optimizer.safetensors and
+trainer_state.json (step, data-loader position, the run's settings) for ``resume``, and the
+tokenizer's files when the data used GPT-2's BPE (a byte-level run records its tokenizer's name
+in the trainer state instead). :func:`save_checkpoint` and :func:`load_checkpoint` are the
+training loop's view of it; :func:`load_checkpoint` still reads the native format of earlier
+gptcore versions (model.npz, optim.npz, state.json), which is no longer written.
 """
 
 from __future__ import annotations
@@ -30,14 +35,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from . import checkpoint as gckpt
 from . import data as gdata
 from ._progress import Progress, format_duration
 from .config import DEMO_PRESETS, GPTConfig
 from .model import GPT
 from .optim import AdamW, lr_at
 
-__all__ = ["TrainConfig", "train", "save_checkpoint", "load_checkpoint", "generate",
-           "default_corpus_dir", "RUN_CONTROL_FIELDS"]
+__all__ = ["TrainConfig", "train", "save_checkpoint", "load_checkpoint", "is_native_v1_checkpoint",
+           "recorded_tokenizer", "generate", "default_corpus_dir", "RUN_CONTROL_FIELDS"]
 
 
 @dataclass
@@ -201,68 +207,78 @@ def default_corpus_dir(progress: bool = True, max_bytes: int = DEFAULT_CORPUS_BY
 # ---- checkpoints ----------------------------------------------------------------------------
 
 CHECKPOINT_NAME = "checkpoint"
-CHECKPOINT_FILES = ("config.json", "model.npz", "optim.npz", "state.json")
+# The native format `gptcore train` wrote before it used gptcore.checkpoint's directories. It is
+# only read (so that run directories made by earlier versions still resume and sample), never
+# written.
+_NATIVE_V1_FILES = ("config.json", "model.npz", "optim.npz", "state.json")
 
 
-def save_checkpoint(path: str, model: GPT, optimizer: Optional[AdamW], state: Dict[str, Any]) -> None:
-    """Write a checkpoint directory atomically: build it under a temporary name, then rename.
-
-    ``state`` is any JSON-serialisable dict (step, data-loader state, training config...).
-    An existing checkpoint at ``path`` is replaced only once the new one is complete.
-    """
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+def _saveable_tokenizer(tok):
+    """The run's tokenizer as one whose files a checkpoint can hold (GPT-2's BPE: a
+    gptcore.Tokenizer), or None for the byte-level tokenizer, which has no vocabulary files; a
+    byte-level checkpoint is known by the tokenizer name its trainer state keeps (data_meta)."""
     try:
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            f.write(model.config.to_json())
-        np.savez(os.path.join(tmp, "model.npz"), **model.state_dict())
-        opt_arrays, opt_state = {}, {}
-        if optimizer is not None:
-            sd = optimizer.state_dict()
-            for group in ("m", "v", "master"):
-                for name, arr in sd.pop(group, {}).items():
-                    opt_arrays[f"{group}/{name}"] = arr
-            opt_state = sd
-        np.savez(os.path.join(tmp, "optim.npz"), **opt_arrays)
-        full_state = dict(state)
-        full_state["optimizer"] = opt_state
-        full_state["format"] = "gptcore-native-1"
-        with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
-            json.dump(full_state, f, indent=2)
-        for name in CHECKPOINT_FILES:
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        from .tokenizer import Tokenizer
+    except ImportError:
+        return None
+    for candidate in (tok, getattr(tok, "_tok", None)):  # data._GPT2Adapter wraps a Tokenizer
+        if isinstance(candidate, Tokenizer):
+            return candidate
+    return None
+
+
+def save_checkpoint(path: str, model: GPT, optimizer: Optional[AdamW], state: Dict[str, Any],
+                    tokenizer=None) -> None:
+    """Write a training checkpoint with :func:`gptcore.checkpoint.save_pretrained`: the weights in
+    transformers' GPT-2/GPT-1 layout, optimizer.safetensors, trainer_state.json holding ``state``,
+    and ``tokenizer``'s files when one is given (a gptcore.Tokenizer).
+
+    ``state`` is any JSON-serialisable dict (step, data-loader state, training config...). The
+    directory is written under a temporary name, then renamed: an existing checkpoint at ``path``
+    is replaced only once the new one is complete.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"state: expected a dict, got {type(state).__name__}")
+    gckpt.save_pretrained(model, path, optimizer=optimizer, tokenizer=tokenizer,
+                          step=state.get("step"), state=state)
+    # (gptcore.checkpoint drops an old native checkpoint's model.npz/optim.npz/state.json when it
+    # replaces that directory, so a rewritten run holds only the new layout.)
+
+
+def is_native_v1_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a checkpoint directory in the old native format (model.npz...)."""
+    path = os.fspath(path)
+    return (os.path.isfile(os.path.join(path, "model.npz"))
+            and not os.path.isfile(os.path.join(path, "model.safetensors")))
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a checkpoint directory: {"config": GPTConfig, "model": {...}, "optim": {...}, "state": {...}}.
+    """Read a training checkpoint: ``{"config": GPTConfig, "model": {name: array}, "optim": dict
+    for AdamW.load_state_dict (None if none was saved), "state": {...}, "path": str}``.
 
-    Missing or damaged files raise FileNotFoundError / ValueError naming the file.
+    Reads gptcore.checkpoint's directories (those :func:`save_checkpoint` writes) and the old
+    native format. A directory with weights only (no trainer_state.json), missing or damaged
+    files raise FileNotFoundError / ValueError naming the file.
     """
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        base = os.path.basename(path)
-        olds = sorted(p for p in os.listdir(parent) if p.startswith(".old-" + base + "-")) \
-            if os.path.isdir(parent) else []
-        if olds:  # a crash between the two renames of save_checkpoint
-            path = os.path.join(parent, olds[-1])
-        else:
-            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    for name in CHECKPOINT_FILES:
+    if is_native_v1_checkpoint(path):
+        return _load_native_v1(path)
+    training = gckpt.load_training_state(path)  # also finds a copy a crash mid-save left aside
+    if training is None:
+        raise FileNotFoundError(f"checkpoint {path!r} has no trainer_state.json: it holds weights "
+                                "only, not a training run to resume")
+    config, model, _ = gckpt.read_weights(path)
+    state = dict(training["state"])
+    if training["step"] is not None:
+        state.setdefault("step", training["step"])
+    return {"config": config, "model": model, "optim": training["optimizer"], "state": state,
+            "path": path}
+
+
+def _load_native_v1(path: str) -> Dict[str, Any]:
+    """The old native format: config.json (GPTConfig), model.npz, optim.npz (m/NAME, v/NAME,
+    master/NAME) and state.json (with the optimizer's hyper-parameters under "optimizer")."""
+    for name in _NATIVE_V1_FILES:
         if not os.path.isfile(os.path.join(path, name)):
             raise FileNotFoundError(f"checkpoint {path!r} is incomplete: {name} is missing")
     try:
@@ -272,8 +288,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
             state = json.load(f)
     except (ValueError, TypeError) as e:
         raise ValueError(f"checkpoint {path!r}: damaged config.json or state.json ({e})") from None
-    if state.get("format") != "gptcore-native-1":
-        raise ValueError(f"checkpoint {path!r}: unknown format {state.get('format')!r}")
+    if not isinstance(state, dict) or state.get("format") != "gptcore-native-1":
+        raise ValueError(f"checkpoint {path!r}: state.json has an unknown format")
     try:
         with np.load(os.path.join(path, "model.npz")) as z:
             model = {k: z[k] for k in z.files}
@@ -285,6 +301,23 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"checkpoint {path!r}: damaged array file ({e})") from None
     return {"config": config, "model": model, "optim": optim, "state": state, "path": path}
+
+
+def recorded_tokenizer(path: str) -> Optional[str]:
+    """The data tokenizer's name (e.g. "byte") a `gptcore train` checkpoint recorded, or None.
+
+    Reads only the small JSON file (not the optimizer's arrays); anything unreadable gives None.
+    """
+    path = os.fspath(path)
+    name = "state.json" if is_native_v1_checkpoint(path) else "trainer_state.json"
+    try:
+        with open(os.path.join(path, name), encoding="utf-8") as f:
+            d = json.load(f)
+        state = d if name == "state.json" else d.get("state")
+        tok = (state.get("data_meta") or {}).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return tok if isinstance(tok, str) else None
 
 
 # ---- sampling ----------------------------------------------------------------------------
@@ -411,6 +444,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
     if cfg.resume:
         ckpt_path = cfg.resume if isinstance(cfg.resume, str) else os.path.join(cfg.out, CHECKPOINT_NAME)
         ckpt = load_checkpoint(ckpt_path)
+        if not ckpt["optim"] or "loader" not in ckpt["state"] or "step" not in ckpt["state"]:
+            raise ValueError(f"resume: checkpoint {ckpt_path!r} was not written by `gptcore train` "
+                             "(it has no optimizer or data-loader state to continue from)")
         saved = ckpt["state"].get("train_config", {})
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         merged = {k: v for k, v in saved.items() if k in known}
@@ -443,10 +479,10 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
         raise ValueError(f"seq_len: {seq_len} exceeds the model's block_size {model_cfg.block_size}")
     loader = gdata.BatchLoader(train_data, cfg.batch_size, seq_len, seed=cfg.seed)
 
-    # model and optimiser
-    model = GPT(model_cfg, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+    # model and optimiser (a resumed model skips the random initialisation the load overwrites)
+    model = GPT(model_cfg, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, init=ckpt is None)
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt.pop("model"))  # pop: drop the file's mapping once copied
     opt = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                 seed=cfg.seed)
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
@@ -458,6 +494,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
         loader.load_state_dict(st["loader"])
         say(f"Resumed from {ckpt['path']} at step {start_step}")
 
+    tok = _tokenizer_for(meta)
+    tok_files = _saveable_tokenizer(tok)  # GPT-2's vocabulary goes into every checkpoint
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum
     say(f"{model!r}\ndata: {data_dir} ({meta.get('tokenizer')} tokens, {train_data.total:,} train"
         f"{'' if val_data is None else f', {val_data.total:,} val'}); {cfg.steps} steps x "
@@ -478,7 +516,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
 
     def checkpoint(step: int) -> None:
         if cfg.checkpoint:
-            save_checkpoint(os.path.join(cfg.out, CHECKPOINT_NAME), model, opt, state_now(step))
+            save_checkpoint(os.path.join(cfg.out, CHECKPOINT_NAME), model, opt, state_now(step),
+                            tokenizer=tok_files)
 
     def run_eval(step: int) -> None:
         nonlocal last_val
@@ -547,7 +586,6 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
                                "stopped_early": stopped_early,
                                "elapsed": elapsed_before + time.perf_counter() - t_start}
     if not stopped_early and cfg.sample_tokens:
-        tok = _tokenizer_for(meta)
         prompt = cfg.prompt if cfg.prompt is not None else ("def " if meta.get("tokenizer") == "byte" else "\n")
         if tok is not None:
             prompt_ids = tok.encode(prompt) or [meta.get("eot_token", 0)]
