@@ -542,3 +542,18 @@ def test_generate_cuda_float32_equals_cpu(rng):
                                   generate(cpu, prompts, 12, temperature=0))
     out = generate(gpu, prompts, 12, temperature=0.8, top_p=0.9, seed=1, logprobs=2)
     assert out[0].shape == (2, 19)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_equals_eager(rng, monkeypatch):
+    """Decode steps replayed from one CUDA graph give the tokens of eager steps (same device,
+    same sampler state), for a batch with prompts of different lengths and every control."""
+    gpu = _model(seed=5, device="cuda")
+    prompts = [list(rng.integers(0, 97, size=n)) for n in (3, 9, 5)]
+    kw = dict(temperature=0.9, top_k=30, top_p=0.95, frequency_penalty=0.3, presence_penalty=0.1,
+              logit_bias={3: 1.5}, seed=7, stop=[[11, 12]])
+    graphed = generate(gpu, prompts, 20, return_lengths=True, **kw)
+    monkeypatch.setenv("GPTCORE_CUDA_GRAPHS", "0")
+    eager = generate(gpu, prompts, 20, return_lengths=True, **kw)
+    np.testing.assert_array_equal(graphed[0], eager[0])
+    np.testing.assert_array_equal(graphed[1], eager[1])

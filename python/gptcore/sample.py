@@ -151,18 +151,19 @@ class Decoder:
         out = np.asarray(logits.numpy())[:, : self.config.vocab_size]
         return np.array(out, dtype=np.float32, order="C", copy=True)  # never a view of the buffer
 
-    def forward_tensor(self, idx: Tensor, pos=None) -> Tensor:
+    def forward_tensor(self, idx: Tensor, pos_tensor: Optional[Tensor] = None) -> Tensor:
         """Like :meth:`forward`, for (B, Tn) int32 ids already on the model's device; returns the
         logits buffer (B, padded_vocab_size) itself, overwritten by the next call.
 
         Every intermediate lands in buffers allocated once (:class:`_StepBuffers`), so a
-        one-position step allocates nothing."""
+        one-position step allocates nothing. With ``pos_tensor`` (a 1-element int32 tensor on
+        the device that holds ``self.pos``) the kernels read the position from device memory
+        and the step does no host work at all: it can be captured in a CUDA graph."""
         cfg, P, eps = self.config, self.params, self.config.ln_eps
         B, Tn = idx.shape
-        if pos is None:
-            pos = self.pos
+        pos = self.pos if pos_tensor is None else pos_tensor
         H, S = cfg.n_head, self._buffers(Tn)
-        x = ops.embedding_forward(idx, P["wte"], P["wpe"].narrow(pos, Tn), out=S.x0)
+        x = ops.embedding_forward(idx, P["wte"], P["wpe"], pos, out=S.x0)
 
         def lin(x, prefix, out, gelu=False):
             w, b = P[prefix + ".weight"], P.get(prefix + ".bias")
@@ -206,7 +207,7 @@ class Decoder:
                 _, n1 = res_ln(S.scratch, xf, h + ".ln_1", S.r0, S.ln)
                 mlp(n1, i)
                 _, xf = res_ln(S.scratch, n1, h + ".ln_2", S.r1, S.out)
-        self.pos = pos + Tn
+        self.pos += Tn
         C = cfg.n_embd
         if Tn == 1:
             last = xf.view([B, C])
@@ -447,23 +448,38 @@ class _Sampler:
         if ctl.logprobs is not None and rows:
             host = np.asarray(logits.numpy(), dtype=np.float64)[rows, : self.V]
             lps = self._logprobs(host, rows)
-        self.forced.copy_(tensor(self.forced_host))
-        ops.sample_tokens(logits, vocab_size=self.V, temperature=ctl.temperature, top_k=ctl.top_k,
-                          top_p=ctl.top_p, frequency_penalty=ctl.frequency_penalty,
-                          presence_penalty=ctl.presence_penalty, counts=self.counts,
-                          logit_bias=self.bias, seed=self.seed, counter=self.counter,
-                          forced=self.forced, out=self.ids.view([self.B]))
-        toks = np.asarray(self.ids.numpy()).reshape(-1).astype(np.int64)
-        for b in rows:
-            if toks[b] < 0:
-                raise ValueError(f"logit_bias: row {b} has no token left to sample (every logit is "
-                                 f"-inf or the model produced non-finite logits)")
+        self.upload_forced()
+        self.draw(logits)
+        toks = self.read(rows)
         if self.counts_host is not None:
             self.counts_host[rows, toks[rows]] += 1
         for n, b in enumerate(rows):
             if lps[n] is not None:
                 lps[n] = lps[n]._replace(token=int(toks[b]), logprob=float(lps[n].logprob[toks[b]]))
         return toks, lps
+
+    def upload_forced(self) -> None:
+        """forced_host -> the device (outside a captured step: a host copy)."""
+        self.forced.copy_(tensor(self.forced_host))
+
+    def draw(self, logits: Tensor) -> None:
+        """The device part: tokens into ``ids``, counts and counters advanced (capturable)."""
+        ctl = self.ctl
+        ops.sample_tokens(logits, vocab_size=self.V, temperature=ctl.temperature, top_k=ctl.top_k,
+                          top_p=ctl.top_p, frequency_penalty=ctl.frequency_penalty,
+                          presence_penalty=ctl.presence_penalty, counts=self.counts,
+                          logit_bias=self.bias, seed=self.seed, counter=self.counter,
+                          forced=self.forced, out=self.ids.view([self.B]))
+
+    def read(self, rows: List[int]) -> np.ndarray:
+        """The chosen tokens (B,) on the host; a row in ``rows`` that had nothing to sample
+        raises."""
+        toks = np.asarray(self.ids.numpy()).reshape(-1).astype(np.int64)
+        for b in rows:
+            if toks[b] < 0:
+                raise ValueError(f"logit_bias: row {b} has no token left to sample (every logit is "
+                                 f"-inf or the model produced non-finite logits)")
+        return toks
 
     def _logprobs(self, z: np.ndarray, rows: List[int]) -> List[TokenLogprob]:
         """Log-probabilities after bias and penalties; the chosen token's is filled in later
@@ -485,6 +501,49 @@ class _Sampler:
                 pairs = [(int(t), float(lp[n][t])) for t in top]
             out.append(TokenLogprob(-1, lp[n], pairs))
         return out
+
+
+class _GraphStep:
+    """The decode step -- the decoder's forward over the B tokens in ``sampler.ids`` at the
+    current position, then the sampler's draw writing the next tokens back into ``sampler.ids``
+    -- captured once as a CUDA graph and replayed every step: one launch instead of about six
+    per layer, and no Python in between. Per step the host only writes the position and the
+    forced tokens into device buffers and reads the B chosen tokens back.
+
+    The first step runs eagerly (its results are used) with the same buffers and the device
+    position, which also fills gptcore's memory cache with the scratch the kernels take; the
+    capture right after it records the same launches (capturing runs nothing)."""
+
+    def __init__(self, dec: Decoder, sampler: _Sampler):
+        from . import cuda
+
+        self.dec, self.sampler = dec, sampler
+        self.graph = cuda.Graph()
+        self.pos = empty([1], "int32", dec.device)
+
+    def _launches(self) -> None:
+        logits = self.dec.forward_tensor(self.sampler.ids, pos_tensor=self.pos)
+        self.sampler.draw(logits)
+
+    def __call__(self, rows: List[int]) -> np.ndarray:
+        self.sampler.upload_forced()
+        self.pos.copy_(tensor(np.array([self.dec.pos], np.int32)))
+        if self.graph.captured:
+            self.graph.replay()
+            self.dec.pos += 1
+        else:
+            self._launches()  # eager: advances dec.pos
+            with self.graph.capture():
+                self._launches()
+            self.dec.pos -= 1  # the capture did not run: undo its bookkeeping
+        return self.sampler.read(rows)
+
+
+def _use_cuda_graphs(dec: Decoder, ctl: _Controls) -> bool:
+    """Decode steps replay a CUDA graph on a GPU unless logprobs need the logits on the host
+    between forward and draw, or GPTCORE_CUDA_GRAPHS=0 turns graphs off."""
+    return (dec.device != "cpu" and ctl.logprobs is None
+            and os.environ.get("GPTCORE_CUDA_GRAPHS", "1") != "0")
 
 
 # ---- one row's progress ----------------------------------------------------------------------------
@@ -627,20 +686,24 @@ class _Generation:
         dec = Decoder(self.model, B, self.Lmax + N - 1)
         sampler = _Sampler(ctl, B, self.V, dec.device)
         logits = dec.forward_tensor(dec._ids(np.stack([r.prompt[:m] for r in rows])))
+        graph = _GraphStep(dec, sampler) if _use_cuda_graphs(dec, ctl) else None
         p = m  # the position whose token is decided in this step
         forced = sampler.forced_host
         while True:
             want = [b for b, r in enumerate(rows) if not r.done and p >= r.L]
             for b, r in enumerate(rows):  # a prompt token, -1 (sample), or 0 (filler once done)
                 forced[b] = r.prompt[p] if p < r.L else (0 if r.done else -1)
-            toks, lps = sampler(logits, want)  # also writes the next input, sampler.ids
+            if logits is None:  # forward and draw in one replayed graph
+                toks, lps = graph(want), [None] * len(want)
+            else:
+                toks, lps = sampler(logits, want)  # also writes the next input, sampler.ids
             if want:
                 for n, b in enumerate(want):
                     rows[b].accept(int(toks[b]), lps[n])
                 yield
             if all(r.done for r in rows):
                 return
-            logits = dec.forward_tensor(sampler.ids)
+            logits = None if graph is not None else dec.forward_tensor(sampler.ids)
             p += 1
 
     def result(self, return_lengths: bool):
