@@ -227,11 +227,12 @@ def test_layernorm_backward(rng, dtype, shape, with_residual):
 # ---- linear ------------------------------------------------------------------------------------
 
 # (rows, K, M): tails of every tile, misaligned K (element-wise loads), aligned shapes
-# (cp.async), and one shape with enough 128x128 tiles to take the big-tile kernel. Up to 8
-# rows take the few-rows (decode) kernel: 1, 2, 3, 5, 8 rows cover its 1/2/4/8-row variants,
-# with vector loads (K % 8 == 0) and without; 9 rows is the first tile-kernel size.
+# (cp.async), and one shape with enough 128x128 tiles to take the big-tile kernel. Up to 32
+# rows take the few-rows (decode) kernel: 1, 2, 3, 5, 8, 13, 32 rows cover its 1/2/4/8/16/32-row
+# variants, with vector loads (K % 8 == 0) and without; 33 rows is the first tile-kernel size.
 LINEAR_SHAPES = [(1, 8, 8), (5, 37, 29), (130, 64, 72), (67, 200, 136), (1536, 96, 1536),
-                 (1, 768, 2304), (2, 200, 33), (3, 37, 70), (8, 1024, 129), (9, 64, 40)]
+                 (1, 768, 2304), (2, 200, 33), (3, 37, 70), (8, 1024, 129), (13, 64, 40),
+                 (32, 768, 200), (33, 64, 40)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

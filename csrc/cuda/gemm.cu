@@ -487,7 +487,9 @@ __global__ void gelu_backward_kernel(T* g, const T* dout, const T* pre, int64_t 
 // row in 16-byte vectors (evict-first: it is read once) and dot it with every activation row
 // (a few KB, served from L1/L2), then lane 0 adds the bias and applies GELU (writing the
 // pre-activation too). out_features warps keep enough loads in flight to approach bandwidth.
-constexpr int kFewRowsMax = 8;
+// Up to 32 rows (a batch of 32 sequences): each weight vector is then reused 32 times from
+// registers while the activation rows stream from L1.
+constexpr int kFewRowsMax = 32;
 
 template <typename T, int ROWS, bool VEC>
 __global__ void __launch_bounds__(256)
@@ -565,6 +567,8 @@ void linear_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias, 
   if (rows == 1) launch_few_rows<T, 1>(x.data<T>(), weight.data<T>(), b, out.data<T>(), pr, rows, M, K, gelu);
   else if (rows == 2) launch_few_rows<T, 2>(x.data<T>(), weight.data<T>(), b, out.data<T>(), pr, rows, M, K, gelu);
   else if (rows <= 4) launch_few_rows<T, 4>(x.data<T>(), weight.data<T>(), b, out.data<T>(), pr, rows, M, K, gelu);
+  else if (rows <= 8) launch_few_rows<T, 8>(x.data<T>(), weight.data<T>(), b, out.data<T>(), pr, rows, M, K, gelu);
+  else if (rows <= 16) launch_few_rows<T, 16>(x.data<T>(), weight.data<T>(), b, out.data<T>(), pr, rows, M, K, gelu);
   else launch_few_rows<T, kFewRowsMax>(x.data<T>(), weight.data<T>(), b, out.data<T>(), pr, rows, M, K, gelu);
 }
 
