@@ -53,6 +53,7 @@ import bisect
 import math
 import os
 import sys
+import warnings
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -528,14 +529,22 @@ class _GraphStep:
     def __call__(self, rows: List[int]) -> np.ndarray:
         self.sampler.upload_forced()
         self.pos.copy_(tensor(np.array([self.dec.pos], np.int32)))
-        if self.graph.captured:
+        if self.graph is not None and self.graph.captured:
             self.graph.replay()
             self.dec.pos += 1
         else:
             self._launches()  # eager: advances dec.pos
-            with self.graph.capture():
-                self._launches()
-            self.dec.pos -= 1  # the capture did not run: undo its bookkeeping
+            if self.graph is not None:
+                pos = self.dec.pos
+                try:
+                    with self.graph.capture():
+                        self._launches()
+                except RuntimeError as e:  # e.g. a kernel's scratch not in the cache: stay eager
+                    warnings.warn(f"generate: CUDA graph capture failed, decoding without graphs "
+                                  f"({e})", RuntimeWarning, stacklevel=3)
+                    self.graph = None
+                finally:
+                    self.dec.pos = pos  # the capture ran nothing: undo its bookkeeping
         return self.sampler.read(rows)
 
 
