@@ -307,8 +307,27 @@ def bench_sample_tokens(rng, quick, W, R):
     return rows
 
 
+def bench_generate(rng, quick, W, R):
+    """GPT-2 124M bf16 decode throughput of gptcore.generate() (greedy, prompt 16, every step a
+    replayed CUDA graph: forward + device sampling) beside the plain PyTorch KV-cache loop, at
+    batch 1 and 32 (the issue's targets: 3,000 and 40,000 tokens/s). Uses bench_generate.py."""
+    import bench_generate as bg
+
+    model = bg.make_model("cuda")
+    steps = 32 if quick else 128
+    rows = []
+    for B in (1, 32):
+        ours = bg.rate(bg.gptcore_generate_fn(model, B, steps), B * steps, "cuda", rounds=3)
+        theirs = None
+        if HAVE_TORCH:
+            theirs = bg.rate(bg.torch_stepper(model, B, steps, "cuda"), B * steps, "cuda", rounds=3)
+        rows.append((f"generate() GPT-2 124M bf16 B{B}", "tok/s", ours, theirs,
+                     bg.TARGETS[("cuda", B)], ""))
+    return rows
+
+
 BENCHES = [bench_copy, bench_gemm_peak, bench_linear, bench_attention, bench_layernorm,
-           bench_cross_entropy, bench_adamw, bench_training, bench_sample_tokens]
+           bench_cross_entropy, bench_adamw, bench_training, bench_sample_tokens, bench_generate]
 
 
 def main(argv=None) -> int:
