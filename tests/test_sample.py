@@ -114,6 +114,11 @@ def test_decoder_checks_its_bounds(model):
         dec.forward(np.full((2, 1), 97))
     with pytest.raises(ValueError, match="max_len"):
         Decoder(model, 1, model.config.block_size + 1)
+    assert dec.pos == 0  # nothing ran
+    with pytest.raises(ValueError, match="one position"):
+        dec.forward_tensor(gptcore.tensor(np.zeros((2, 3), np.int32)))
+    assert dec.forward_tensor(gptcore.tensor(np.zeros((2, 3), np.int32)), head=False) is None
+    assert dec.pos == 3
 
 
 # ---- greedy, seeds, batches ----------------------------------------------------------------------

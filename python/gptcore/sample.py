@@ -148,13 +148,26 @@ class Decoder:
 
     def forward(self, tokens) -> np.ndarray:
         """Feed (B, Tn) tokens; returns the last position's logits, float32 (B, vocab_size)."""
-        logits = self.forward_tensor(self._ids(tokens))
+        logits = self.prefill(tokens)
         out = np.asarray(logits.numpy())[:, : self.config.vocab_size]
         return np.array(out, dtype=np.float32, order="C", copy=True)  # never a view of the buffer
 
-    def forward_tensor(self, idx: Tensor, pos_tensor: Optional[Tensor] = None) -> Tensor:
-        """Like :meth:`forward`, for (B, Tn) int32 ids already on the model's device; returns the
-        logits buffer (B, padded_vocab_size) itself, overwritten by the next call.
+    def prefill(self, tokens) -> Tensor:
+        """Feed (B, Tn) host tokens; returns the logits buffer (B, padded_vocab_size) of the last
+        position. All but the last position go through the blocks in one pass without the LM
+        head; the last one is then fed as a one-position step, so its hidden state is already
+        (B, C) for the head -- no gather of the last position of each row."""
+        arr = np.asarray(tokens)
+        self._ids(arr)  # checks the whole block before anything runs
+        if arr.shape[1] > 1:
+            self.forward_tensor(self._ids(arr[:, :-1]), head=False)
+        return self.forward_tensor(self._ids(arr[:, -1:]))
+
+    def forward_tensor(self, idx: Tensor, pos_tensor: Optional[Tensor] = None,
+                       head: bool = True) -> Optional[Tensor]:
+        """Feed (B, Tn) int32 ids already on the model's device. With ``head`` (one position
+        only) returns the logits buffer (B, padded_vocab_size) itself, overwritten by the next
+        call; without, only the caches are filled and None is returned.
 
         Every intermediate lands in buffers allocated once (:class:`_StepBuffers`), so a
         one-position step allocates nothing. With ``pos_tensor`` (a 1-element int32 tensor on
@@ -162,6 +175,9 @@ class Decoder:
         and the step does no host work at all: it can be captured in a CUDA graph."""
         cfg, P, eps = self.config, self.params, self.config.ln_eps
         B, Tn = idx.shape
+        if head and Tn != 1:
+            raise ValueError(f"idx: the LM head runs on one position; got {Tn} (use prefill(), "
+                             f"or head=False)")
         pos = self.pos if pos_tensor is None else pos_tensor
         H, S = cfg.n_head, self._buffers(Tn)
         x = ops.embedding_forward(idx, P["wte"], P["wpe"], pos, out=S.x0)
@@ -199,7 +215,8 @@ class Decoder:
                 attend(S.ln, i)
                 res, _ = res_ln(S.scratch, res, h + ".ln_2", S.r1, S.ln)
                 mlp(S.ln, i)
-            _, xf = res_ln(S.scratch, res, "ln_f", S.r0, S.ln)
+            if head:  # the final LayerNorm only feeds the head
+                _, xf = res_ln(S.scratch, res, "ln_f", S.r0, S.ln)
         else:  # GPT-1: x = LN(x + attn(x)); x = LN(x + mlp(x))
             xf = x
             for i in range(cfg.n_layer):
@@ -209,14 +226,9 @@ class Decoder:
                 mlp(n1, i)
                 _, xf = res_ln(S.scratch, n1, h + ".ln_2", S.r1, S.out)
         self.pos += Tn
-        C = cfg.n_embd
-        if Tn == 1:
-            last = xf.view([B, C])
-        elif B == 1:  # the last row, without a copy
-            last = xf.view([Tn, C]).narrow(Tn - 1, 1)
-        else:  # the last position of every row, through the host (prefill only)
-            host = np.ascontiguousarray(np.asarray(xf.numpy())[:, -1, :], dtype=np.float32)
-            last = tensor(host, device=self.device, dtype=self.dtype)
+        if not head:
+            return None
+        last = xf.view([B, cfg.n_embd])
         return ops.linear_forward(last, P["wte"], None, out=self.logits)[0]  # tied head
 
 
@@ -694,7 +706,7 @@ class _Generation:
         m = min(r.L for r in rows)
         dec = Decoder(self.model, B, self.Lmax + N - 1)
         sampler = _Sampler(ctl, B, self.V, dec.device)
-        logits = dec.forward_tensor(dec._ids(np.stack([r.prompt[:m] for r in rows])))
+        logits = dec.prefill(np.stack([r.prompt[:m] for r in rows]))
         graph = _GraphStep(dec, sampler) if _use_cuda_graphs(dec, ctl) else None
         p = m  # the position whose token is decided in this step
         forced = sampler.forced_host
