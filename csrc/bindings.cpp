@@ -308,6 +308,7 @@ CuPy or JAX without a copy.
 #ifdef GPTCORE_WITH_CUDA
   mc.attr("compiled") = true;
   mc.def("device_count", &cuda::device_count);
+  mc.def("unavailable_reason", &cuda::unavailable_reason);
   mc.def("set_stream", [](uintptr_t s) { cuda::set_stream(s); }, py::arg("stream"));
   mc.def("current_stream", &cuda::current_stream);
   mc.def("synchronize", &cuda::synchronize, py::call_guard<py::gil_scoped_release>());
@@ -327,6 +328,8 @@ CuPy or JAX without a copy.
 #else
   mc.attr("compiled") = false;
   mc.def("device_count", []() { return 0; });
+  mc.def("unavailable_reason",
+         []() { return std::string("this gptcore build has no CUDA support (rebuild with nvcc)"); });
   mc.def("capturing", []() { return false; });
 #endif
 

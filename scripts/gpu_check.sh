@@ -71,7 +71,7 @@ if [ $build_rc -ne 0 ]; then
   echo "gpu_check: BUILD FAILED"
   exit 1
 fi
-"$PY" -c "import gptcore; print('cuda compiled:', gptcore.cuda.is_compiled(), '| devices:', gptcore.cuda.device_count())"
+"$PY" -c "import gptcore; print('cuda compiled:', gptcore.cuda.is_compiled(), '| devices:', gptcore.cuda.device_count(), gptcore.cuda.unavailable_reason())"
 
 step "gpu tests"
 cd "$ROOT"

@@ -20,8 +20,7 @@ import gptcore
 def pytest_collection_modifyitems(config, items):
     if gptcore.cuda.is_available():
         return
-    why = ("no CUDA GPU available" if gptcore.cuda.is_compiled()
-           else "this gptcore build has no CUDA support")
+    why = gptcore.cuda.unavailable_reason() or "no CUDA GPU available"
     skip_gpu = pytest.mark.skip(reason=f"gpu test: {why}")
     for item in items:
         if "gpu" in item.keywords:

@@ -117,7 +117,8 @@ def test_stream_setting():
         assert gptcore.cuda.current_stream() == s.cuda_stream
         x = np.arange(4096, dtype=np.float32)
         t = gptcore.tensor(x, device="cuda")
-        out, _, _ = ops.layernorm_forward(t, np.ones(4096, np.float32), np.zeros(4096, np.float32))
+        out, _, _ = ops.layernorm_forward(t, dev(np.ones(4096, np.float32)),
+                                          dev(np.zeros(4096, np.float32)))
         gptcore.cuda.synchronize()
         assert np.isfinite(out.numpy()).all()
     finally:
@@ -380,6 +381,25 @@ def test_cross_entropy(rng, dtype, shape, inplace):
     # forward only
     l2 = ops.cross_entropy_forward(dev(logits, dtype), dev(targets.astype(np.int32)), V)
     check(host(l2), rl, 1e-5, "losses (forward only)", rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_with_banned_logits(rng, dtype):
+    """-inf logits take no probability; a thread whose first values are all -inf must not turn
+    the row's sum into NaN (-inf - -inf)."""
+    N, V = 4, 5000
+    logits = rounded(rng.randn(N, V, scale=2.0), dtype)
+    logits[0, :4096] = -np.inf
+    logits[1, rng.choice(V, 2500, replace=False)] = -np.inf
+    targets = np.array([4500, 0, 3, 1])
+    logits[1, 0] = 0.5
+    losses, dlogits = ops.cross_entropy_forward_backward(dev(logits, dtype), dev(targets),
+                                                         grad_scale=1.0)
+    check(host(losses), ref.cross_entropy_forward(logits, targets), 1e-5 if dtype == "float32" else 1e-2,
+          "losses with -inf", rng)
+    check(host(dlogits), ref.cross_entropy_backward(logits, targets, grad_scale=1.0), TOL[dtype],
+          "dlogits with -inf", rng)
+    assert np.isfinite(host(dlogits)).all()
 
 
 # ---- optimiser ---------------------------------------------------------------------------------

@@ -333,6 +333,24 @@ def test_cross_entropy_batched_and_ignore_index(rng):
           ref.cross_entropy_backward(f64(flat_l), flat_t, ignore_index=-100), rng)
 
 
+def test_cross_entropy_with_banned_logits(rng):
+    """-inf logits (banned tokens) take no probability: whole 256-wide blocks of them at the
+    start of a row, scattered ones, and a row where only the target is finite."""
+    N, V = 5, 700
+    logits = rng.randn(N, V, scale=2.0)
+    logits[0, :512] = -np.inf  # two full blocks before any finite value
+    logits[1, rng.choice(V, 300, replace=False)] = -np.inf
+    logits[2, :] = -np.inf
+    targets = np.array([600, 0, 3, 1, 2])
+    logits[1, 0] = 0.5  # the target itself stays finite
+    logits[2, 3] = 1.0
+    losses, dlogits = ops.cross_entropy_forward_backward(logits, targets)
+    check("ce losses with -inf", losses, ref.cross_entropy_forward(f64(logits), targets), rng)
+    check("ce dlogits with -inf", dlogits, ref.cross_entropy_backward(f64(logits), targets), rng)
+    assert np.isfinite(np.asarray(dlogits)).all()
+    assert abs(float(np.asarray(losses)[2])) < 1e-6  # the only finite logit: loss 0
+
+
 def test_cross_entropy_all_ignored(rng):
     logits = rng.randn(4, 10)
     targets = np.full(4, -1, np.int64)
@@ -389,6 +407,26 @@ def test_adamw_decay_flag(rng):
                    weight_decay=0.5, decay=[True, False])
     np.testing.assert_allclose(p[0], p0[0] * (1 - 0.1 * 0.5), rtol=1e-6)
     np.testing.assert_array_equal(p[1], p0[1])
+
+
+def test_adamw_with_master_weights_updates_the_master(rng):
+    """With master= the update runs on the float32 master and the parameter gets its copy, as
+    on CUDA (on the CPU parameters are float32, so the copy is exact)."""
+    shapes = [(37, 8), (5000,)]
+    hp = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    params = [rng.randn(*s) for s in shapes]
+    master = [p.copy() for p in params]
+    m = [np.zeros(s, np.float32) for s in shapes]
+    v = [np.zeros(s, np.float32) for s in shapes]
+    state = [(f64(p), np.zeros(s), np.zeros(s)) for p, s in zip(params, shapes)]
+    for step in range(1, 4):
+        grads = [rng.randn(*s) for s in shapes]
+        ops.adamw_step(params, grads, m, v, step=step, master=master, **hp)
+        state = [ref.adamw_step(p, f64(g), mm, vv, step=step, **hp)
+                 for (p, mm, vv), g in zip(state, grads)]
+        for i, (p_r, _, _) in enumerate(state):
+            check(f"adamw master[{i}] step {step}", master[i], p_r, rng)
+            np.testing.assert_array_equal(params[i], master[i])
 
 
 def test_global_norm(rng):

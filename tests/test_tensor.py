@@ -314,6 +314,11 @@ def test_cuda_flags():
     if not gptcore.cuda.is_compiled():
         assert gptcore.cuda.device_count() == 0
         assert gptcore.cuda.current_stream() == 0
+    # why CUDA cannot be used is said exactly when it cannot
+    reason = gptcore.cuda.unavailable_reason()
+    assert isinstance(reason, str) and (reason == "") == gptcore.cuda.is_available()
+    if not gptcore.cuda.is_compiled():
+        assert "no CUDA support" in reason
 
 
 def test_cuda_request_without_gpu_raises():

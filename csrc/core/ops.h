@@ -83,8 +83,8 @@ namespace gptcore {
   /* One AdamW step over a list of tensors (one launch per family where the backend can).    \
      g = grad * grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;                        \
      p -= lr * (mhat / (sqrt(vhat) + eps) + wd_i * p), wd_i = weight_decay if decay[i] else 0,  \
-     mhat = m / (1-b1^step), vhat = v / (1-b2^step). With master weights (bf16 params) the     \
-     update runs on the fp32 master and the param receives its stochastically rounded copy. */ \
+     mhat = m / (1-b1^step), vhat = v / (1-b2^step). With master weights (fp32 copies) the     \
+     update runs on the master and the param receives its copy (stochastically rounded bf16). */ \
   void adamw_step(std::vector<Tensor>& params, const std::vector<Tensor>& grads,               \
                   std::vector<Tensor>& m, std::vector<Tensor>& v,                              \
                   std::vector<Tensor>& master, const std::vector<bool>& decay, float lr,       \
@@ -114,6 +114,7 @@ GPTCORE_BACKEND_OPS
 
 // ---- runtime (csrc/cuda/runtime.cu) -----------------------------------------------------
 int device_count();  // 0 when there is no driver or no GPU
+std::string unavailable_reason();  // why device_count() is 0 ("" when it is not)
 void* malloc_cached(size_t nbytes, int device);  // caching allocator
 void free_cached(void* ptr);
 void empty_cache();

@@ -2,6 +2,7 @@
 // element, with the clipping scale (grad_scale) and the bias corrections folded into the same
 // loop. All tensors of the step share one parallel region: each thread updates its slice of
 // every tensor, so a 12-tensor step costs one fork/join instead of twelve.
+#include <algorithm>
 #include <cmath>
 
 #include "core/ops.h"
@@ -38,7 +39,8 @@ void adamw_step(std::vector<Tensor>& params, const std::vector<Tensor>& grads,
                 std::vector<Tensor>& m, std::vector<Tensor>& v, std::vector<Tensor>& master,
                 const std::vector<bool>& decay, float lr, float beta1, float beta2, float eps,
                 float weight_decay, int64_t step, float grad_scale, uint64_t seed) {
-  (void)master;  // CPU parameters are float32: no master copy
+  // CPU parameters are float32, so a master copy (if one is passed) holds the same values: the
+  // update runs on it, as on CUDA, and the parameter receives an exact copy.
   (void)seed;
   const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
   const double bc2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
@@ -52,10 +54,12 @@ void adamw_step(std::vector<Tensor>& params, const std::vector<Tensor>& grads,
     for (size_t t = 0; t < params.size(); ++t) {
       int64_t i0, i1;
       thread_range(params[t].numel(), tid, nt, 16, &i0, &i1);
-      if (i1 > i0)
-        adamw_update(params[t].data<float>() + i0, grads[t].data<float>() + i0,
-                     m[t].data<float>() + i0, v[t].data<float>() + i0, i1 - i0,
-                     decay[t] ? weight_decay : 0.f, h);
+      if (i1 <= i0) continue;
+      float* target = (master.empty() ? params[t] : master[t]).data<float>() + i0;
+      adamw_update(target, grads[t].data<float>() + i0, m[t].data<float>() + i0,
+                   v[t].data<float>() + i0, i1 - i0, decay[t] ? weight_decay : 0.f, h);
+      if (!master.empty())
+        std::copy(target, target + (i1 - i0), params[t].data<float>() + i0);
     }
   }
 }

@@ -22,6 +22,8 @@ float row_logsumexp(const float* x, int64_t V) {
     float bm = -INFINITY;
 #pragma omp simd reduction(max : bm)
     for (int64_t j = j0; j < j1; ++j) bm = max_f(bm, x[j]);
+    if (bm == -INFINITY) continue;  // a block of banned (-inf) logits adds nothing (and
+                                    // -inf - -inf would be NaN while m is still -inf)
     if (bm > m) {
       l *= fast_exp(m - bm);
       m = bm;

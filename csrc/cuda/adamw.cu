@@ -83,7 +83,9 @@ void launch_group(const std::vector<size_t>& ids, std::vector<Tensor>& params,
     AdamTable tab{};
     int64_t chunks = 0;
     tab.count = 0;
-    for (size_t k = first; k < ids.size() && tab.count < kMaxTensorsPerLaunch; ++k) {
+    // k stays below first + kMaxTensorsPerLaunch: with empty tensors skipped, a count-only
+    // bound would run into the next launch's range and update those tensors twice.
+    for (size_t k = first; k < ids.size() && k < first + kMaxTensorsPerLaunch; ++k) {
       const size_t i = ids[k];
       const int64_t n = params[i].numel();
       if (n == 0) continue;
@@ -118,8 +120,9 @@ void adamw_step(std::vector<Tensor>& params, const std::vector<Tensor>& grads,
   h.beta1 = beta1;
   h.beta2 = beta2;
   h.eps = eps;
-  h.bc1 = 1.0f - static_cast<float>(std::pow(static_cast<double>(beta1), step));
-  h.bc2 = 1.0f - static_cast<float>(std::pow(static_cast<double>(beta2), step));
+  // 1 - beta^step in double, rounded once (as the CPU): 1.0f - float(0.999) loses ~1e-5.
+  h.bc1 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step)));
+  h.bc2 = static_cast<float>(1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step)));
   h.grad_scale = grad_scale;
   h.seed = seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(step) * 0xD1B54A32D192ED03ull;
 

@@ -53,9 +53,12 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(float* __restrict__
         s *= __expf(m - pm);
         m = pm;
       }
+      // m == -inf means every value seen so far is -inf: they add 0 (and -inf - -inf = NaN).
+      if (m != -INFINITY) {
 #pragma unroll
-      for (int e = 0; e < P; ++e)
-        if (pk * P + e < V) s += __expf(v.f(e) - m);
+        for (int e = 0; e < P; ++e)
+          if (pk * P + e < V) s += __expf(v.f(e) - m);
+      }
     }
   } else {
     for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
@@ -64,7 +67,7 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(float* __restrict__
         s *= __expf(m - v);
         m = v;
       }
-      s += __expf(v - m);
+      if (m != -INFINITY) s += __expf(v - m);  // a -inf logit before any finite one adds 0
     }
   }
   const float row_max = block_max(m, red);

@@ -56,7 +56,9 @@ void launch_sumsq(const std::vector<const Tensor*>& ts, float* partial, int64_t&
   for (size_t first = 0; first < ts.size(); first += kMaxTensorsPerLaunch) {
     NormTable tab{};
     int64_t chunks = 0;
-    for (size_t k = first; k < ts.size() && tab.count < kMaxTensorsPerLaunch; ++k) {
+    // k stays below first + kMaxTensorsPerLaunch (not just count): with empty tensors
+    // skipped, the count bound would reach into the next launch's range and count them twice.
+    for (size_t k = first; k < ts.size() && k < first + kMaxTensorsPerLaunch; ++k) {
       const int64_t n = ts[k]->numel();
       if (n == 0) continue;
       const int c = tab.count++;

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <string>
 #include <map>
 #include <mutex>
 #include <type_traits>
@@ -33,19 +34,38 @@ namespace gptcore {
 namespace cuda {
 
 // ---- devices --------------------------------------------------------------------------------
-int device_count() {
-  // Statically linked cudart: without a driver or GPU this returns an error, which means 0.
-  static const int count = [] {
-    int n = 0;
-    const cudaError_t err = cudaGetDeviceCount(&n);
+namespace {
+// cudaGetDeviceCount's answer, asked once: the count, or 0 and why (no driver, a driver older
+// than this statically linked runtime needs, no device...).
+struct DeviceQuery {
+  int count = 0;
+  std::string reason;
+};
+
+const DeviceQuery& device_query() {
+  static const DeviceQuery q = [] {
+    DeviceQuery r;
+    const cudaError_t err = cudaGetDeviceCount(&r.count);
     if (err != cudaSuccess) {
       (void)cudaGetLastError();
-      return 0;
+      r.count = 0;
+      r.reason = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+      if (err == cudaErrorInsufficientDriver)
+        r.reason += " (gptcore was built with CUDA " + std::to_string(CUDART_VERSION / 1000) + "." +
+                    std::to_string(CUDART_VERSION % 1000 / 10) +
+                    "; update the driver or build with an older toolkit)";
+    } else if (r.count == 0) {
+      r.reason = "the driver reports no CUDA device";
     }
-    return n;
+    return r;
   }();
-  return count;
+  return q;
 }
+}  // namespace
+
+int device_count() { return device_query().count; }
+
+std::string unavailable_reason() { return device_query().reason; }
 
 const cudaDeviceProp& device_props() {
   static std::mutex mu;

@@ -18,6 +18,12 @@ def device_count() -> int:
     return int(_cuda.device_count())
 
 
+def unavailable_reason() -> str:
+    """Why :func:`is_available` is False ("" when it is True): no CUDA support in this build,
+    no driver, a driver too old for the CUDA runtime gptcore was built with, or no device."""
+    return str(_cuda.unavailable_reason())
+
+
 def is_available() -> bool:
     """True when CUDA kernels are compiled in and at least one GPU can run them."""
     return is_compiled() and device_count() > 0

@@ -318,8 +318,8 @@ def adamw_step(params: Sequence, grads: Sequence, m: Sequence, v: Sequence, *, l
     corrections ``mhat = m / (1 - b1^step)``, ``vhat = v / (1 - b2^step)`` and
     ``wd_i = weight_decay if decay[i] else 0`` (decoupled weight decay; ``decay`` defaults to
     all True). m and v are float32. ``step`` counts from 1. With ``master`` (float32 copies of
-    bfloat16 params, CUDA) the update runs on the master and params get a stochastically
-    rounded bf16 copy seeded by ``seed``.
+    the params; needed for bfloat16 params) the update runs on the master and params get an
+    exact copy (float32) or a stochastically rounded bf16 copy seeded by ``seed``.
     """
     n = len(params)
     decay = [True] * n if decay is None else [bool(d) for d in decay]
