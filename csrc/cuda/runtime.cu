@@ -205,6 +205,14 @@ class CachingAllocator {
     cached_ += blk.size;
   }
 
+  // Freed while someone else's capture (e.g. torch.cuda.graph) records gptcore's stream: that
+  // graph may write the block at every replay and gptcore cannot know when it dies, so the
+  // block is never reused or released (a deliberate, bounded leak: scratch of the captured ops).
+  void retire(void* p) {
+    std::lock_guard<std::mutex> lock(mu_);
+    live_.erase(p);
+  }
+
   uint64_t new_pool() {
     std::lock_guard<std::mutex> lock(mu_);
     const uint64_t id = ++last_pool_;
@@ -321,7 +329,11 @@ void* malloc_cached(size_t nbytes, int device) {
 }
 
 void free_cached(void* ptr) {
-  if (ptr) allocator().free(ptr, t_capture_pool);
+  if (!ptr) return;
+  if (t_capture_pool == 0 && device_count() > 0 && is_capturing(stream()))
+    allocator().retire(ptr);  // a caller's capture: see CachingAllocator::retire
+  else
+    allocator().free(ptr, t_capture_pool);
 }
 
 void empty_cache() {
