@@ -173,6 +173,7 @@ void forward_impl(Tensor& out, const Tensor& idx, const Tensor& wte, const Tenso
   const bool vec = C % P == 0 && aligned16(out.raw()) && aligned16(wte.raw()) && aligned16(wpe.raw());
   const bool i64 = idx.dtype() == DType::int64;
   const int64_t work = N * (vec ? C / P : C);
+  if (work == 0) return;  // C == 0 (dispatch allows an empty width): a 0-block launch is an error
   const unsigned blocks = ceil_div(work, 256);
   const int64_t n_pos = wpe.size(0);
   if (vec)
@@ -192,6 +193,7 @@ void backward_impl(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor&
   const int64_t N = B * T_;
   const bool i64 = idx.dtype() == DType::int64;
   const int dev = idx.device().index;
+  if (C == 0) return;  // nothing to add, and a 0-block dwpe launch would be an error
 
   embedding_dwpe_kernel<T><<<ceil_div(T_ * C, 256), 256, 0, stream()>>>(dwpe.data<T>(),
                                                                         dout.data<T>(), B, T_, C);
