@@ -51,9 +51,11 @@ const DeviceQuery& device_query() {
       r.count = 0;
       r.reason = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
       if (err == cudaErrorInsufficientDriver)
-        r.reason += " (gptcore was built with CUDA " + std::to_string(CUDART_VERSION / 1000) + "." +
+        r.reason += " (no NVIDIA driver, or one too old for the CUDA " +
+                    std::to_string(CUDART_VERSION / 1000) + "." +
                     std::to_string(CUDART_VERSION % 1000 / 10) +
-                    "; update the driver or build with an older toolkit)";
+                    " runtime gptcore was built with: update the driver or build with an older "
+                    "toolkit)";
     } else if (r.count == 0) {
       r.reason = "the driver reports no CUDA device";
     }
