@@ -88,9 +88,10 @@ void dlpack_versioned_capsule_destructor(PyObject* cap) {
   if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
     auto* m = static_cast<GcDLManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"));
     if (m && m->deleter) m->deleter(m);
-  } else {
-    PyErr_Clear();
   }
+  // No PyErr_Clear() here (there was one): PyCapsule_IsValid sets no error, and a capsule is
+  // often freed while an exception propagates (a temporary argument of a call that raised);
+  // clearing it then turned that exception into "SystemError: error return without exception set".
 }
 
 void dlpack_capsule_destructor(PyObject* cap) {
@@ -98,9 +99,8 @@ void dlpack_capsule_destructor(PyObject* cap) {
   if (PyCapsule_IsValid(cap, "dltensor")) {
     auto* m = static_cast<GcDLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
     if (m && m->deleter) m->deleter(m);
-  } else {
-    PyErr_Clear();
   }
+  // (no PyErr_Clear: see dlpack_versioned_capsule_destructor)
 }
 
 py::object to_dlpack_capsule(const Tensor& t, bool versioned) {
@@ -239,14 +239,36 @@ CuPy or JAX without a copy.
              py::object copy) {
             if (!copy.is_none() && copy.cast<bool>())
               throw py::buffer_error("gptcore: __dlpack__(copy=True) is not supported");
+            // dl_device asks for the data on a given device; gptcore never copies here, so a
+            // request for another device than the tensor's is refused (array API: BufferError).
+            if (!dl_device.is_none()) {
+              auto want = dl_device.cast<py::tuple>();
+              const int own_type = t.is_cuda() ? int(kGcDLCUDA) : int(kGcDLCPU);
+              const int own_id = t.is_cuda() ? t.device().index : 0;
+              if (want.size() != 2 || want[0].cast<int>() != own_type ||
+                  want[1].cast<int>() != own_id)
+                throw py::buffer_error("gptcore: __dlpack__(dl_device=...) asks for another device "
+                                       "than the tensor's (" + t.device().str() +
+                                       "); move it with .to() first");
+            }
 #ifdef GPTCORE_WITH_CUDA
-            if (t.is_cuda() && !stream.is_none() && stream.cast<int64_t>() != -1 &&
-                static_cast<uintptr_t>(stream.cast<int64_t>()) != cuda::current_stream()) {
-              py::gil_scoped_release nogil;
-              cuda::synchronize();  // the consumer's stream then sees finished data
+            // The consumer's stream, per the array-API DLPack protocol: None means the legacy
+            // default stream (DLPack's 1, gptcore's 0; a 0 from the consumer is read the same
+            // way), 2 the per-thread default stream, -1 "do not synchronise", larger values a
+            // cudaStream_t. (Before: None never synchronised, so a consumer on the legacy
+            // stream could read unfinished data when gptcore runs on a stream of its own, and 1
+            // always synchronised even though it is the very stream gptcore's 0 names.)
+            if (t.is_cuda()) {
+              const int64_t s = stream.is_none() ? 1 : stream.cast<int64_t>();
+              const uintptr_t ours = cuda::current_stream();
+              const bool same = (s == 0 || s == 1) ? ours == 0
+                                                    : (s > 2 && static_cast<uintptr_t>(s) == ours);
+              if (s != -1 && !same) {
+                py::gil_scoped_release nogil;
+                cuda::synchronize();  // the consumer's stream then sees finished data
+              }
             }
 #endif
-            (void)dl_device;
             bool versioned = false;
             if (!max_version.is_none()) {
               auto mv = max_version.cast<py::tuple>();

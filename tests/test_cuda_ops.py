@@ -135,6 +135,21 @@ def test_cached_allocator_reuses_blocks():
     assert b.data_ptr() == ptr  # the freed block comes back, no cudaMalloc
 
 
+def test_dlpack_export_of_a_cuda_tensor(rng):
+    # The array-API stream values: None (legacy default), 1 (legacy), 2 (per-thread), -1 (no
+    # synchronisation) all hand back a zero-copy capsule of finished data; asking for another
+    # device than the tensor's is refused with BufferError (gptcore does not copy there).
+    x = rng.randn(1000)
+    t = gptcore.tensor(x, device="cuda")
+    assert t.__dlpack_device__() == (2, 0)
+    for stream in (None, 1, 2, -1):
+        u = gptcore.from_dlpack(t.__dlpack__(stream=stream, dl_device=(2, 0)))
+        assert u.data_ptr() == t.data_ptr() and u.device == "cuda:0"
+        np.testing.assert_array_equal(u.numpy(), x)
+    with pytest.raises(BufferError, match="another device"):
+        t.__dlpack__(dl_device=(1, 0))
+
+
 # ---- embedding ---------------------------------------------------------------------------------
 
 

@@ -344,3 +344,17 @@ def test_bad_device_and_dtype_names():
         gptcore.zeros((2,), dtype="complex64")
     with pytest.raises(TypeError, match="data"):
         gptcore.tensor(np.array([1 + 2j]))
+
+
+def test_freeing_a_consumed_dlpack_capsule_keeps_a_pending_exception():
+    """A consumed capsule freed while an exception propagates must not clear it (Python would
+    then report a SystemError instead of the real error)."""
+    t = gptcore.tensor(np.ones(3, np.float32))
+
+    def consumed():
+        cap = t.__dlpack__()
+        gptcore._C.from_dlpack_capsule(cap)
+        return cap
+
+    with pytest.raises(TypeError):
+        len(consumed())
