@@ -164,7 +164,10 @@ GPU_CASES = CASES + [
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
 @pytest.mark.parametrize("B, Tn, H, D, Tmax, pos, window", GPU_CASES)
-def test_kvcache_cuda(rng, dtype, tol, B, Tn, H, D, Tmax, pos, window):
+@pytest.mark.parametrize("pos_kind", ["int", "device"])
+def test_kvcache_cuda(rng, dtype, tol, B, Tn, H, D, Tmax, pos, window, pos_kind):
+    """pos as an int, or in a device tensor (the launch is then sized for Tmax keys and the
+    kernel splits the real ones): the result equals the reference at every position."""
     C = H * D
     qkv = gptcore.tensor(rng.randn(B, Tn, 3 * C), device="cuda", dtype=dtype)
     kc = gptcore.tensor(rng.randn(B, H, Tmax, D), device="cuda", dtype=dtype)
@@ -172,9 +175,10 @@ def test_kvcache_cuda(rng, dtype, tol, B, Tn, H, D, Tmax, pos, window):
     # the reference sees exactly the (bf16-rounded) values the kernel sees
     q_h, k_h, v_h = (np.asarray(t.numpy(), np.float64) for t in (qkv, kc, vc))
     out_r, k_r, v_r = ref.attention_kvcache(q_h, k_h, v_h, pos, H, window)
-    out = ops.attention_kvcache(qkv, kc, vc, pos, H, window)
+    p = pos if pos_kind == "int" else gptcore.tensor(np.array([pos], np.int32), device="cuda")
+    out = ops.attention_kvcache(qkv, kc, vc, p, H, window)
     assert out.shape == (B, Tn, C) and out.dtype == dtype and out.device.startswith("cuda")
-    _check(f"cuda {dtype} out", out.numpy(), out_r, rng, tol=tol)
+    _check(f"cuda {dtype} out ({pos_kind} pos)", out.numpy(), out_r, rng, tol=tol)
     np.testing.assert_array_equal(np.asarray(kc.numpy(), np.float64), k_r)
     np.testing.assert_array_equal(np.asarray(vc.numpy(), np.float64), v_r)
 
@@ -234,25 +238,6 @@ def test_kvcache_pos_tensor_overlapping_outputs_is_refused():
     k_np = np.zeros((2, 2, 8, 4), np.float32)
     with pytest.raises(ValueError, match="pos"):
         ops.attention_kvcache(qkv, k_np, vc, k_np.reshape(-1)[:1].view(np.int32), 2)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
-@pytest.mark.parametrize("B, Tn, H, D, Tmax, pos, window", GPU_CASES)
-def test_kvcache_cuda_device_pos(rng, dtype, tol, B, Tn, H, D, Tmax, pos, window):
-    """A device position sizes the launch for Tmax keys and splits the real ones in the kernel:
-    the result must equal the reference at every position, split or not."""
-    C = H * D
-    qkv = gptcore.tensor(rng.randn(B, Tn, 3 * C), device="cuda", dtype=dtype)
-    kc = gptcore.tensor(rng.randn(B, H, Tmax, D), device="cuda", dtype=dtype)
-    vc = gptcore.tensor(rng.randn(B, H, Tmax, D), device="cuda", dtype=dtype)
-    q_h, k_h, v_h = (np.asarray(t.numpy(), np.float64) for t in (qkv, kc, vc))
-    out_r, k_r, v_r = ref.attention_kvcache(q_h, k_h, v_h, pos, H, window)
-    p = gptcore.tensor(np.array([pos], np.int32), device="cuda")
-    out = ops.attention_kvcache(qkv, kc, vc, p, H, window)
-    _check(f"cuda {dtype} out (device pos)", out.numpy(), out_r, rng, tol=tol)
-    np.testing.assert_array_equal(np.asarray(kc.numpy(), np.float64), k_r)
-    np.testing.assert_array_equal(np.asarray(vc.numpy(), np.float64), v_r)
 
 
 @pytest.mark.gpu

@@ -303,11 +303,6 @@ class GPT:
     def _dln_bias(self, name: str) -> Tensor:
         return self._grads[name] if self.config.bias else self._scratch_dbias
 
-    def _lin(self, x, prefix, gelu=False):
-        P = self._params
-        b = P.get(prefix + ".bias")
-        return ops.linear_forward(x, P[prefix + ".weight"], b, gelu=gelu)
-
     def _workspace(self, B: int, T: int) -> "_Workspace":
         """The activation buffers for a (B, T) batch, allocated on first use and kept (the two
         most recently used shapes, so a training shape and an evaluation shape coexist)."""
@@ -330,8 +325,9 @@ class GPT:
         x0 = ops.embedding_forward(idx_t, P["wte"], P["wpe"], out=ws.x0)
         scratch = ws.scratch  # c_proj outputs, consumed by the next fused residual+LN
 
-        def lin(x, prefix, out):
-            return ops.linear_forward(x, P[prefix + ".weight"], P.get(prefix + ".bias"), out=out)
+        def lin(x, prefix, out, gelu=False):
+            return ops.linear_forward(x, P[prefix + ".weight"], P.get(prefix + ".bias"),
+                                      gelu=gelu, out=out)
 
         if cfg.prenorm:
             for i, A in enumerate(ws.layers):
@@ -349,9 +345,7 @@ class GPT:
                 ops.residual_layernorm_forward(
                     scratch, A["res"], P[h + ".ln_2.weight"], self._ln_bias(h + ".ln_2.bias"), eps,
                     out=(A["res_mid"], A["ln2"], A["m2"], A["r2"]))
-                lin_gelu = P.get(h + ".mlp.c_fc.bias")
-                ops.linear_forward(A["ln2"], P[h + ".mlp.c_fc.weight"], lin_gelu, gelu=True,
-                                   out=(A["fc"], A["fc_pre"]))
+                lin(A["ln2"], h + ".mlp.c_fc", (A["fc"], A["fc_pre"]), gelu=True)
                 lin(A["fc"], h + ".mlp.c_proj", scratch)
             F = ws.final
             ops.residual_layernorm_forward(scratch, ws.layers[-1]["res_mid"], P["ln_f.weight"],
@@ -368,8 +362,7 @@ class GPT:
                 ops.residual_layernorm_forward(
                     scratch, x, P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias"), eps,
                     out=(A["s1"], A["n1"], A["m1"], A["r1"]))
-                ops.linear_forward(A["n1"], P[h + ".mlp.c_fc.weight"], P.get(h + ".mlp.c_fc.bias"),
-                                   gelu=True, out=(A["fc"], A["fc_pre"]))
+                lin(A["n1"], h + ".mlp.c_fc", (A["fc"], A["fc_pre"]), gelu=True)
                 lin(A["fc"], h + ".mlp.c_proj", scratch)
                 ops.residual_layernorm_forward(
                     scratch, A["n1"], P[h + ".ln_2.weight"], self._ln_bias(h + ".ln_2.bias"), eps,

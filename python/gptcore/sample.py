@@ -114,7 +114,8 @@ class Decoder:
         """Start over at position 0 (the caches are reused)."""
         self.pos = 0
 
-    def _ids(self, tokens) -> Tensor:
+    def _checked_ids(self, tokens) -> np.ndarray:
+        """(B, Tn) host token ids, validated against the vocabulary and the cache, as int32."""
         arr = np.asarray(tokens)
         if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"tokens: expected integer token ids, got dtype {arr.dtype}")
@@ -128,7 +129,10 @@ class Decoder:
         if self.pos + Tn > self.max_len:
             raise ValueError(f"tokens: {Tn} more positions after {self.pos} exceed the cache's "
                              f"{self.max_len}")
-        host = tensor(np.ascontiguousarray(arr, dtype=np.int32))
+        return arr.astype(np.int32, copy=False)
+
+    def _upload(self, ids: np.ndarray) -> Tensor:
+        host = tensor(np.ascontiguousarray(ids))
         return host if self.device == "cpu" else host.to(device=self.device)
 
     def _ln_bias(self, name: str) -> Tensor:
@@ -157,11 +161,10 @@ class Decoder:
         position. All but the last position go through the blocks in one pass without the LM
         head; the last one is then fed as a one-position step, so its hidden state is already
         (B, C) for the head -- no gather of the last position of each row."""
-        arr = np.asarray(tokens)
-        self._ids(arr)  # checks the whole block before anything runs
+        arr = self._checked_ids(tokens)  # the whole block, before anything runs
         if arr.shape[1] > 1:
-            self.forward_tensor(self._ids(arr[:, :-1]), head=False)
-        return self.forward_tensor(self._ids(arr[:, -1:]))
+            self.forward_tensor(self._upload(arr[:, :-1]), head=False)
+        return self.forward_tensor(self._upload(arr[:, -1:]))
 
     def forward_tensor(self, idx: Tensor, pos_tensor: Optional[Tensor] = None,
                        head: bool = True) -> Optional[Tensor]:
