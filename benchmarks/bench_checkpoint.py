@@ -30,9 +30,11 @@ import time
 import numpy as np
 import pytest
 
-from gptcore import checkpoint as ck
-from gptcore.config import GPTConfig
-from gptcore.model import GPT
+from gptcore import io as ck
+from gptcore.io.pretrained import _model_state
+from gptcore.io.safetensors import _parallel_copy
+from gptcore.models import GPTConfig
+from gptcore.models import GPT
 
 
 def drop_cache(path: str) -> None:
@@ -53,7 +55,7 @@ def materialise(path: str) -> int:
     """read_weights + the loader's copy of every tensor into fresh float32 buffers."""
     cfg, state, _ = ck.read_weights(path)
     pairs = [(np.empty(arr.shape, np.float32), arr) for arr in state.values()]
-    ck._parallel_copy(pairs)
+    _parallel_copy(pairs)
     return sum(d.nbytes for d, _ in pairs)
 
 
@@ -64,7 +66,7 @@ def make_checkpoint(preset: str, directory: str):
     ck.save_pretrained(model, os.path.join(directory, "ckpt"))
     save_s = time.perf_counter() - t
     t = time.perf_counter()
-    ck.write_llmc_model(os.path.join(directory, "model.bin"), cfg, ck._model_state(model))
+    ck.write_llmc_model(os.path.join(directory, "model.bin"), cfg, _model_state(model))
     llmc_save_s = time.perf_counter() - t
     return cfg, save_s, llmc_save_s
 

@@ -34,9 +34,10 @@ import numpy as np
 import pytest
 
 import gptcore
-from gptcore.config import GPTConfig
-from gptcore.model import GPT
-from gptcore.sample import Decoder, generate
+from gptcore.models import GPTConfig
+from gptcore.models import GPT
+from gptcore.generate import generate
+from gptcore.models.kvcache import Decoder
 
 PROMPT = 16
 TARGETS = {("cpu", 1): "torch CPU loop", ("cuda", 1): 3000, ("cuda", 32): 40000}

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import gptcore
-from gptcore.config import GPTConfig
-from gptcore.model import GPT
+from gptcore.models import GPTConfig
+from gptcore.models import GPT
 from gptcore.optim import AdamW
 
 B, T = 4, 64
@@ -64,7 +64,7 @@ def test_gpt2_124m_train_step_cpu(benchmark, gpt2_step):
 
 
 def profile(preset: str, batch: int, seq: int, steps: int) -> None:
-    import gptcore.model as gm
+    import gptcore.models.gpt as gm
     import gptcore.optim as go
     from gptcore import ops
 

@@ -16,10 +16,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from gptcore import checkpoint as ck
-from gptcore.checkpoint import CheckpointError
-from gptcore.config import GPTConfig
-from gptcore.model import GPT
+from gptcore import io as ck
+from gptcore.io import hf as ck_hf, pretrained as ck_pretrained, vocab as vocab_mod
+from gptcore.io import CheckpointError
+from gptcore.models import GPTConfig
+from gptcore.models import GPT
 
 
 def tiny(**kw) -> GPTConfig:
@@ -250,7 +251,7 @@ def test_staged_copy_path(tmp_path, rng, monkeypatch):
     cfg = tiny(vocab_size=77)
     model = randomised(cfg, rng)
     ck.save_pretrained(model, tmp_path / "a")
-    monkeypatch.setattr(ck, "_host_view", lambda p: None)
+    monkeypatch.setattr(ck_pretrained, "_host_view", lambda p: None)
     back = ck.load_pretrained(tmp_path / "a")
     x = ids(rng, cfg)
     assert np.array_equal(back(x), model(x)), rng
@@ -336,7 +337,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, rng, monkeypatch):
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "_write_safetensors", boom)
+    monkeypatch.setattr(ck_hf, "_write_safetensors", boom)
     with pytest.raises(OSError, match="disk full"):
         ck.save_pretrained(second, target)
     monkeypatch.undo()
@@ -473,7 +474,7 @@ def test_nothing_is_built_from_a_bad_checkpoint(tmp_path, monkeypatch):
     _rewrite(tmp_path / "m" / "model.safetensors",
              lambda a: {k: v for k, v in a.items() if "ln_f" not in k})
     built = []
-    monkeypatch.setattr(ck, "_gpt_class", lambda: built.append(1))
+    monkeypatch.setattr(ck_pretrained, "_gpt_class", lambda: built.append(1))
     with pytest.raises(CheckpointError, match="ln_f"):
         ck.load_pretrained(tmp_path / "m")
     assert built == []
@@ -640,7 +641,7 @@ def test_llmc_tokenizer_roundtrip_and_merges(tmp_path, rng):
     assert back.tokens == tokens and back.eot_token == vocab.eot_token
     ck.convert(tmp_path / "tok.bin", tmp_path / "tokdir")
     lines = (tmp_path / "tokdir" / "merges.txt").read_text(encoding="utf-8").splitlines()
-    b2u = ck._B2U
+    b2u = vocab_mod._B2U
     assert lines[1:] == ["".join(b2u[c] for c in a) + " " + "".join(b2u[c] for c in b) for a, b in merges]
     ck.convert(tmp_path / "tokdir", tmp_path / "tok2.bin")
     assert (tmp_path / "tok2.bin").read_bytes() == (tmp_path / "tok.bin").read_bytes()
@@ -786,6 +787,10 @@ def test_gptcore_checkpoint_opens_in_transformers(tmp_path, rng, hf, gpt1):
     assert rel(_hf_logits(hf, theirs, x), model(x)) < 1e-4, rng
 
 
+# transformers' GPT-2 keeps these (in, out) (its Conv1D); llm.c and gptcore keep (out, in)
+_CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
 def test_llmc_file_from_transformers_weights(tmp_path, rng, hf):
     """An llm.c file made as llm.c's train_gpt2.py makes it (transformers' weights, Conv1D
     transposed, vocabulary padded) gives transformers' logits in gptcore, and gptcore writes
@@ -793,7 +798,7 @@ def test_llmc_file_from_transformers_weights(tmp_path, rng, hf):
     ref = _hf_model(hf, False, int(rng.integers(1 << 30)))
     sd = {k.replace("transformer.", ""): v.numpy() for k, v in ref.state_dict().items()}
     state = {("wte" if k == "wte.weight" else "wpe" if k == "wpe.weight" else k):
-             (v.T if k.endswith(ck._CONV1D) else v)
+             (v.T if k.endswith(_CONV1D_WEIGHTS) else v)
              for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     state.pop("lm_head.weight", None)
     cfg = tiny()

@@ -14,8 +14,8 @@ import pytest
 
 import gptcore
 from gptcore import reference as R
-from gptcore.config import GPTConfig
-from gptcore.model import GPT
+from gptcore.models import GPTConfig
+from gptcore.models import GPT
 
 
 # ---- a float64 reference GPT ------------------------------------------------------------------

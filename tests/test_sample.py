@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 import gptcore
-from gptcore import sample
-from gptcore.config import GPTConfig
-from gptcore.model import GPT
-from gptcore.sample import PAD, Decoder, complete, generate
+from gptcore.cli import sample
+from gptcore.models import GPTConfig
+from gptcore.models import GPT
+from gptcore.generate import PAD, complete, filtered_distribution, generate
+from gptcore.models.kvcache import Decoder
 
 
 def _model(seed=0, device="cpu", dtype="float32", **over):
@@ -241,9 +242,9 @@ def test_sampling_matches_reference_distribution(model, rng, temperature, top_k,
 def test_filtered_distribution_matches_reference(rng):
     logits = rng.standard_normal(500) * 3
     for t, k, p in [(1.0, None, None), (0.5, 10, None), (2.0, None, 0.3), (1.0, 50, 0.9)]:
-        got = sample.filtered_distribution(logits, t, k, p)
+        got = filtered_distribution(logits, t, k, p)
         np.testing.assert_allclose(got, _reference_distribution(logits, t, k, p), rtol=1e-10, atol=1e-15)
-    greedy = sample.filtered_distribution(logits, 0.0)
+    greedy = filtered_distribution(logits, 0.0)
     assert greedy[np.argmax(logits)] == 1.0 and greedy.sum() == 1.0
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from gptcore import data as gd
 from gptcore import reference as R
-from gptcore.config import GPTConfig
-from gptcore.model import GPT
+from gptcore.models import GPTConfig
+from gptcore.models import GPT
 from gptcore.optim import AdamW, cosine_lr, linear_lr, lr_at
 from gptcore.train import TrainConfig, generate, load_checkpoint, save_checkpoint, train
 
@@ -232,7 +232,7 @@ def test_trainer_rejects_bad_settings(corpus, tmp_path):
 
 
 def test_default_corpus_comes_from_the_standard_library(tmp_path, monkeypatch):
-    from gptcore import train as gt
+    from gptcore.train import corpus as gt
 
     monkeypatch.setenv("GPTCORE_CACHE", str(tmp_path / "cache"))
     files = gt._stdlib_files(300_000)
@@ -266,8 +266,8 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(corpus, tmp_p
 
 
 def test_train_checkpoint_opens_with_load_pretrained_and_sample(corpus, tmp_path, rng):
-    from gptcore import checkpoint as ck
-    from gptcore import sample
+    from gptcore import io as ck
+    from gptcore.cli import sample
 
     res = train(run_cfg(corpus, tmp_path / "r", steps=4, eval_every=0))
     d = tmp_path / "r" / "checkpoint"
@@ -303,8 +303,8 @@ def test_train_checkpoint_opens_in_transformers(corpus, tmp_path, rng):
 
 
 def test_gpt2_tokenized_run_saves_its_vocabulary(tmp_path):
-    from gptcore import checkpoint as ck
-    from gptcore import sample
+    from gptcore import io as ck
+    from gptcore.cli import sample
 
     try:
         gpt2 = gd.get_tokenizer("gpt2")
@@ -342,7 +342,7 @@ def _write_native_v1(path, ck):
 def test_old_native_checkpoint_still_resumes_exactly_and_samples(corpus, tmp_path, rng):
     import shutil
 
-    from gptcore import sample
+    from gptcore.cli import sample
 
     full = train(run_cfg(corpus, tmp_path / "a", steps=6))
     part = train(run_cfg(corpus, tmp_path / "b", steps=6, stop_after=3))
@@ -365,7 +365,7 @@ def test_old_native_checkpoint_still_resumes_exactly_and_samples(corpus, tmp_pat
 def test_bfloat16_cuda_checkpoint_round_trips_exactly(corpus, tmp_path):
     """A bf16 run's checkpoint holds its bf16 weights as BF16 (exactly) and the fp32 master
     weights and moments next to them; resuming from it continues the run."""
-    from gptcore import checkpoint as ck
+    from gptcore import io as ck
 
     part = train(run_cfg(corpus, tmp_path / "b", steps=6, stop_after=3, device="cuda",
                          dtype="bfloat16"))

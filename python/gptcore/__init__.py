@@ -27,14 +27,13 @@ __all__ = [
     "ops", "reference", "set_num_threads", "tensor", "Tokenizer", "zeros",
 ]
 
-# ---- generation: text in, text out (gptcore.sample) ----
-from .sample import complete  # noqa: E402
+# ---- generation: text in, text out (gptcore.generate) ----
+from .generate import complete  # noqa: E402
 
 __all__ += ["complete"]
 
-# ---- model, optimiser and schedules (gptcore.config, .model, .optim) ----
-from .config import GPTConfig  # noqa: E402
-from .model import GPT  # noqa: E402
+# ---- model, optimiser and schedules (gptcore.models, gptcore.optim) ----
+from .models import GPT, GPTConfig  # noqa: E402
 from .optim import AdamW, cosine_lr, linear_lr  # noqa: E402
 
 __all__ += ["GPTConfig", "GPT", "AdamW", "cosine_lr", "linear_lr"]

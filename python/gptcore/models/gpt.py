@@ -31,10 +31,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from . import cuda as _cuda
-from . import ops
+from .. import cuda as _cuda
+from .. import ops
 from .config import GPTConfig
-from .tensor import Tensor, _dtype_name, empty, from_numpy, zeros
+from ..tensor import Tensor, _dtype_name, empty, from_numpy, zeros
 
 __all__ = ["GPT"]
 
@@ -165,20 +165,20 @@ class GPT:
 
     def save_pretrained(self, path, **kwargs) -> None:
         """Save in transformers' GPT-2 (or GPT-1) layout; see gptcore.checkpoint.save_pretrained."""
-        from .checkpoint import save_pretrained
+        from ..io.pretrained import save_pretrained
 
         save_pretrained(self, path, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path, device: str = "cpu", dtype="float32") -> "GPT":
         """Load a gptcore/transformers GPT-2 or GPT-1 directory, or an llm.c model .bin."""
-        from .checkpoint import load_pretrained
+        from ..io.pretrained import load_pretrained
 
         return load_pretrained(path, device=device, dtype=dtype)
 
     def generate(self, idx, max_new_tokens, **kwargs):
         """KV-cache sampling with GPT-3's completion controls; see gptcore.sample.generate."""
-        from .sample import generate
+        from ..generate import generate
 
         return generate(self, idx, max_new_tokens, **kwargs)
 

@@ -18,32 +18,27 @@ training loop's view of it; :func:`load_checkpoint` still reads the native forma
 gptcore versions (model.npz, optim.npz, state.json), which is no longer written.
 """
 
-from __future__ import annotations
-
-import dataclasses
-import hashlib
-import json
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import checkpoint as gckpt
-from . import data as gdata
-from ._progress import Progress, format_duration
-from .config import DEMO_PRESETS, GPTConfig
-from .model import GPT
-from .optim import AdamW, lr_at
+from .. import data as gdata
+from .._progress import Progress, format_duration
+from ..models.config import DEMO_PRESETS, GPTConfig
+from ..models.gpt import GPT
+from ..optim import AdamW, lr_at
+import dataclasses
+import json
+from .checkpoint import CHECKPOINT_NAME, _saveable_tokenizer, load_checkpoint, save_checkpoint
+from .corpus import default_corpus_dir
 
-__all__ = ["TrainConfig", "train", "save_checkpoint", "load_checkpoint", "is_native_v1_checkpoint",
-           "recorded_tokenizer", "generate", "default_corpus_dir", "RUN_CONTROL_FIELDS"]
+__all__ = ["TrainConfig", "train", "evaluate", "generate", "RUN_CONTROL_FIELDS"]
 
 
 @dataclass
@@ -117,209 +112,6 @@ def _check_train_config(cfg: TrainConfig) -> None:
     GPTConfig.preset(cfg.preset)  # an unknown preset fails here, before any data work
 
 
-# ---- the default corpus -------------------------------------------------------------------
-
-DEFAULT_CORPUS_BYTES = 4_000_000
-
-
-def _stdlib_files(max_bytes: int) -> List[str]:
-    """A deterministic few-MB subset of the running Python's standard-library sources."""
-    root = os.path.dirname(os.__file__)
-    candidates = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        parts = rel_dir.split(os.sep)
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages",
-                                                                "__pycache__", "test", "tests",
-                                                                "idle_test", "lib2to3"))
-        if any(p.startswith(".") for p in parts if p != "."):
-            continue
-        for fn in sorted(filenames):
-            if fn.endswith(".py"):
-                path = os.path.join(dirpath, fn)
-                rel = os.path.relpath(path, root).replace(os.sep, "/")
-                candidates.append((hashlib.sha1(rel.encode()).hexdigest(), path))
-    candidates.sort()  # a fixed pseudo-random order: a mix of modules, not one package
-    chosen, total = [], 0
-    for _, path in candidates:
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            continue
-        if size < 200 or size > 400_000:
-            continue
-        chosen.append(path)
-        total += size
-        if total >= max_bytes:
-            break
-    if not chosen:
-        raise RuntimeError(f"no Python sources found under {root!r} for the default corpus; "
-                           "pass --data DIR (see `gptcore prepare`)")
-    return chosen
-
-
-def _cache_root() -> str:
-    env = os.environ.get("GPTCORE_CACHE")
-    if env:
-        return env
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(xdg, "gptcore")
-
-
-def default_corpus_dir(progress: bool = True, max_bytes: int = DEFAULT_CORPUS_BYTES) -> str:
-    """Prepare (once) and return the demo data: stdlib sources, byte-level tokens."""
-    files = _stdlib_files(max_bytes)
-    key = hashlib.sha1()
-    for f in files:
-        key.update(f.encode())
-        key.update(str(os.path.getsize(f)).encode())
-    name = f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}-byte-{key.hexdigest()[:10]}"
-    for root in (_cache_root(), os.path.join(tempfile.gettempdir(), "gptcore-cache")):
-        out = os.path.join(root, name)
-        try:
-            gdata.load_meta(out)
-            if gdata.shard_paths(out, "train") and gdata.shard_paths(out, "val"):
-                return out
-        except (OSError, ValueError):
-            pass
-        try:
-            os.makedirs(root, exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=".tmp-" + name, dir=root)
-        except OSError:
-            continue  # not writable: try the next place
-        try:
-            if progress:
-                print(f"Preparing the default corpus: {len(files)} files of Python's standard "
-                      f"library ({sum(os.path.getsize(f) for f in files) / 1e6:.1f} MB) -> {out}",
-                      flush=True)
-            gdata.prepare(files, tmp, val_fraction=0.05, tokenizer="byte", progress=progress)
-            if os.path.exists(out):
-                shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
-        return out
-    raise RuntimeError("could not write the default corpus to any cache directory; "
-                       "set GPTCORE_CACHE to a writable directory")
-
-
-# ---- checkpoints ----------------------------------------------------------------------------
-
-CHECKPOINT_NAME = "checkpoint"
-# The native format `gptcore train` wrote before it used gptcore.checkpoint's directories. It is
-# only read (so that run directories made by earlier versions still resume and sample), never
-# written.
-_NATIVE_V1_FILES = ("config.json", "model.npz", "optim.npz", "state.json")
-
-
-def _saveable_tokenizer(tok):
-    """The run's tokenizer as one whose files a checkpoint can hold (GPT-2's BPE: a
-    gptcore.Tokenizer), or None for the byte-level tokenizer, which has no vocabulary files; a
-    byte-level checkpoint is known by the tokenizer name its trainer state keeps (data_meta)."""
-    try:
-        from .tokenizer import Tokenizer
-    except ImportError:
-        return None
-    for candidate in (tok, getattr(tok, "_tok", None)):  # data._GPT2Adapter wraps a Tokenizer
-        if isinstance(candidate, Tokenizer):
-            return candidate
-    return None
-
-
-def save_checkpoint(path: str, model: GPT, optimizer: Optional[AdamW], state: Dict[str, Any],
-                    tokenizer=None) -> None:
-    """Write a training checkpoint with :func:`gptcore.checkpoint.save_pretrained`: the weights in
-    transformers' GPT-2/GPT-1 layout, optimizer.safetensors, trainer_state.json holding ``state``,
-    and ``tokenizer``'s files when one is given (a gptcore.Tokenizer).
-
-    ``state`` is any JSON-serialisable dict (step, data-loader state, training config...). The
-    directory is written under a temporary name, then renamed: an existing checkpoint at ``path``
-    is replaced only once the new one is complete.
-    """
-    if not isinstance(state, dict):
-        raise TypeError(f"state: expected a dict, got {type(state).__name__}")
-    gckpt.save_pretrained(model, path, optimizer=optimizer, tokenizer=tokenizer,
-                          step=state.get("step"), state=state)
-    # (gptcore.checkpoint drops an old native checkpoint's model.npz/optim.npz/state.json when it
-    # replaces that directory, so a rewritten run holds only the new layout.)
-
-
-def is_native_v1_checkpoint(path: str) -> bool:
-    """Whether ``path`` is a checkpoint directory in the old native format (model.npz...)."""
-    path = os.fspath(path)
-    return (os.path.isfile(os.path.join(path, "model.npz"))
-            and not os.path.isfile(os.path.join(path, "model.safetensors")))
-
-
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a training checkpoint: ``{"config": GPTConfig, "model": {name: array}, "optim": dict
-    for AdamW.load_state_dict (None if none was saved), "state": {...}, "path": str}``.
-
-    Reads gptcore.checkpoint's directories (those :func:`save_checkpoint` writes) and the old
-    native format. A directory with weights only (no trainer_state.json), missing or damaged
-    files raise FileNotFoundError / ValueError naming the file.
-    """
-    path = os.fspath(path)
-    if is_native_v1_checkpoint(path):
-        return _load_native_v1(path)
-    training = gckpt.load_training_state(path)  # also finds a copy a crash mid-save left aside
-    if training is None:
-        raise FileNotFoundError(f"checkpoint {path!r} has no trainer_state.json: it holds weights "
-                                "only, not a training run to resume")
-    config, model, _ = gckpt.read_weights(path)
-    state = dict(training["state"])
-    if training["step"] is not None:
-        state.setdefault("step", training["step"])
-    return {"config": config, "model": model, "optim": training["optimizer"], "state": state,
-            "path": path}
-
-
-def _load_native_v1(path: str) -> Dict[str, Any]:
-    """The old native format: config.json (GPTConfig), model.npz, optim.npz (m/NAME, v/NAME,
-    master/NAME) and state.json (with the optimizer's hyper-parameters under "optimizer")."""
-    for name in _NATIVE_V1_FILES:
-        if not os.path.isfile(os.path.join(path, name)):
-            raise FileNotFoundError(f"checkpoint {path!r} is incomplete: {name} is missing")
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            config = GPTConfig.from_dict(json.load(f))
-        with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-            state = json.load(f)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"checkpoint {path!r}: damaged config.json or state.json ({e})") from None
-    if not isinstance(state, dict) or state.get("format") != "gptcore-native-1":
-        raise ValueError(f"checkpoint {path!r}: state.json has an unknown format")
-    try:
-        with np.load(os.path.join(path, "model.npz")) as z:
-            model = {k: z[k] for k in z.files}
-        optim: Dict[str, Any] = dict(state.get("optimizer", {}))
-        with np.load(os.path.join(path, "optim.npz")) as z:
-            for key in z.files:
-                group, name = key.split("/", 1)
-                optim.setdefault(group, {})[name] = z[key]
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"checkpoint {path!r}: damaged array file ({e})") from None
-    return {"config": config, "model": model, "optim": optim, "state": state, "path": path}
-
-
-def recorded_tokenizer(path: str) -> Optional[str]:
-    """The data tokenizer's name (e.g. "byte") a `gptcore train` checkpoint recorded, or None.
-
-    Reads only the small JSON file (not the optimizer's arrays); anything unreadable gives None.
-    """
-    path = os.fspath(path)
-    name = "state.json" if is_native_v1_checkpoint(path) else "trainer_state.json"
-    try:
-        with open(os.path.join(path, name), encoding="utf-8") as f:
-            d = json.load(f)
-        state = d if name == "state.json" else d.get("state")
-        tok = (state.get("data_meta") or {}).get("tokenizer")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return tok if isinstance(tok, str) else None
-
-
 # ---- sampling ----------------------------------------------------------------------------
 
 
@@ -361,7 +153,7 @@ def _sample(model: GPT, prompt_ids: Sequence[int], n: int, temperature: float,
     :func:`generate`'s sliding window."""
     if len(prompt_ids) + n <= model.config.block_size:
         try:
-            from . import sample as gsample
+            from .. import sample as gsample
         except ImportError:
             gsample = None
         if gsample is not None:
@@ -460,7 +252,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
         cfg = dataclasses.replace(cfg, lr=3e-3 if str(cfg.preset).lower() in DEMO_PRESETS else 6e-4)
     _check_train_config(cfg)
     if cfg.threads:
-        from . import set_num_threads
+        from .. import set_num_threads
 
         set_num_threads(cfg.threads)
 
@@ -607,3 +399,4 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
             msg += f"; checkpoint in {os.path.join(cfg.out, CHECKPOINT_NAME)}"
         print(msg)
     return summary
+

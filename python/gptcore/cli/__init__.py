@@ -56,8 +56,8 @@ def _nonneg_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import PRESETS
-    from .train import TrainConfig
+    from ..models.config import PRESETS
+    from ..train import TrainConfig
 
     d = TrainConfig()
     p = argparse.ArgumentParser(
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _version() -> str:
     try:
-        from . import __version__
+        from .. import __version__
 
         return __version__
     except Exception:  # pragma: no cover
@@ -180,7 +180,7 @@ def _version() -> str:
 
 
 def _train_config(args):
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     mapping = {
         "preset": args.preset, "data": args.data, "device": args.device, "steps": args.steps,
@@ -207,7 +207,7 @@ def _train_config(args):
     if overrides:
         kw["model_overrides"] = overrides
     if args.resume is not None:
-        from .train import RUN_CONTROL_FIELDS
+        from ..train import RUN_CONTROL_FIELDS
 
         ignored = sorted(k for k in kw if k not in RUN_CONTROL_FIELDS)
         if ignored:
@@ -224,11 +224,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     try:
         if args.command == "train":
-            from .train import train
+            from ..train import train
 
             train(_train_config(args))
         elif args.command == "prepare":
-            from .data import prepare
+            from ..data import prepare
 
             meta = prepare(args.files, args.out, val_fraction=args.val_fraction,
                            tokenizer=args.tokenizer, shard_tokens=args.shard_tokens,
@@ -240,7 +240,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             sample_command(args)
         elif args.command == "convert":
-            from .checkpoint import convert
+            from ..io.pretrained import convert
 
             print(convert(args.src, args.dst, dtype=args.dtype, overwrite=args.force))
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:

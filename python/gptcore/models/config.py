@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from .schema import count_parameters
+
 __all__ = ["GPTConfig", "PRESETS", "GPT3_BAND_WIDTH"]
 
 # GPT-3 (Brown et al. 2020, section 2.1) alternates dense and "locally banded sparse attention"
@@ -93,16 +95,7 @@ class GPTConfig:
         embedding's padding rows too; ``non_embedding`` leaves out both embeddings (the count
         that scaling-law papers use).
         """
-        C, L = self.n_embd, self.n_layer
-        b = 1 if self.bias else 0
-        ln = C + b * C
-        per_layer = (ln + 3 * C * C + b * 3 * C + C * C + b * C  # ln_1, attention
-                     + ln + 4 * C * C + b * 4 * C + 4 * C * C + b * C)  # ln_2, MLP
-        total = L * per_layer + (ln if self.prenorm else 0)
-        if not non_embedding:
-            vocab = self.padded_vocab_size if padded else self.vocab_size
-            total += vocab * C + self.block_size * C
-        return total
+        return count_parameters(self, padded=padded, non_embedding=non_embedding)
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> int:
         """Training FLOPs per token (forward + backward, matmuls only): 6 N + 12 L T C style.

@@ -1,0 +1,238 @@
+"""Hugging Face GPT-2 (GPT2LMHeadModel) and GPT-1 (OpenAIGPTLMHeadModel) directories."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from ..models.config import GPTConfig
+from .safetensors import CheckpointError, SafetensorsFile, _float_format, _write_safetensors
+from ..models import schema
+
+# ================================================================================================
+# Hugging Face GPT-2 (GPT2LMHeadModel) and GPT-1 (OpenAIGPTLMHeadModel) directories
+# ================================================================================================
+
+# transformers' names for the activations gptcore computes (the tanh approximation of GELU)
+_TANH_GELU_GPT2 = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# OpenAIGPT's `afn` table maps "gelu" to the tanh approximation (gelu_new), as the original GPT-1
+_TANH_GELU_GPT1 = ("gelu", "gelu_new")
+GPTCORE_FORMAT_VERSION = 1
+
+
+def _hf_config(cfg: GPTConfig, dtype: str, eot: Optional[int]) -> Dict[str, Any]:
+    common = {
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "layer_norm_epsilon": cfg.ln_eps,
+        "initializer_range": 0.02, "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
+        "tie_word_embeddings": True, "torch_dtype": dtype, "dtype": dtype,
+    }
+    if cfg.prenorm:
+        d = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_ctx": cfg.block_size,
+             "n_inner": None, "activation_function": "gelu_new", "scale_attn_weights": True,
+             "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+             "use_cache": True, **common}
+    else:
+        d = {"architectures": ["OpenAIGPTLMHeadModel"], "model_type": "openai-gpt", "afn": "gelu",
+             "n_ctx": cfg.block_size, **common}
+    if eot is not None and 0 <= eot < cfg.vocab_size:
+        d["bos_token_id"] = d["eos_token_id"] = int(eot)
+    d["gptcore"] = {"format_version": GPTCORE_FORMAT_VERSION, "attn_window": list(cfg.attn_window),
+                    "bias": cfg.bias, "prenorm": cfg.prenorm}
+    return d
+
+
+def _int_field(d: Mapping, key: str, where: str, *fallbacks: str) -> int:
+    for k in (key,) + fallbacks:
+        v = d.get(k)
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise CheckpointError(f"{where}: {k} must be a positive integer, got {v!r}")
+            return v
+    raise CheckpointError(f"{where}: missing field {key!r}")
+
+
+def _config_from_hf(d: Any, where: str) -> GPTConfig:
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: expected a JSON object")
+    mtype = d.get("model_type")
+    if mtype not in ("gpt2", "openai-gpt"):
+        raise CheckpointError(f"{where}: model_type {mtype!r} is not supported (gptcore reads 'gpt2' "
+                              "and 'openai-gpt' checkpoints)")
+    prenorm = mtype == "gpt2"
+    n_embd = _int_field(d, "n_embd", where)
+    if prenorm:
+        act = d.get("activation_function", "gelu_new")
+        if act not in _TANH_GELU_GPT2:
+            raise CheckpointError(f"{where}: activation_function {act!r} is not supported (gptcore "
+                                  f"computes the tanh GELU: {', '.join(_TANH_GELU_GPT2)})")
+        if d.get("n_inner") not in (None, 4 * n_embd):
+            raise CheckpointError(f"{where}: n_inner {d.get('n_inner')!r} is not supported (gptcore's "
+                                  f"MLP is 4 * n_embd = {4 * n_embd} wide)")
+        for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                        ("add_cross_attention", False)):
+            if key in d and bool(d[key]) != ok:
+                raise CheckpointError(f"{where}: {key}={d[key]!r} is not supported (gptcore needs {ok})")
+    else:
+        act = d.get("afn", "gelu")
+        if act not in _TANH_GELU_GPT1:
+            raise CheckpointError(f"{where}: afn {act!r} is not supported (gptcore computes the tanh "
+                                  "GELU, which OpenAIGPT calls 'gelu')")
+    if d.get("tie_word_embeddings", True) is False:
+        raise CheckpointError(f"{where}: tie_word_embeddings is false; gptcore's LM head is always tied")
+    extra = d.get("gptcore") or {}
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{where}: the 'gptcore' section must be an object")
+    if extra.get("format_version", GPTCORE_FORMAT_VERSION) > GPTCORE_FORMAT_VERSION:
+        raise CheckpointError(f"{where}: written by a newer gptcore (format_version "
+                              f"{extra.get('format_version')}); upgrade gptcore to read it")
+    if "prenorm" in extra and bool(extra["prenorm"]) != prenorm:
+        raise CheckpointError(f"{where}: gptcore.prenorm={extra['prenorm']!r} contradicts "
+                              f"model_type {mtype!r}")
+    eps = d.get("layer_norm_epsilon", 1e-5)
+    try:
+        return GPTConfig(n_layer=_int_field(d, "n_layer", where), n_head=_int_field(d, "n_head", where),
+                         n_embd=n_embd, block_size=_int_field(d, "n_positions", where, "n_ctx"),
+                         vocab_size=_int_field(d, "vocab_size", where), prenorm=prenorm,
+                         attn_window=extra.get("attn_window"), bias=bool(extra.get("bias", True)),
+                         ln_eps=eps)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path!r} is not valid JSON ({e})") from None
+
+
+def _open_hf_tensors(directory: str) -> Dict[str, Tuple[SafetensorsFile, str]]:
+    """key -> (file, key) over model.safetensors or a sharded model.safetensors.index.json."""
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        f = SafetensorsFile(single, prefetch=True)
+        return {k: (f, k) for k in f.keys()}
+    if os.path.isfile(index):
+        idx = _read_json(index)
+        wmap = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(wmap, dict):
+            raise CheckpointError(f"{index!r}: missing weight_map")
+        files: Dict[str, SafetensorsFile] = {}
+        out = {}
+        for key, fname in wmap.items():
+            if not isinstance(fname, str) or os.path.basename(fname) != fname:
+                raise CheckpointError(f"{index!r}: bad shard name {fname!r} for {key!r}")
+            if fname not in files:
+                files[fname] = SafetensorsFile(os.path.join(directory, fname), prefetch=True)
+            if key not in files[fname]:
+                raise CheckpointError(f"{index!r} places {key!r} in {fname!r}, which does not hold it")
+            out[key] = (files[fname], key)
+        return out
+    if os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
+        raise CheckpointError(f"{directory!r} holds only pytorch_model.bin (a pickle); gptcore reads "
+                              "safetensors. Re-save it with transformers: "
+                              "model.save_pretrained(dir, safe_serialization=True)")
+    raise FileNotFoundError(f"checkpoint {directory!r} has no model.safetensors")
+
+
+def _read_hf_dir(directory: str) -> Tuple[GPTConfig, Dict[str, np.ndarray], str]:
+    cfg_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"checkpoint {directory!r} has no config.json")
+    cfg = _config_from_hf(_read_json(cfg_path), cfg_path)
+    tensors = _open_hf_tensors(directory)
+    where = os.path.join(directory, "model.safetensors")
+    # accept keys with or without the 'transformer.' prefix
+    by_name: Dict[str, str] = {}
+    lm_head = None
+    for key in tensors:
+        short = key[len("transformer."):] if key.startswith("transformer.") else key
+        if key == "lm_head.weight":
+            lm_head = key
+            continue
+        if short.endswith((".attn.bias", ".attn.masked_bias")) or short == "position_ids":
+            continue  # causal-mask buffers of older transformers
+        if short in by_name:
+            raise CheckpointError(f"{where}: tensor {short!r} appears twice (with and without the "
+                                  "'transformer.' prefix)")
+        by_name[short] = key
+    params = {p.hf_key[len("transformer."):]: p for p in schema.parameters(cfg)}
+    if not cfg.bias:  # written by gptcore as zeros (transformers' models always have biases)
+        for k in [k for k in by_name if k.endswith(".bias") and k[:-5] + ".weight" in params]:
+            f, key = tensors[by_name.pop(k)]
+            if np.any(f.get(key)):
+                raise CheckpointError(f"{where}: config.json says the model has no biases, but "
+                                      f"{key!r} is not zero")
+    unknown = sorted(k for k in by_name if k not in params)
+    if unknown:
+        names = ", ".join(repr(by_name[k]) for k in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        arch = "GPT2LMHeadModel" if cfg.prenorm else "OpenAIGPTLMHeadModel"
+        raise CheckpointError(f"{where}: unexpected tensor(s) {names} (not a {arch} checkpoint "
+                              "matching config.json?)")
+    missing = [hf for hf in params if hf not in by_name]
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor {'transformer.' + missing[0]!r}"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+    state: Dict[str, np.ndarray] = {}
+    stored = set()
+    for hf, p in params.items():
+        f, key = tensors[by_name[hf]]
+        shape = f.shape(key)
+        want = p.shape[::-1] if p.hf_transposed else p.shape
+        if shape != want:
+            layout = " (Conv1D layout (in, out))" if p.hf_transposed else ""
+            raise CheckpointError(f"{where}: tensor {key!r} has shape {shape}, expected {want}{layout}")
+        dt = f.dtype(key)
+        if dt not in ("F32", "F16", "BF16", "F64"):
+            raise CheckpointError(f"{where}: tensor {key!r} has dtype {dt}; expected a floating type")
+        stored.add(dt)
+        arr = f.get(key)
+        state[p.name] = arr.T if p.hf_transposed else arr
+    if lm_head is not None:
+        f, key = tensors[lm_head]
+        if f.shape(key) != state["wte"].shape or not np.array_equal(f.get(key), state["wte"]):
+            raise CheckpointError(f"{where}: lm_head.weight differs from the token embedding; gptcore's "
+                                  "LM head is tied to it (untied heads are not supported)")
+    dtype = "bfloat16" if stored == {"BF16"} else "float32"
+    return cfg, state, dtype
+
+
+def _check_state(cfg: GPTConfig, state: Mapping[str, Any], where: str) -> None:
+    expected = schema.expected_shapes(cfg)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}"
+                              f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+    for k, want in expected.items():
+        got = tuple(np.shape(state[k]))
+        if got != want:
+            raise CheckpointError(f"{where}: tensor {k!r} has shape {got}, expected {want}")
+
+
+def _write_hf_dir(directory: str, cfg: GPTConfig, state: Mapping[str, np.ndarray], dtype: str,
+                  eot: Optional[int]) -> None:
+    """Write config.json + model.safetensors into ``directory`` (which must exist)."""
+    fmt = _float_format(dtype)
+    items = []
+    # transformers' GPT-2/GPT-1 always have biases: a bias-free model writes zeros (the same model)
+    for p in schema.parameters(cfg, with_absent_biases=True):
+        arr = state[p.name] if p.name in state else np.zeros(p.shape, np.float32)
+        if p.hf_transposed:
+            arr = np.asarray(arr).T  # (out, in) -> Conv1D (in, out); made contiguous while writing
+        items.append((p.hf_key, arr, fmt))
+    with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+        _write_safetensors(f, items, {"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(_hf_config(cfg, dtype, eot), f, indent=2)
+        f.write("\n")
+
+
+# ================================================================================================
