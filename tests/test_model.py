@@ -65,57 +65,63 @@ def ref_forward(P, cfg, idx, targets=None):
     return loss, logits, cache
 
 
-def ref_grads(P, cfg, idx, targets):
-    """Loss and gradients (name -> array, wte padded) of the mean loss, by hand in float64."""
+def ref_grads(P, cfg, idx, targets, dh=None, lm_scale=1.0):
+    """Loss and gradients (name -> array, wte padded) by hand in float64: of ``lm_scale`` times
+    the mean LM loss (when ``targets`` is given) plus ``sum(h * dh)`` for a gradient ``dh`` on
+    the final hidden states h (when given)."""
     loss, logits, c = ref_forward(P, cfg, idx, targets)
     H = cfg.n_head
-    t = np.where(targets < 0, -1, targets)
     G = {k: np.zeros_like(v) for k, v in P.items()}
 
     def add(name, g):
         if g is not None and name in G:
             G[name] += g
 
-    dlogits = R.cross_entropy_backward(logits, t, cfg.vocab_size, -1)
-    dx, dw, _ = R.linear_backward(dlogits, c["xf"], P["wte"], has_bias=False)
-    add("wte", dw)
+    dx = np.zeros_like(c["xf"])
+    if targets is not None:
+        t = np.where(targets < 0, -1, targets)
+        dlogits = lm_scale * R.cross_entropy_backward(logits, t, cfg.vocab_size, -1)
+        dx, dw, _ = R.linear_backward(dlogits, c["xf"], weight=P["wte"], has_bias=False)
+        add("wte", dw)
+    if dh is not None:
+        dx = dx + dh
     lnb = cfg.bias
     if cfg.prenorm:
-        dx, dw, db = R.layernorm_backward(dx, c["x_last"], P["ln_f.weight"], c["mf"], c["rf"])
+        dx, dw, db = R.layernorm_backward(dx, c["x_last"], c["mf"], c["rf"], weight=P["ln_f.weight"])
         add("ln_f.weight", dw), add("ln_f.bias", db)
     for i in reversed(range(cfg.n_layer)):
         h, w, L = f"h.{i}.", cfg.attn_window[i], c["layers"][i]
         if cfg.prenorm:
             # x_out = x_mid + mlp(ln2(x_mid)); x_mid = x + attn(ln1(x))
-            dfc, dw, db = R.linear_backward(dx, L["fc"], P[h + "mlp.c_proj.weight"], has_bias=lnb)
+            dfc, dw, db = R.linear_backward(dx, L["fc"], weight=P[h + "mlp.c_proj.weight"], has_bias=lnb)
             add(h + "mlp.c_proj.weight", dw), add(h + "mlp.c_proj.bias", db)
-            dln2, dw, db = R.linear_backward(dfc, L["ln2"], P[h + "mlp.c_fc.weight"], pre=L["fc_pre"], has_bias=lnb)
+            dln2, dw, db = R.linear_backward(dfc, L["ln2"], weight=P[h + "mlp.c_fc.weight"], pre=L["fc_pre"], has_bias=lnb)
             add(h + "mlp.c_fc.weight", dw), add(h + "mlp.c_fc.bias", db)
-            dmid_ln, dw, db = R.layernorm_backward(dln2, L["x_mid"], P[h + "ln_2.weight"], L["m2"], L["r2"])
+            dmid_ln, dw, db = R.layernorm_backward(dln2, L["x_mid"], L["m2"], L["r2"], weight=P[h + "ln_2.weight"])
             add(h + "ln_2.weight", dw), add(h + "ln_2.bias", db)
             dmid = dx + dmid_ln
-            datt, dw, db = R.linear_backward(dmid, L["att"], P[h + "attn.c_proj.weight"], has_bias=lnb)
+            datt, dw, db = R.linear_backward(dmid, L["att"], weight=P[h + "attn.c_proj.weight"], has_bias=lnb)
             add(h + "attn.c_proj.weight", dw), add(h + "attn.c_proj.bias", db)
             dqkv = R.attention_backward(datt, L["qkv"], L["att"], L["lse"], H, w)
-            dln1, dw, db = R.linear_backward(dqkv, L["ln1"], P[h + "attn.c_attn.weight"], has_bias=lnb)
+            dln1, dw, db = R.linear_backward(dqkv, L["ln1"], weight=P[h + "attn.c_attn.weight"], has_bias=lnb)
             add(h + "attn.c_attn.weight", dw), add(h + "attn.c_attn.bias", db)
-            dx_ln, dw, db = R.layernorm_backward(dln1, L["x"], P[h + "ln_1.weight"], L["m1"], L["r1"])
+            dx_ln, dw, db = R.layernorm_backward(dln1, L["x"], L["m1"], L["r1"], weight=P[h + "ln_1.weight"])
             add(h + "ln_1.weight", dw), add(h + "ln_1.bias", db)
             dx = dmid + dx_ln
         else:
             # out = LN2(n1 + mlp(n1)); n1 = LN1(x + attn(x))
-            ds2, dw, db = R.layernorm_backward(dx, L["s2"], P[h + "ln_2.weight"], L["m2"], L["r2"])
+            ds2, dw, db = R.layernorm_backward(dx, L["s2"], L["m2"], L["r2"], weight=P[h + "ln_2.weight"])
             add(h + "ln_2.weight", dw), add(h + "ln_2.bias", db)
-            dfc, dw, db = R.linear_backward(ds2, L["fc"], P[h + "mlp.c_proj.weight"], has_bias=lnb)
+            dfc, dw, db = R.linear_backward(ds2, L["fc"], weight=P[h + "mlp.c_proj.weight"], has_bias=lnb)
             add(h + "mlp.c_proj.weight", dw), add(h + "mlp.c_proj.bias", db)
-            dn1, dw, db = R.linear_backward(dfc, L["n1"], P[h + "mlp.c_fc.weight"], pre=L["fc_pre"], has_bias=lnb)
+            dn1, dw, db = R.linear_backward(dfc, L["n1"], weight=P[h + "mlp.c_fc.weight"], pre=L["fc_pre"], has_bias=lnb)
             add(h + "mlp.c_fc.weight", dw), add(h + "mlp.c_fc.bias", db)
-            ds1, dw, db = R.layernorm_backward(dn1 + ds2, L["s1"], P[h + "ln_1.weight"], L["m1"], L["r1"])
+            ds1, dw, db = R.layernorm_backward(dn1 + ds2, L["s1"], L["m1"], L["r1"], weight=P[h + "ln_1.weight"])
             add(h + "ln_1.weight", dw), add(h + "ln_1.bias", db)
-            datt, dw, db = R.linear_backward(ds1, L["att"], P[h + "attn.c_proj.weight"], has_bias=lnb)
+            datt, dw, db = R.linear_backward(ds1, L["att"], weight=P[h + "attn.c_proj.weight"], has_bias=lnb)
             add(h + "attn.c_proj.weight", dw), add(h + "attn.c_proj.bias", db)
             dqkv = R.attention_backward(datt, L["qkv"], L["att"], L["lse"], H, w)
-            dxa, dw, db = R.linear_backward(dqkv, L["x"], P[h + "attn.c_attn.weight"], has_bias=lnb)
+            dxa, dw, db = R.linear_backward(dqkv, L["x"], weight=P[h + "attn.c_attn.weight"], has_bias=lnb)
             add(h + "attn.c_attn.weight", dw), add(h + "attn.c_attn.bias", db)
             dx = dxa + ds1
     dwte, dwpe = R.embedding_backward(dx, idx, P["wte"].shape[0], P["wpe"].shape[0])
@@ -469,3 +475,141 @@ def test_cuda_bf16_model_matches_cpu_float32(rng):
     for name, g in cpu.grads().items():
         assert gpu.grads()[name].dtype == "float32"
         assert rel_err(gpu.grads()[name].numpy(), g.numpy()) < 5e-2, name
+
+
+# ---- trunk and heads ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prenorm", [True, False])
+def test_backward_from_hidden_states_matches_reference(rng, prenorm):
+    """hidden_states() + backward(dh) gives the float64 reference model's gradients of
+    sum(h * dh): the trunk back-propagates from any head, not only the LM loss."""
+    cfg = tiny_config(prenorm=prenorm, attn_window=[None, 3])
+    model = GPT(cfg)
+    state = random_state(model, rng)
+    model.load_state_dict(state)
+    idx = rng.integers(0, cfg.vocab_size, (2, 7))
+    h = model.hidden_states(idx)
+    P = padded_f64(model, state)
+    _, _, cache = ref_forward(P, cfg, idx)
+    assert h.shape == (2, 7, cfg.n_embd)
+    assert rel_err(h.numpy(), cache["xf"]) < 1e-5
+    dh = rng.randn(2, 7, cfg.n_embd)
+    model.backward(dh=dh)
+    _, ref_G = ref_grads(P, cfg, idx, None, dh=np.asarray(dh, np.float64))
+    for name, g in model.grads().items():
+        assert rel_err(g.numpy(), ref_G[name]) < 5e-5, f"{name} ({rng})"
+
+
+def test_lm_loss_plus_head_gradient_is_one_backward(rng):
+    """forward(idx, targets, loss_scale=lam) then backward(dh=...) is the gradient of
+    lam * LM loss + sum(h * dh), with h read from last_hidden_states of the same forward."""
+    cfg = tiny_config()
+    model = GPT(cfg)
+    state = random_state(model, rng)
+    model.load_state_dict(state)
+    idx = rng.integers(0, cfg.vocab_size, (3, 6))
+    targets = rng.integers(0, cfg.vocab_size, (3, 6))
+    loss = model.forward(idx, targets, loss_scale=0.5)
+    P = padded_f64(model, state)
+    _, _, cache = ref_forward(P, cfg, idx)
+    assert rel_err(model.last_hidden_states.numpy(), cache["xf"]) < 1e-5
+    dh = rng.randn(3, 6, cfg.n_embd)
+    model.backward(dh=dh)
+    ref_loss, ref_G = ref_grads(P, cfg, idx, targets, dh=np.asarray(dh, np.float64), lm_scale=0.5)
+    assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss)
+    for name, g in model.grads().items():
+        assert rel_err(g.numpy(), ref_G[name]) < 5e-5, f"{name} ({rng})"
+
+
+def test_backward_hidden_checks_its_input(rng):
+    cfg = tiny_config()
+    model = GPT(cfg)
+    idx = rng.integers(0, cfg.vocab_size, (2, 4))
+    model.hidden_states(idx)
+    with pytest.raises(ValueError, match="dh"):
+        model.backward()  # hidden states alone carry no loss
+    with pytest.raises(ValueError, match="dh: expected shape"):
+        model.backward(dh=np.zeros((2, 5, cfg.n_embd), np.float32))
+    with pytest.raises(TypeError, match="dh"):
+        model.backward(dh=np.zeros((2, 4, cfg.n_embd), np.int32))
+    model.backward_hidden(np.zeros((2, 4, cfg.n_embd), np.float32))
+    with pytest.raises(RuntimeError, match="backward"):
+        model.backward_hidden(np.zeros((2, 4, cfg.n_embd), np.float32))  # nothing pending now
+
+
+def test_linear_head_matches_numpy_and_trains_through_the_model(rng):
+    from gptcore.models.heads import LinearHead, gather_rows, scatter_rows, softmax_cross_entropy
+
+    cfg = tiny_config()
+    model = GPT(cfg)
+    state = random_state(model, rng)
+    model.load_state_dict(state)
+    head = LinearHead(cfg.n_embd, 3, name="score", seed=int(rng.integers(1 << 30)))
+    model.add_head(head)
+    assert {"score.weight", "score.bias"} <= set(model.parameters())
+    idx = rng.integers(0, cfg.vocab_size, (4, 6))
+    extract = np.array([5, 2, 0, 4])
+    labels = np.array([0, 2, 1, 1])
+    h = model.hidden_states(idx)
+    rows = gather_rows(h, extract)
+    W, b = head.parameters()["weight"].numpy(), head.parameters()["bias"].numpy()
+    out = head.forward(rows)
+    assert rel_err(out, rows.astype(np.float64) @ W.T.astype(np.float64) + b) < 1e-6
+    loss, dout = softmax_cross_entropy(out, labels)
+    z = out.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert abs(loss + np.log(p[np.arange(4), labels]).mean()) < 1e-6
+    drows = head.backward(dout)
+    assert rel_err(drows, dout.astype(np.float64) @ W) < 1e-6
+    assert rel_err(head.grads()["weight"].numpy(), dout.T.astype(np.float64) @ rows) < 1e-6
+    dh = scatter_rows(drows, extract, h.shape)
+    model.backward(dh=dh)
+    P = padded_f64(model, state)
+    _, ref_G = ref_grads(P, cfg, idx, None, dh=dh.astype(np.float64))
+    for name in ref_G:
+        assert rel_err(model.grads()[name].numpy(), ref_G[name]) < 5e-5, name
+    model.zero_grad()
+    assert not np.any(head.grads()["weight"].numpy())
+
+
+def test_head_saved_and_loaded_with_the_model(tmp_path, rng):
+    from gptcore.models.heads import LinearHead
+
+    cfg = tiny_config()
+    model = GPT(cfg, seed=3)
+    model.add_head(LinearHead(cfg.n_embd, 1, name="value", bias=False, seed=5))
+    with pytest.raises(ValueError, match="taken"):
+        model.add_head(LinearHead(cfg.n_embd, 1, name="value"))
+    model.save_pretrained(tmp_path / "m")
+    back = GPT.from_pretrained(tmp_path / "m")
+    assert not back.training  # loaded models start in evaluation mode
+    assert list(back.heads) == ["value"] and set(back.heads["value"].parameters()) == {"weight"}
+    for name, arr in model.state_dict().items():
+        assert np.array_equal(back.state_dict()[name], arr), name
+    # a head tensor the config does not declare is refused, as any foreign tensor
+    import json
+    cfg_path = tmp_path / "m" / "config.json"
+    d = json.loads(cfg_path.read_text())
+    del d["gptcore"]["heads"]
+    cfg_path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        GPT.from_pretrained(tmp_path / "m")
+
+
+def test_one_forward_serves_training_and_cached_decoding(rng):
+    """The decoder runs the trunk's own blocks: its logits, fed one token at a time, equal the
+    full-sequence forward's for GPT-2 and GPT-1 layouts with banded layers."""
+    from gptcore.models.kvcache import Decoder
+
+    for prenorm in (True, False):
+        cfg = tiny_config(prenorm=prenorm, attn_window=[2, None])
+        model = GPT(cfg, seed=int(rng.integers(1 << 30)))
+        model.load_state_dict(random_state(model, rng))
+        idx = rng.integers(0, cfg.vocab_size, (2, 8))
+        full = model(idx)
+        dec = Decoder(model, 2, 8)
+        got = [dec.forward(idx[:, :3])]
+        got += [dec.forward(idx[:, t:t + 1]) for t in range(3, 8)]
+        assert rel_err(np.stack(got, 1), full[:, 2:]) < 1e-5

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-embd", type=_positive_int, default=None, help="override the preset's width")
     g.add_argument("--block-size", type=_positive_int, default=None,
                    help="override the preset's number of positions")
+    g.add_argument("--dropout", type=_nonneg_float, default=None, metavar="P",
+                   help="dropout probability on embeddings, attention and residuals, as GPT-1/2 "
+                        "trained (default 0)")
     g = t.add_argument_group("hardware")
     g.add_argument("--device", default=None, help=f"cpu, cuda or cuda:N (default {d.device})")
     g.add_argument("--dtype", default=None, choices=["float32", "fp32", "bfloat16", "bf16"],
@@ -204,6 +207,10 @@ def _train_config(args):
         kw["progress"] = False
     overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size")
                  if getattr(args, k) is not None}
+    if args.dropout is not None:
+        if args.dropout >= 1:
+            raise SystemExit(f"gptcore train: --dropout: expected a probability in [0, 1), got {args.dropout}")
+        overrides.update(embd_pdrop=args.dropout, attn_pdrop=args.dropout, resid_pdrop=args.dropout)
     if overrides:
         kw["model_overrides"] = overrides
     if args.resume is not None:

@@ -5,14 +5,10 @@ from __future__ import annotations
 import os
 import sys
 from typing import Dict, List, Optional
+
 from ..generate.decode import complete
 
-
-
-__all__ = ["generate", "complete", "Decoder", "Logprobs", "TokenLogprob", "PAD",
-           "add_sample_subcommand", "sample_command", "load_for_sampling"]
-
-PAD = -1  # fills the end of rows that stopped early (never a token id)
+__all__ = ["add_sample_subcommand", "sample_command", "load_for_sampling"]
 
 
 # ---- the `gptcore sample` command -----------------------------------------------------------------------

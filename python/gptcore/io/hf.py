@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -20,14 +20,17 @@ from ..models import schema
 _TANH_GELU_GPT2 = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # OpenAIGPT's `afn` table maps "gelu" to the tanh approximation (gelu_new), as the original GPT-1
 _TANH_GELU_GPT1 = ("gelu", "gelu_new")
-GPTCORE_FORMAT_VERSION = 1
+# 2: the *_pdrop fields are the model's own (version 1 wrote 0.1 for models trained without)
+GPTCORE_FORMAT_VERSION = 2
 
 
-def _hf_config(cfg: GPTConfig, dtype: str, eot: Optional[int]) -> Dict[str, Any]:
+def _hf_config(cfg: GPTConfig, dtype: str, eot: Optional[int],
+               heads: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Any]:
     common = {
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "layer_norm_epsilon": cfg.ln_eps,
-        "initializer_range": 0.02, "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
+        "initializer_range": 0.02, "resid_pdrop": cfg.resid_pdrop, "embd_pdrop": cfg.embd_pdrop,
+        "attn_pdrop": cfg.attn_pdrop,
         "tie_word_embeddings": True, "torch_dtype": dtype, "dtype": dtype,
     }
     if cfg.prenorm:
@@ -42,6 +45,8 @@ def _hf_config(cfg: GPTConfig, dtype: str, eot: Optional[int]) -> Dict[str, Any]
         d["bos_token_id"] = d["eos_token_id"] = int(eot)
     d["gptcore"] = {"format_version": GPTCORE_FORMAT_VERSION, "attn_window": list(cfg.attn_window),
                     "bias": cfg.bias, "prenorm": cfg.prenorm}
+    if heads:  # task heads (gptcore.models.heads): their tensors sit beside the trunk's
+        d["gptcore"]["heads"] = {k: dict(v) for k, v in heads.items()}
     return d
 
 
@@ -93,12 +98,16 @@ def _config_from_hf(d: Any, where: str) -> GPTConfig:
         raise CheckpointError(f"{where}: gptcore.prenorm={extra['prenorm']!r} contradicts "
                               f"model_type {mtype!r}")
     eps = d.get("layer_norm_epsilon", 1e-5)
+    # dropout: transformers' defaults are 0.1; gptcore's first format wrote 0.1 whatever the model
+    # trained with (it had no dropout), so its files mean 0
+    old_gptcore = bool(extra) and extra.get("format_version", 1) < 2
+    pdrop = {k: 0.0 if old_gptcore else d.get(k, 0.1) for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop")}
     try:
         return GPTConfig(n_layer=_int_field(d, "n_layer", where), n_head=_int_field(d, "n_head", where),
                          n_embd=n_embd, block_size=_int_field(d, "n_positions", where, "n_ctx"),
                          vocab_size=_int_field(d, "vocab_size", where), prenorm=prenorm,
                          attn_window=extra.get("attn_window"), bias=bool(extra.get("bias", True)),
-                         ln_eps=eps)
+                         ln_eps=eps, **pdrop)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
 
@@ -147,11 +156,14 @@ def _read_hf_dir(directory: str) -> Tuple[GPTConfig, Dict[str, np.ndarray], str]
     cfg_path = os.path.join(directory, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"checkpoint {directory!r} has no config.json")
-    cfg = _config_from_hf(_read_json(cfg_path), cfg_path)
+    raw = _read_json(cfg_path)
+    cfg = _config_from_hf(raw, cfg_path)
+    heads = _declared_heads(raw, cfg_path)
     tensors = _open_hf_tensors(directory)
     where = os.path.join(directory, "model.safetensors")
     # accept keys with or without the 'transformer.' prefix
     by_name: Dict[str, str] = {}
+    head_keys: List[str] = []
     lm_head = None
     for key in tensors:
         short = key[len("transformer."):] if key.startswith("transformer.") else key
@@ -160,6 +172,9 @@ def _read_hf_dir(directory: str) -> Tuple[GPTConfig, Dict[str, np.ndarray], str]
             continue
         if short.endswith((".attn.bias", ".attn.masked_bias")) or short == "position_ids":
             continue  # causal-mask buffers of older transformers
+        if short.split(".", 1)[0] in heads:
+            head_keys.append(key)
+            continue
         if short in by_name:
             raise CheckpointError(f"{where}: tensor {short!r} appears twice (with and without the "
                                   "'transformer.' prefix)")
@@ -201,8 +216,40 @@ def _read_hf_dir(directory: str) -> Tuple[GPTConfig, Dict[str, np.ndarray], str]
         if f.shape(key) != state["wte"].shape or not np.array_equal(f.get(key), state["wte"]):
             raise CheckpointError(f"{where}: lm_head.weight differs from the token embedding; gptcore's "
                                   "LM head is tied to it (untied heads are not supported)")
+    for key in head_keys:
+        f, k = tensors[key]
+        state[key] = f.get(k)
+    _check_heads(heads, state, where, cfg.n_embd)
     dtype = "bfloat16" if stored == {"BF16"} else "float32"
     return cfg, state, dtype
+
+
+def _declared_heads(raw: Any, where: str) -> Dict[str, Dict[str, Any]]:
+    """The task heads config.json's gptcore section declares: name -> {"kind", "n_out", "bias"}."""
+    heads = ((raw.get("gptcore") or {}) if isinstance(raw, dict) else {}).get("heads") or {}
+    if not isinstance(heads, dict):
+        raise CheckpointError(f"{where}: gptcore.heads must be an object")
+    for name, spec in heads.items():
+        if (not isinstance(spec, dict) or spec.get("kind") != "linear" or "." in name
+                or not isinstance(spec.get("n_out"), int) or spec["n_out"] < 1):
+            raise CheckpointError(f"{where}: gptcore.heads[{name!r}] is not a linear head "
+                                  "({'kind': 'linear', 'n_out': N, 'bias': bool})")
+    return heads
+
+
+def _check_heads(heads: Mapping[str, Mapping[str, Any]], state: Mapping[str, Any], where: str,
+                 C: int) -> None:
+    for name, spec in heads.items():
+        want = {f"{name}.weight": (spec["n_out"], C)}
+        if spec.get("bias", True):
+            want[f"{name}.bias"] = (spec["n_out"],)
+        got = {k for k in state if k.startswith(name + ".")}
+        if got != set(want):
+            raise CheckpointError(f"{where}: head {name!r} needs tensors {sorted(want)}, found {sorted(got)}")
+        for k, shape in want.items():
+            if tuple(np.shape(state[k])) != shape:
+                raise CheckpointError(f"{where}: tensor {k!r} has shape {tuple(np.shape(state[k]))}, "
+                                      f"expected {shape}")
 
 
 def _check_state(cfg: GPTConfig, state: Mapping[str, Any], where: str) -> None:
@@ -218,8 +265,9 @@ def _check_state(cfg: GPTConfig, state: Mapping[str, Any], where: str) -> None:
 
 
 def _write_hf_dir(directory: str, cfg: GPTConfig, state: Mapping[str, np.ndarray], dtype: str,
-                  eot: Optional[int]) -> None:
-    """Write config.json + model.safetensors into ``directory`` (which must exist)."""
+                  eot: Optional[int], heads: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
+    """Write config.json + model.safetensors into ``directory`` (which must exist). ``heads``
+    (name -> spec) declares the task heads whose ``name.*`` tensors ``state`` also holds."""
     fmt = _float_format(dtype)
     items = []
     # transformers' GPT-2/GPT-1 always have biases: a bias-free model writes zeros (the same model)
@@ -228,10 +276,12 @@ def _write_hf_dir(directory: str, cfg: GPTConfig, state: Mapping[str, np.ndarray
         if p.hf_transposed:
             arr = np.asarray(arr).T  # (out, in) -> Conv1D (in, out); made contiguous while writing
         items.append((p.hf_key, arr, fmt))
+    for name in heads or {}:
+        items.extend((k, state[k], fmt) for k in state if k.startswith(name + "."))
     with open(os.path.join(directory, "model.safetensors"), "wb") as f:
         _write_safetensors(f, items, {"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(_hf_config(cfg, dtype, eot), f, indent=2)
+        json.dump(_hf_config(cfg, dtype, eot, heads), f, indent=2)
         f.write("\n")
 
 

@@ -44,6 +44,7 @@ import numpy as np
 
 from .._fileio import atomic_file as _atomic_file, fsync_path as _fsync_path, temp_name as _temp_name  # noqa: E402
 
+from ..models import schema
 from ..models.config import GPTConfig
 from .hf import _check_state, _read_hf_dir, _read_json, _write_hf_dir
 from .llmc import LLMC_MODEL_MAGIC, LLMC_SHARD_MAGIC, LLMC_TOKENIZER_MAGIC, read_llmc_model, write_llmc_model
@@ -178,8 +179,15 @@ def _build_model(cfg: GPTConfig, state: Mapping[str, np.ndarray], device: str, d
     except (TypeError, ValueError):
         pass
     model = GPT(cfg, device=device, dtype=dtype, **kwargs)
+    trunk = schema.expected_shapes(cfg)
+    for name in sorted({k.split(".", 1)[0] for k in state if k not in trunk}):  # declared heads
+        from ..models.heads import LinearHead
+
+        w = state[f"{name}.weight"]
+        model.add_head(LinearHead(cfg.n_embd, int(w.shape[0]), name, bias=f"{name}.bias" in state,
+                                  device=device, dtype=dtype))
     _copy_weights(model, state)
-    return model
+    return model.eval()  # as transformers' from_pretrained: train() turns dropout on
 
 
 def _copy_weights(model, state: Mapping[str, np.ndarray]) -> None:
@@ -393,7 +401,8 @@ def save_pretrained(model, path: PathLike, optimizer=None, tokenizer=None, step:
     _check_tokenizer(tokenizer)
     params = _model_state(model)
     with _atomic_directory(path) as tmp:
-        _write_hf_dir(tmp, cfg, params, dt, _eot_of(tokenizer, cfg))
+        heads = {n: h.spec() for n, h in getattr(model, "heads", {}).items()}
+        _write_hf_dir(tmp, cfg, params, dt, _eot_of(tokenizer, cfg), heads)
         if optimizer is not None:
             sd = dict(optimizer.state_dict())
             arrays = []

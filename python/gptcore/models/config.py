@@ -37,6 +37,11 @@ class GPTConfig:
         (query t sees keys t-w < s <= t). ``None`` as a whole means all layers dense.
     bias: whether linear layers and LayerNorms have biases.
     ln_eps: LayerNorm epsilon.
+    embd_pdrop, attn_pdrop, resid_pdrop: dropout probabilities (transformers' names) on the
+        embedding output, the attention probabilities, and each sub-block's output before its
+        residual add. Applied only in training mode (``GPT.train()``). GPT-1 and GPT-2 trained
+        with 0.1 everywhere; the default here is 0 (pre-training from scratch as nanoGPT and
+        llm.c do); checkpoints from transformers bring their own values.
     """
 
     n_layer: int = 12
@@ -48,6 +53,9 @@ class GPTConfig:
     attn_window: Optional[List[Optional[int]]] = None
     bias: bool = True
     ln_eps: float = 1e-5
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -74,6 +82,11 @@ class GPTConfig:
         if not (isinstance(self.ln_eps, (int, float)) and self.ln_eps >= 0):
             raise ValueError(f"ln_eps: expected a number >= 0, got {self.ln_eps!r}")
         self.ln_eps = float(self.ln_eps)
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            p = getattr(self, name)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+                raise ValueError(f"{name}: expected a dropout probability in [0, 1), got {p!r}")
+            setattr(self, name, float(p))
         self.prenorm = bool(self.prenorm)
         self.bias = bool(self.bias)
 

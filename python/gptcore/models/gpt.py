@@ -9,10 +9,25 @@ There is no autograd. ``forward`` runs the ops in order and keeps what each back
         qkv = ln1 @ c_attn;  att = attention(qkv);  x = x + att @ c_proj
         ln2 = LN(x)            (fused with that residual add: residual_layernorm_forward)
         x = x + gelu(ln2 @ c_fc) @ c_proj                (GELU fused into the c_fc GEMM)
-    logits = LN_f(x) @ wte^T                              (tied head, padded vocabulary)
+    h = LN_f(x)                                           the trunk's output: hidden states
+    logits = h @ wte^T                                    (tied LM head, padded vocabulary)
     loss, dlogits = cross_entropy(logits)                 (fused, dlogits overwrite logits)
 
 GPT-1 (``prenorm=False``) normalises after each residual add instead and has no final LN.
+
+Trunk and heads. The blocks are written once (:meth:`GPT._trunk_forward`) and serve a full
+sequence (training, scoring: every layer's activations kept for backward) and cached decoding
+(a :class:`gptcore.models.kvcache.KVCache` passed in: keys and values appended to the cache,
+one set of buffers shared by all layers, positions possibly held on the device). The trunk ends
+at the final hidden states; :meth:`GPT.backward` starts from a gradient on them (``dh``), from the
+LM head's fused cross-entropy, or both, so task heads (:mod:`gptcore.models.heads`) and combined
+losses are built outside the trunk.
+
+Dropout (``embd_pdrop``, ``attn_pdrop``, ``resid_pdrop``) runs in training mode only
+(:meth:`GPT.train` / :meth:`GPT.eval`). Masks come from a counter-based generator keyed by
+(seed, step, layer, site, element) (see :func:`gptcore.ops.dropout_forward`), so backward
+regenerates them instead of storing them; attention-probability dropout lives inside the
+attention kernels. With every probability 0 (or in eval mode) no dropout op runs at all.
 
 Parameters live on ``device`` in ``dtype`` (float32, or bfloat16 on CUDA). Their gradients are
 always float32 (the ops accumulate parameter gradients in float32 on CUDA), so an optimiser can
@@ -33,6 +48,7 @@ import numpy as np
 
 from .. import cuda as _cuda
 from .. import ops
+from . import schema
 from .config import GPTConfig
 from ..tensor import Tensor, _dtype_name, empty, from_numpy, zeros
 
@@ -77,6 +93,12 @@ def _upload(arr: np.ndarray, device: str, dtype: str) -> Tensor:
     return host.to(device=device, dtype=dtype)
 
 
+# Dropout sites inside one forward. The generator's stream for a site is
+# (step << 12) | (layer * 4 + site), with the embedding as layer n_layer (so up to 1023 layers).
+_SITE_ATTN, _SITE_RESID_ATTN, _SITE_RESID_MLP = 0, 1, 2
+_STREAM_LAYER_BITS = 12
+
+
 class GPT:
     """A GPT-1/2/3 model on gptcore kernels.
 
@@ -85,10 +107,14 @@ class GPT:
     >>> loss = model.forward(x, y); model.backward()    # x, y (B, T) integer arrays
 
     ``parameters()`` and ``grads()`` return name -> Tensor dicts with GPT-2-style names
-    (``wte``, ``wpe``, ``h.0.ln_1.weight``, ``h.0.attn.c_attn.weight``, ... ``ln_f.bias``);
-    linear weights are stored (out_features, in_features). ``wte`` holds
+    (``wte``, ``wpe``, ``h.0.ln_1.weight``, ``h.0.attn.c_attn.weight``, ... ``ln_f.bias``; the
+    list is :func:`gptcore.models.schema.parameters`) followed by the parameters of any head added
+    with :meth:`add_head`. Linear weights are stored (out_features, in_features). ``wte`` holds
     ``config.padded_vocab_size`` rows whose padding rows are zero and stay zero (they get no
     gradient); ``state_dict()`` gives the unpadded (vocab_size, C) view users expect.
+
+    A new model is in training mode (dropout active when the config asks for it); models
+    loaded with :meth:`from_pretrained` start in evaluation mode, as transformers' do.
     """
 
     def __init__(self, config: GPTConfig, device: str = "cpu", dtype="float32", seed: int = 0,
@@ -101,8 +127,13 @@ class GPT:
         self.device = _check_device(device)
         self.dtype = _check_dtype(dtype, self.device)
         self.seed = int(seed)
+        self.training = True
+        # Forward passes run with dropout so far; keys the next one's masks (saved by trainers so
+        # a resumed run draws the same masks).
+        self.dropout_step = 0
         self._params: Dict[str, Tensor] = {}
         self._grads: Dict[str, Tensor] = {}
+        self.heads: Dict[str, "object"] = {}
         self._acts: Optional[_Workspace] = None  # the workspace a pending backward reads
         self._workspaces: Dict[tuple, _Workspace] = {}  # (B, T) -> activation buffers
         # init=False allocates zeroed parameters (a checkpoint load then fills them) and skips
@@ -116,92 +147,98 @@ class GPT:
 
     # ---- parameters ---------------------------------------------------------------------
 
-    def _param_specs(self):
-        """(name, shape, init) in a fixed order; init is 'normal', 'resid', 'ones' or 'zeros'."""
-        cfg = self.config
-        C, Vp = cfg.n_embd, cfg.padded_vocab_size
-        specs = [("wte", (Vp, C), "normal"), ("wpe", (cfg.block_size, C), "normal")]
-
-        def ln(prefix):
-            specs.append((prefix + ".weight", (C,), "ones"))
-            if cfg.bias:
-                specs.append((prefix + ".bias", (C,), "zeros"))
-
-        def lin(prefix, out_f, in_f, init):
-            specs.append((prefix + ".weight", (out_f, in_f), init))
-            if cfg.bias:
-                specs.append((prefix + ".bias", (out_f,), "zeros"))
-
-        for i in range(cfg.n_layer):
-            h = f"h.{i}"
-            ln(h + ".ln_1")
-            lin(h + ".attn.c_attn", 3 * C, C, "normal")
-            lin(h + ".attn.c_proj", C, C, "resid")
-            ln(h + ".ln_2")
-            lin(h + ".mlp.c_fc", 4 * C, C, "normal")
-            lin(h + ".mlp.c_proj", C, 4 * C, "resid")
-        if cfg.prenorm:
-            ln("ln_f")
-        return specs
-
     def _init_params(self, rng: Optional[np.random.Generator]) -> None:
         cfg = self.config
         resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        for name, shape, init in self._param_specs():
-            if init == "ones":
+        for p in schema.parameters(cfg):
+            shape = (cfg.padded_vocab_size, cfg.n_embd) if p.name == "wte" else p.shape
+            if p.init == "ones":
                 arr = np.ones(shape, np.float32)
-            elif init == "zeros" or rng is None:
+            elif p.init == "zeros" or rng is None:
                 arr = np.zeros(shape, np.float32)
             else:
-                std = 0.02 if init == "normal" else resid_std
+                std = 0.02 if p.init == "normal" else resid_std
                 arr = rng.standard_normal(shape, dtype=np.float32)
                 arr *= np.float32(std)
-            if name == "wte":
+            if p.name == "wte":
                 arr[cfg.vocab_size:] = 0.0  # padding rows: never indexed, never a real logit
-            self._params[name] = _upload(arr, self.device, self.dtype)
-            self._grads[name] = zeros(list(shape), "float32", self.device)
+            self._params[p.name] = _upload(arr, self.device, self.dtype)
+            self._grads[p.name] = zeros(list(shape), "float32", self.device)
 
-    # ---- checkpoints and generation (see checkpoint.py and sample.py) ----------------------
+    def add_head(self, head) -> None:
+        """Attach a task head (:mod:`gptcore.models.heads`): its parameters then appear in
+        :meth:`parameters` / :meth:`grads` under ``head.name + '.'`` (so an optimiser built
+        afterwards trains them) and in checkpoints. The head must live on the model's device."""
+        name = getattr(head, "name", None)
+        if not isinstance(name, str) or not hasattr(head, "parameters") or not hasattr(head, "grads"):
+            raise TypeError(f"head: expected a gptcore head (name, parameters(), grads()), "
+                            f"got {type(head).__name__}")
+        if name in self.heads or any(k.startswith(name + ".") for k in self._params):
+            raise ValueError(f"head: the name {name!r} is already taken")
+        if getattr(head, "device", self.device) != self.device:
+            raise ValueError(f"head: lives on {head.device!r}, the model on {self.device!r}")
+        self.heads[name] = head
+
+    # ---- checkpoints and generation (gptcore.io and gptcore.generate) ---------------------
 
     def save_pretrained(self, path, **kwargs) -> None:
-        """Save in transformers' GPT-2 (or GPT-1) layout; see gptcore.checkpoint.save_pretrained."""
+        """Save in transformers' GPT-2 (or GPT-1) layout; see gptcore.io.save_pretrained."""
         from ..io.pretrained import save_pretrained
 
         save_pretrained(self, path, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path, device: str = "cpu", dtype="float32") -> "GPT":
-        """Load a gptcore/transformers GPT-2 or GPT-1 directory, or an llm.c model .bin."""
+        """Load a gptcore/transformers GPT-2 or GPT-1 directory, or an llm.c model .bin (in
+        evaluation mode; call ``train()`` to fine-tune with the checkpoint's dropout)."""
         from ..io.pretrained import load_pretrained
 
         return load_pretrained(path, device=device, dtype=dtype)
 
     def generate(self, idx, max_new_tokens, **kwargs):
-        """KV-cache sampling with GPT-3's completion controls; see gptcore.sample.generate."""
+        """KV-cache sampling with GPT-3's completion controls; see gptcore.generate.generate."""
         from ..generate import generate
 
         return generate(self, idx, max_new_tokens, **kwargs)
 
     def parameters(self) -> Dict[str, Tensor]:
         """name -> parameter Tensor (the live storage; wte includes the padding rows)."""
-        return dict(self._params)
+        out = dict(self._params)
+        for name, head in self.heads.items():
+            out.update((f"{name}.{k}", v) for k, v in head.parameters().items())
+        return out
 
     def grads(self) -> Dict[str, Tensor]:
         """name -> float32 gradient Tensor, accumulated by backward() until zero_grad()."""
-        return dict(self._grads)
+        out = dict(self._grads)
+        for name, head in self.heads.items():
+            out.update((f"{name}.{k}", v) for k, v in head.grads().items())
+        return out
 
     def num_parameters(self) -> int:
-        """Parameter count without the vocabulary padding (as the papers count)."""
+        """Parameter count without the vocabulary padding (as the papers count), heads excluded."""
         return self.config.num_parameters()
 
     def zero_grad(self) -> None:
-        for g in self._grads.values():
+        for g in self.grads().values():
             g.zero_()
+
+    def train(self, mode: bool = True) -> "GPT":
+        """Training mode: dropout as the config says (and in attached heads). Returns the model."""
+        self.training = bool(mode)
+        for head in self.heads.values():
+            if hasattr(head, "train"):
+                head.train(self.training)
+        return self
+
+    def eval(self) -> "GPT":
+        """Evaluation mode: no dropout. Returns the model."""
+        return self.train(False)
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         """name -> float32 NumPy copy of every parameter, wte unpadded (vocab_size, C)."""
         out = {}
-        for name, p in self._params.items():
+        for name, p in self.parameters().items():
             arr = np.array(p.numpy(), dtype=np.float32, copy=True)
             if name == "wte":
                 arr = np.ascontiguousarray(arr[: self.config.vocab_size])
@@ -216,20 +253,21 @@ class GPT:
         """
         if not isinstance(state, dict):
             raise TypeError(f"state: expected a dict of arrays, got {type(state).__name__}")
+        params = self.parameters()
         if strict:
-            missing = sorted(set(self._params) - set(state))
-            extra = sorted(set(state) - set(self._params))
+            missing = sorted(set(params) - set(state))
+            extra = sorted(set(state) - set(params))
             if missing or extra:
                 raise ValueError(f"state: missing {missing or 'nothing'}; unexpected {extra or 'nothing'}")
         V = self.config.vocab_size
         staged = {}
         for name, value in state.items():
-            if name not in self._params:
+            if name not in params:
                 continue
             arr = np.asarray(value)
             if not np.issubdtype(arr.dtype, np.floating):
                 raise TypeError(f"state[{name!r}]: expected floating-point values, got {arr.dtype}")
-            want = tuple(self._params[name].shape)
+            want = tuple(params[name].shape)
             if name == "wte" and arr.shape == (V, want[1]):
                 full = np.zeros(want, np.float32)
                 full[:V] = arr
@@ -242,7 +280,7 @@ class GPT:
                     arr[V:] = 0.0
             staged[name] = arr
         for name, arr in staged.items():  # all validated: now write
-            self._params[name].copy_(_upload(arr, self.device, self.dtype))
+            params[name].copy_(_upload(arr, self.device, self.dtype))
 
     # ---- input checks -------------------------------------------------------------------
 
@@ -265,17 +303,24 @@ class GPT:
             raise ValueError(f"{name}: empty batch, shape {tuple(arr.shape)}")
         return arr
 
-    def _prepare_idx(self, idx) -> Tensor:
-        arr = self._ids_to_numpy(idx, "idx")
+    def check_ids(self, idx, name: str = "idx", max_len: Optional[int] = None) -> np.ndarray:
+        """(B, T) host token ids, validated against the vocabulary and ``max_len`` (default the
+        block size), as int32."""
+        arr = self._ids_to_numpy(idx, name)
         cfg = self.config
         T = arr.shape[1]
-        if T > cfg.block_size:
-            raise ValueError(f"idx: sequence length {T} exceeds block_size {cfg.block_size}")
+        limit = cfg.block_size if max_len is None else max_len
+        if T > limit:
+            raise ValueError(f"{name}: sequence length {T} exceeds "
+                             f"{'block_size' if max_len is None else 'the room left'} {limit}")
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= cfg.vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"idx: token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
-        return self._to_device_ids(arr)
+            raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+        return arr.astype(np.int32, copy=False)
+
+    def _prepare_idx(self, idx) -> Tensor:
+        return self._to_device_ids(self.check_ids(idx))
 
     def _prepare_targets(self, targets, shape):
         arr = self._ids_to_numpy(targets, "targets")
@@ -295,7 +340,7 @@ class GPT:
             return host
         return host.to(device=self.device)
 
-    # ---- forward ------------------------------------------------------------------------
+    # ---- the trunk: one forward for full sequences and cached decoding ---------------------
 
     def _ln_bias(self, name: str) -> Tensor:
         return self._params[name] if self.config.bias else self._zero_bias
@@ -315,73 +360,132 @@ class GPT:
         self._workspaces[key] = ws  # most recent last
         return ws
 
-    def _run(self, idx_t: Tensor, head: bool = True) -> "_Workspace":
-        """Forward through the blocks (and the LM head) into the (B, T) workspace."""
-        self._acts = None  # the workspace is about to be overwritten: no pending backward
+    def _dropout_on(self) -> bool:
+        c = self.config
+        return self.training and (c.embd_pdrop > 0 or c.attn_pdrop > 0 or c.resid_pdrop > 0)
+
+    def _stream(self, step: int, layer: int, site: int) -> int:
+        return (step << _STREAM_LAYER_BITS) | (layer * 4 + site)
+
+    def _trunk_forward(self, idx_t: Tensor, ws: "_Workspace", cache=None, pos=None,
+                       final_ln: bool = True) -> Tensor:
+        """The blocks, written once. Runs (B, T) ids through the model into ``ws`` and returns
+        the final hidden states (B, T, C).
+
+        Full sequence (``cache`` None): causal attention over the T positions, every layer's
+        activations in its own buffers of ``ws`` for backward; dropout when ``ws.drop_step`` is
+        set. Cached decoding (``cache`` a KVCache): the T new positions start at ``pos`` (an int,
+        or a 1-element int32 device tensor read by the kernels, for CUDA graphs), attention reads
+        and extends the cache, all layers share one set of buffers, never dropout. ``final_ln``
+        False skips the last LayerNorm (a prefill that feeds no head)."""
         cfg, P = self.config, self._params
         eps, H = cfg.ln_eps, cfg.n_head
-        ws = self._workspace(*idx_t.shape)
-        ws.idx = idx_t
-        x0 = ops.embedding_forward(idx_t, P["wte"], P["wpe"], out=ws.x0)
-        scratch = ws.scratch  # c_proj outputs, consumed by the next fused residual+LN
+        step = ws.drop_step  # None: no dropout in this pass
+        x0 = ops.embedding_forward(idx_t, P["wte"], P["wpe"], pos=pos, out=ws.x0)
+        if step is not None and cfg.embd_pdrop > 0:
+            ops.dropout_forward(x0, cfg.embd_pdrop, self.seed,
+                                self._stream(step, cfg.n_layer, 0), inplace=True)
+        scratch = ws.scratch  # each sub-block's output, consumed by the next residual add
 
         def lin(x, prefix, out, gelu=False):
             return ops.linear_forward(x, P[prefix + ".weight"], P.get(prefix + ".bias"),
                                       gelu=gelu, out=out)
 
-        if cfg.prenorm:
-            for i, A in enumerate(ws.layers):
-                h = f"h.{i}"
-                w1, b1 = P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias")
+        def resid_dropout(i, site):  # on the sub-block output before its residual add
+            if step is not None and cfg.resid_pdrop > 0:
+                ops.dropout_forward(scratch, cfg.resid_pdrop, self.seed,
+                                    self._stream(step, i, site), inplace=True)
+
+        def attend(A, i, x_in):  # attention sub-block: its output lands in scratch
+            h = f"h.{i}.attn"
+            lin(x_in, h + ".c_attn", A["qkv"])
+            if cache is None:
+                kw = {}
+                if step is not None and cfg.attn_pdrop > 0:
+                    kw = dict(dropout_p=cfg.attn_pdrop, seed=self.seed,
+                              stream=self._stream(step, i, _SITE_ATTN))
+                ops.attention_forward(A["qkv"], H, cfg.attn_window[i], out=(A["att"], A["lse"]), **kw)
+            else:
+                ops.attention_kvcache(A["qkv"], cache.k[i], cache.v[i], pos, H, cfg.attn_window[i],
+                                      out=A["att"])
+            lin(A["att"], h + ".c_proj", scratch)
+            resid_dropout(i, _SITE_RESID_ATTN)
+
+        def mlp(A, i, x_in):  # MLP sub-block: its output lands in scratch
+            h = f"h.{i}.mlp"
+            lin(x_in, h + ".c_fc", (A["fc"], A["fc_pre"]), gelu=True)
+            lin(A["fc"], h + ".c_proj", scratch)
+            resid_dropout(i, _SITE_RESID_MLP)
+
+        def res_ln(x, residual, prefix, A, names):  # sum = x + residual; out = LN(sum)
+            ops.residual_layernorm_forward(x, residual, P[prefix + ".weight"],
+                                           self._ln_bias(prefix + ".bias"), eps,
+                                           out=tuple(A[n] for n in names))
+
+        F = ws.final
+        if cfg.prenorm:  # GPT-2/3: each residual add fused with the next LayerNorm
+            for i in range(cfg.n_layer):
+                A, h = ws.layer(i), f"h.{i}"
                 if i == 0:  # the residual stream entering block 0 is the embedding
-                    A["res"] = x0
-                    ops.layernorm_forward(x0, w1, b1, eps, out=(A["ln1"], A["m1"], A["r1"]))
-                else:  # residual add of the previous MLP fused with this block's ln_1
-                    ops.residual_layernorm_forward(scratch, ws.layers[i - 1]["res_mid"], w1, b1, eps,
-                                                   out=(A["res"], A["ln1"], A["m1"], A["r1"]))
-                lin(A["ln1"], h + ".attn.c_attn", A["qkv"])
-                ops.attention_forward(A["qkv"], H, cfg.attn_window[i], out=(A["att"], A["lse"]))
-                lin(A["att"], h + ".attn.c_proj", scratch)
-                ops.residual_layernorm_forward(
-                    scratch, A["res"], P[h + ".ln_2.weight"], self._ln_bias(h + ".ln_2.bias"), eps,
-                    out=(A["res_mid"], A["ln2"], A["m2"], A["r2"]))
-                lin(A["ln2"], h + ".mlp.c_fc", (A["fc"], A["fc_pre"]), gelu=True)
-                lin(A["fc"], h + ".mlp.c_proj", scratch)
-            F = ws.final
-            ops.residual_layernorm_forward(scratch, ws.layers[-1]["res_mid"], P["ln_f.weight"],
-                                           self._ln_bias("ln_f.bias"), eps,
-                                           out=(F["res"], F["x"], F["m"], F["r"]))
-        else:  # GPT-1: x = LN(x + attn(x)); x = LN(x + mlp(x)); no final LN
-            x = x0
-            for i, A in enumerate(ws.layers):
-                h = f"h.{i}"
-                A["x"] = x
-                lin(x, h + ".attn.c_attn", A["qkv"])
-                ops.attention_forward(A["qkv"], H, cfg.attn_window[i], out=(A["att"], A["lse"]))
-                lin(A["att"], h + ".attn.c_proj", scratch)
-                ops.residual_layernorm_forward(
-                    scratch, x, P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias"), eps,
-                    out=(A["s1"], A["n1"], A["m1"], A["r1"]))
-                lin(A["n1"], h + ".mlp.c_fc", (A["fc"], A["fc_pre"]), gelu=True)
-                lin(A["fc"], h + ".mlp.c_proj", scratch)
-                ops.residual_layernorm_forward(
-                    scratch, A["n1"], P[h + ".ln_2.weight"], self._ln_bias(h + ".ln_2.bias"), eps,
-                    out=(A["s2"], A["out"], A["m2"], A["r2"]))
-                x = A["out"]
-            ws.final["x"] = x
-        if head:  # tied LM head: logits (B, T, Vp) = x @ wte^T
-            ops.linear_forward(ws.final["x"], P["wte"], None, out=ws.logits())
+                    ops.layernorm_forward(x0, P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias"),
+                                          eps, out=(A["ln1"], A["m1"], A["r1"]))
+                else:
+                    res_ln(scratch, ws.layer(i - 1)["res_mid"], h + ".ln_1", A, ("res", "ln1", "m1", "r1"))
+                attend(A, i, A["ln1"])
+                res_ln(scratch, x0 if i == 0 else A["res"], h + ".ln_2", A, ("res_mid", "ln2", "m2", "r2"))
+                mlp(A, i, A["ln2"])
+            if not final_ln:
+                return None
+            res_ln(scratch, ws.layer(cfg.n_layer - 1)["res_mid"], "ln_f", F, ("res", "x", "m", "r"))
+            return F["x"]
+        # GPT-1: x = LN(x + attn(x)); x = LN(x + mlp(x)); no final LN
+        x = x0
+        for i in range(cfg.n_layer):
+            A, h = ws.layer(i), f"h.{i}"
+            attend(A, i, x)
+            res_ln(scratch, x, h + ".ln_1", A, ("s1", "n1", "m1", "r1"))
+            mlp(A, i, A["n1"])
+            res_ln(scratch, A["n1"], h + ".ln_2", A, ("s2", "out", "m2", "r2"))
+            x = A["out"]
+        F["x"] = x
+        return x
+
+    def _run(self, idx_t: Tensor, head: bool = True) -> "_Workspace":
+        """A full-sequence forward into the (B, T) workspace (with the LM head's logits)."""
+        self._acts = None  # the workspace is about to be overwritten: no pending backward
+        ws = self._workspace(*idx_t.shape)
+        ws.idx = idx_t
+        ws.drop_step = None
+        if self._dropout_on():
+            ws.drop_step = self.dropout_step
+            self.dropout_step += 1
+        ws.lm_pending = False
+        h = self._trunk_forward(idx_t, ws)
+        if head:  # tied LM head: logits (B, T, Vp) = h @ wte^T
+            ops.linear_forward(h, self._params["wte"], None, out=ws.logits())
         return ws
 
+    def hidden_states(self, idx) -> Tensor:
+        """The final hidden states (B, T, C) of (B, T) ids: the trunk's output, what every head
+        reads (after GPT-2's final LayerNorm; GPT-1's last block output).
+
+        Returns the workspace's buffer itself (valid until the next forward; copy with
+        ``np.array(h)`` to keep it) and keeps what :meth:`backward` needs, so a head's gradient
+        can be sent back with ``backward(dh=...)``. Dropout applies in training mode."""
+        ws = self._run(self._prepare_idx(idx), head=False)
+        self._acts = ws
+        return ws.final["x"]
+
     def forward(self, idx, targets=None, *, loss_scale: float = 1.0, grad: bool = True):
-        """Run the model.
+        """Run the model with its LM head.
 
         Without ``targets``: returns the logits as a float32 NumPy array (B, T, vocab_size).
         With ``targets`` (B, T) (negative entries ignored): returns the mean cross-entropy over
         the non-ignored positions as a Python float and, when ``grad`` is True, keeps what
         :meth:`backward` needs. The logits' gradient is computed in the same fused pass; it is
         the gradient of ``loss_scale * mean_loss`` (use ``1 / grad_accum`` when accumulating
-        micro-batches).
+        micro-batches, or the LM weight of a combined loss). The final hidden states stay
+        readable through :attr:`last_hidden_states` for heads that share this forward.
         """
         idx_t = self._prepare_idx(idx)
         if targets is None:
@@ -397,12 +501,20 @@ class GPT:
             losses, _ = ops.cross_entropy_forward_backward(ws.logits(), tgt, V, -1,
                                                            grad_scale=scale, inplace=True,
                                                            out=(ws.losses, None))
+            ws.lm_pending = True
             self._acts = ws
         else:
             losses = ops.cross_entropy_forward(ws.logits(), tgt, V, -1, out=ws.losses)
         if n_valid == 0:
             return float("nan")
         return float(np.asarray(losses.numpy(), dtype=np.float64).sum() / n_valid)
+
+    @property
+    def last_hidden_states(self) -> Tensor:
+        """The final hidden states of the forward whose backward is pending (see forward())."""
+        if self._acts is None:
+            raise RuntimeError("last_hidden_states: no forward is pending a backward")
+        return self._acts.final["x"]
 
     def __call__(self, idx) -> np.ndarray:
         """``model(idx)``: float32 NumPy logits (B, T, vocab_size) for (B, T) token ids."""
@@ -435,102 +547,184 @@ class GPT:
 
     # ---- backward -----------------------------------------------------------------------
 
-    def backward(self) -> None:
-        """Accumulate the gradients of the last ``forward(idx, targets)`` into ``grads()``."""
+    def backward(self, dh=None) -> None:
+        """Accumulate parameter gradients into ``grads()`` from the pending forward.
+
+        After ``forward(idx, targets)`` the LM head's gradient is sent back; ``dh`` (B, T, C),
+        a gradient on the final hidden states from other heads (NumPy array or Tensor), is
+        added to it. After ``hidden_states(idx)`` ``dh`` is required and is all there is.
+        """
         ws = self._acts
         if ws is None:
-            raise RuntimeError("backward: call forward(idx, targets) first (and only once per "
-                               "forward, with no other forward or logits call in between)")
+            raise RuntimeError("backward: call forward(idx, targets) or hidden_states(idx) first "
+                               "(and only once per forward, with no other forward or logits call "
+                               "in between)")
+        if dh is None and not ws.lm_pending:
+            raise ValueError("dh: hidden_states() has no loss of its own; pass the gradient of "
+                             "your loss with respect to the hidden states")
+        grab = ws.grad_buffers()
+        if ws.lm_pending:  # tied LM head: its weight gradient lands in dwte with the embedding's
+            g = ops.linear_backward(ws.logits(), ws.final["x"], weight=self._params["wte"],
+                                    dweight=self._grads["wte"], out=grab())
+            if dh is not None:
+                _add_into(g, self._check_dh(dh, ws))
+        else:
+            g = grab()
+            g.copy_(self._check_dh(dh, ws))
         self._acts = None
+        self._trunk_backward(ws, g, grab)
+
+    def backward_hidden(self, dh) -> None:
+        """Back-propagate a gradient ``dh`` (B, T, C) on the final hidden states (see
+        :meth:`hidden_states`); the same as ``backward(dh=dh)``."""
+        if dh is None:
+            raise ValueError("dh: expected a (B, T, C) gradient, got None")
+        self.backward(dh=dh)
+
+    def _check_dh(self, dh, ws) -> Tensor:
+        want = (ws.B, ws.T, self.config.n_embd)
+        if isinstance(dh, Tensor):
+            t = dh
+        else:
+            arr = np.asarray(dh)
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise TypeError(f"dh: expected floating-point values, got {arr.dtype}")
+            t = from_numpy(np.ascontiguousarray(arr, dtype=np.float32), "dh")
+        if tuple(t.shape) != want:
+            raise ValueError(f"dh: expected shape {want} (like the hidden states), got {tuple(t.shape)}")
+        if t.device != self.device or t.dtype != self.dtype:
+            t = t.to(device=self.device, dtype=self.dtype)
+        return t
+
+    def _trunk_backward(self, ws: "_Workspace", dh: Tensor, grab) -> None:
+        """Backward through the blocks from ``dh`` (a grab() buffer holding the gradient on the
+        final hidden states) to the embeddings, in reverse order of :meth:`_trunk_forward`."""
         cfg, P, G = self.config, self._params, self._grads
         H = cfg.n_head
-        grab = ws.grad_buffers()  # grab(*live) -> a (B, T, C) gradient buffer not in `live`
         dfc, dqkv = ws.dfc, ws.dqkv
+        step = ws.drop_step
 
         def lin_back(dout, x, prefix, out, pre=None):
-            return ops.linear_backward(dout, x, P[prefix + ".weight"], G[prefix + ".weight"],
-                                       G.get(prefix + ".bias"), pre=pre, out=out)
+            return ops.linear_backward(dout, x, pre=pre, weight=P[prefix + ".weight"],
+                                       dweight=G[prefix + ".weight"], dbias=G.get(prefix + ".bias"),
+                                       out=out)
 
         def ln_back(dout, x, prefix, mean, rstd, out, dresidual=None):
-            return ops.layernorm_backward(dout, x, P[prefix + ".weight"], mean, rstd,
-                                          G[prefix + ".weight"], self._dln_bias(prefix + ".bias"),
-                                          dresidual=dresidual, out=out)
+            return ops.layernorm_backward(dout, x, mean=mean, rstd=rstd, dresidual=dresidual,
+                                          weight=P[prefix + ".weight"], dweight=G[prefix + ".weight"],
+                                          dbias=self._dln_bias(prefix + ".bias"), out=out)
 
-        # tied LM head: its weight gradient lands in dwte together with the embedding's
-        F = ws.final
-        dx = ops.linear_backward(ws.logits(), F["x"], P["wte"], G["wte"], None, out=grab())
+        def resid_drop_back(g, i, site, *live):  # gradient into a sub-block's (dropped) output
+            if step is None or cfg.resid_pdrop == 0:
+                return g
+            return ops.dropout_backward(g, cfg.resid_pdrop, self.seed, self._stream(step, i, site),
+                                        out=grab(g, *live))
+
+        def attn_back(datt, A, i):
+            kw = {}
+            if step is not None and cfg.attn_pdrop > 0:
+                kw = dict(dropout_p=cfg.attn_pdrop, seed=self.seed,
+                          stream=self._stream(step, i, _SITE_ATTN))
+            ops.attention_backward(datt, A["qkv"], A["att"], A["lse"], H, cfg.attn_window[i],
+                                   dqkv=dqkv, **kw)
+
+        def embedding_back(g):
+            if step is not None and cfg.embd_pdrop > 0:
+                g = ops.dropout_backward(g, cfg.embd_pdrop, self.seed,
+                                         self._stream(step, cfg.n_layer, 0), out=grab(g))
+            if g.dtype != "float32":  # gradients are float32 buffers; embedding wants dout alike
+                g = g.to(dtype="float32")
+            ops.embedding_backward(g, ws.idx, G["wte"], G["wpe"])
+
         if cfg.prenorm:
-            dres = ln_back(dx, F["res"], "ln_f", F["m"], F["r"], out=grab(dx))
+            F = ws.final
+            dres = ln_back(dh, F["res"], "ln_f", F["m"], F["r"], out=grab(dh))
             for i in reversed(range(cfg.n_layer)):
-                h, A = f"h.{i}", ws.layers[i]
-                lin_back(dres, A["fc"], h + ".mlp.c_proj", dfc)
+                h, A = f"h.{i}", ws.layer(i)
+                lin_back(resid_drop_back(dres, i, _SITE_RESID_MLP), A["fc"], h + ".mlp.c_proj", dfc)
                 dln2 = lin_back(dfc, A["ln2"], h + ".mlp.c_fc", grab(dres), pre=A["fc_pre"])
+                res_in = ws.x0 if i == 0 else A["res"]
                 dres_mid = ln_back(dln2, A["res_mid"], h + ".ln_2", A["m2"], A["r2"],
                                    out=grab(dres, dln2), dresidual=dres)
-                datt = lin_back(dres_mid, A["att"], h + ".attn.c_proj", grab(dres_mid))
-                ops.attention_backward(datt, A["qkv"], A["att"], A["lse"], H, cfg.attn_window[i],
-                                       dqkv=dqkv)
+                datt = lin_back(resid_drop_back(dres_mid, i, _SITE_RESID_ATTN), A["att"],
+                                h + ".attn.c_proj", grab(dres_mid))
+                attn_back(datt, A, i)
                 dln1 = lin_back(dqkv, A["ln1"], h + ".attn.c_attn", grab(dres_mid))
-                dres = ln_back(dln1, A["res"], h + ".ln_1", A["m1"], A["r1"],
+                dres = ln_back(dln1, res_in, h + ".ln_1", A["m1"], A["r1"],
                                out=grab(dres_mid, dln1), dresidual=dres_mid)
-            self._embedding_backward(dres, ws.idx)
-        else:
-            # The gradient reaching a block's output arrives as two parts (g_a + g_b): there is
-            # no add op, and LayerNorm's backward is linear in dout, so LN'(g_a + g_b) is one
-            # call for g_a and a second that adds LN'(g_b) via dresidual.
-            g_a, g_b = dx, None
-            for i in reversed(range(cfg.n_layer)):
-                h, A = f"h.{i}", ws.layers[i]
-                ds2 = self._ln_back_sum(g_a, g_b, A["s2"], h + ".ln_2", A["m2"], A["r2"], grab)
-                lin_back(ds2, A["fc"], h + ".mlp.c_proj", dfc)
-                dn1 = lin_back(dfc, A["n1"], h + ".mlp.c_fc", grab(ds2), pre=A["fc_pre"])
-                # n1 fed both c_fc and the residual of s2
-                ds1 = self._ln_back_sum(ds2, dn1, A["s1"], h + ".ln_1", A["m1"], A["r1"], grab)
-                datt = lin_back(ds1, A["att"], h + ".attn.c_proj", grab(ds1))
-                ops.attention_backward(datt, A["qkv"], A["att"], A["lse"], H, cfg.attn_window[i],
-                                       dqkv=dqkv)
-                dx_in = lin_back(dqkv, A["x"], h + ".attn.c_attn", grab(ds1))
-                g_a, g_b = ds1, dx_in  # x fed both c_attn and the residual of s1
-            self._embedding_backward(g_a, ws.idx)
-            self._embedding_backward(g_b, ws.idx)
+            embedding_back(dres)
+            return
+        # GPT-1. The gradient reaching a block's output arrives as two parts (g_a + g_b): there
+        # is no add op, and LayerNorm's backward is linear in dout, so LN'(g_a + g_b) is one call
+        # for g_a and a second that adds LN'(g_b) via dresidual.
+        g_a, g_b = dh, None
+        for i in reversed(range(cfg.n_layer)):
+            h, A = f"h.{i}", ws.layer(i)
+            x_in = ws.x0 if i == 0 else ws.layer(i - 1)["out"]
+            ds2 = self._ln_back_sum(g_a, g_b, A["s2"], h + ".ln_2", A["m2"], A["r2"], grab)
+            lin_back(resid_drop_back(ds2, i, _SITE_RESID_MLP), A["fc"], h + ".mlp.c_proj", dfc)
+            dn1 = lin_back(dfc, A["n1"], h + ".mlp.c_fc", grab(ds2), pre=A["fc_pre"])
+            # n1 fed both c_fc and the residual of s2
+            ds1 = self._ln_back_sum(ds2, dn1, A["s1"], h + ".ln_1", A["m1"], A["r1"], grab)
+            datt = lin_back(resid_drop_back(ds1, i, _SITE_RESID_ATTN), A["att"],
+                            h + ".attn.c_proj", grab(ds1))
+            attn_back(datt, A, i)
+            dx_in = lin_back(dqkv, x_in, h + ".attn.c_attn", grab(ds1))
+            g_a, g_b = ds1, dx_in  # x fed both c_attn and the residual of s1
+        embedding_back(g_a)
+        embedding_back(g_b)
 
     def _ln_back_sum(self, g_a, g_b, x, prefix, mean, rstd, grab):
         """LN backward for dout = g_a + g_b (g_b may be None), accumulating dweight/dbias."""
         P, G = self._params, self._grads
         w, dw, db = P[prefix + ".weight"], G[prefix + ".weight"], self._dln_bias(prefix + ".bias")
         live = (g_a,) if g_b is None else (g_a, g_b)
-        d = ops.layernorm_backward(g_a, x, w, mean, rstd, dw, db, out=grab(*live))
+        d = ops.layernorm_backward(g_a, x, mean=mean, rstd=rstd, weight=w, dweight=dw, dbias=db,
+                                   out=grab(*live))
         if g_b is None:
             return d
-        return ops.layernorm_backward(g_b, x, w, mean, rstd, dw, db, dresidual=d,
-                                      out=grab(*live, d))
-
-    def _embedding_backward(self, dx: Tensor, idx_t: Tensor) -> None:
-        if dx.dtype != "float32":  # gradients are float32 buffers; embedding wants dout alike
-            dx = dx.to(dtype="float32")
-        ops.embedding_backward(dx, idx_t, self._grads["wte"], self._grads["wpe"])
+        return ops.layernorm_backward(g_b, x, mean=mean, rstd=rstd, dresidual=d, weight=w,
+                                      dweight=dw, dbias=db, out=grab(*live, d))
 
     def __repr__(self) -> str:
         c = self.config
+        heads = f", heads={list(self.heads)}" if self.heads else ""
         return (f"GPT(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
                 f"block_size={c.block_size}, vocab_size={c.vocab_size}, prenorm={c.prenorm}, "
-                f"params={self.num_parameters():,}, device={self.device!r}, dtype={self.dtype!r})")
+                f"params={self.num_parameters():,}, device={self.device!r}, dtype={self.dtype!r}"
+                f"{heads})")
+
+
+def _add_into(dst: Tensor, src: Tensor) -> None:
+    """dst += src for two same-shape tensors on one device. On the CPU both are float32 host
+    memory and NumPy adds in place; on CUDA it goes through the host (no add op yet)."""
+    if dst.device == "cpu":
+        d = np.asarray(dst.numpy())
+        d += np.asarray(src.numpy())
+        return
+    total = np.asarray(dst.numpy(), np.float32) + np.asarray(src.numpy(), np.float32)
+    dst.copy_(_upload(total, dst.device, dst.dtype))
 
 
 class _Workspace:
-    """Activation buffers for one (B, T) shape: what forward writes and backward reads.
+    """Activation buffers for one (B, T) shape: what a forward writes and backward reads.
 
-    Per block (pre-LN): res, ln1, m1, r1, qkv, att, lse, res_mid, ln2, m2, r2, fc, fc_pre; GPT-1
-    keeps x, s1, n1, s2, out instead of res/ln1/res_mid/ln2. One (B, T, C) ``scratch`` carries each
-    c_proj output to the fused residual+LayerNorm that consumes it. The logits and the backward
-    buffers are allocated when first needed (sampling and evaluation never need the latter).
+    Per block (pre-LN): ln1, m1, r1, qkv, att, lse, res_mid, ln2, m2, r2, fc, fc_pre, and res
+    (the residual stream entering the block; block 0's is ``x0``); GPT-1 keeps s1, n1, s2, out
+    instead of res/ln1/res_mid/ln2. One (B, T, C) ``scratch`` carries each sub-block's output to
+    the fused residual+LayerNorm that consumes it. ``shared`` (cached decoding: nothing is kept
+    for backward) gives every layer the same set, where the residual stream alternates between
+    ``res`` and ``res_mid`` (a fused residual+LayerNorm may not write its own input). The logits
+    and the backward buffers are allocated when first needed.
     """
 
-    def __init__(self, model: "GPT", B: int, T: int):
+    def __init__(self, model: "GPT", B: int, T: int, shared: bool = False):
         cfg, dev, dt = model.config, model.device, model.dtype
         C, H = cfg.n_embd, cfg.n_head
         self.model, self.B, self.T = model, B, T
         self.idx: Optional[Tensor] = None
+        self.drop_step: Optional[int] = None  # the dropout step of the forward that filled it
+        self.lm_pending = False  # the logits buffer holds the LM loss's gradient
 
         def act(*shape):
             return empty([B, T, *shape], dt, dev)
@@ -542,17 +736,25 @@ class _Workspace:
         self.scratch = act(C)
         self.losses = empty([B, T], "float32", dev)
         names = (("res", "ln1", "res_mid", "ln2") if cfg.prenorm else ("s1", "n1", "s2", "out"))
-        self.layers: List[dict] = []
-        for _ in range(cfg.n_layer):
+
+        def layer():
             A = {n: act(C) for n in names}
             A.update(qkv=act(3 * C), att=act(C), fc=act(4 * C), fc_pre=act(4 * C),
-                     lse=stat(H, T), m1=stat(T), r1=stat(T), m2=stat(T), r2=stat(T))
-            self.layers.append(A)
+                     m1=stat(T), r1=stat(T), m2=stat(T), r2=stat(T))
+            if not shared:
+                A["lse"] = stat(H, T)
+            return A
+
+        one = layer() if shared else None
+        self.layers: List[dict] = [one if shared else layer() for _ in range(cfg.n_layer)]
         self.final = ({"res": act(C), "x": act(C), "m": stat(T), "r": stat(T)}
                       if cfg.prenorm else {})
         self._logits: Optional[Tensor] = None
         self._grad: Optional[List[Tensor]] = None
         self.dfc = self.dqkv = None
+
+    def layer(self, i: int) -> dict:
+        return self.layers[i]
 
     def logits(self) -> Tensor:
         if self._logits is None:
@@ -563,11 +765,11 @@ class _Workspace:
 
     def grad_buffers(self):
         """Allocate backward's buffers once; returns grab(*live): a (B, T, C) buffer that is
-        none of the live ones (four rotate through every block)."""
+        none of the live ones (five rotate through every block)."""
         if self._grad is None:
             C = self.model.config.n_embd
             mk = lambda *s: empty([self.B, self.T, *s], self.model.dtype, self.model.device)
-            self._grad = [mk(C) for _ in range(4)]
+            self._grad = [mk(C) for _ in range(5)]
             self.dfc, self.dqkv = mk(4 * C), mk(3 * C)
 
         def grab(*live):
@@ -575,6 +777,6 @@ class _Workspace:
             for buf in self._grad:
                 if buf.data_ptr() not in taken:
                     return buf
-            raise AssertionError("backward needs more than four (B, T, C) buffers")
+            raise AssertionError("backward needs more than five (B, T, C) buffers")
 
         return grab

@@ -149,18 +149,20 @@ def generate(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int, tempera
 
 def _sample(model: GPT, prompt_ids: Sequence[int], n: int, temperature: float,
             top_k: Optional[int], seed: int) -> List[int]:
-    """The KV-cache sampler (gptcore.sample) when prompt + sample fit the context, else
-    :func:`generate`'s sliding window."""
-    if len(prompt_ids) + n <= model.config.block_size:
-        try:
-            from .. import sample as gsample
-        except ImportError:
-            gsample = None
-        if gsample is not None:
-            out = gsample.generate(model, np.asarray(prompt_ids, dtype=np.int64), n,
-                                   temperature=temperature, top_k=top_k, seed=seed)
+    """The KV-cache sampler (gptcore.generate) when prompt + sample fit the context, else
+    :func:`generate`'s sliding window. Runs in evaluation mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        if len(prompt_ids) + n <= model.config.block_size:
+            from ..generate import generate as kv_generate
+
+            out = kv_generate(model, np.asarray(prompt_ids, dtype=np.int64), n,
+                              temperature=temperature, top_k=top_k, seed=seed)
             return [int(t) for t in np.asarray(out).reshape(-1)[len(prompt_ids):] if t >= 0]
-    return generate(model, prompt_ids, n, temperature, top_k, seed=seed)
+        return generate(model, prompt_ids, n, temperature, top_k, seed=seed)
+    finally:
+        model.train(was_training)
 
 
 # ---- the loop ----------------------------------------------------------------------------
@@ -221,10 +223,15 @@ def _tokenizer_for(meta: Dict[str, Any]):
 def evaluate(model: GPT, val: gdata.TokenData, batch_size: int, seq_len: int, max_batches: int) -> float:
     """Mean validation loss over up to ``max_batches`` deterministic batches."""
     total, count = 0.0, 0
-    for x, y in gdata.eval_batches(val, batch_size, seq_len, max_batches):
-        n = x.size
-        total += model.loss(x, y) * n
-        count += n
+    was_training = model.training
+    model.eval()  # no dropout while measuring
+    try:
+        for x, y in gdata.eval_batches(val, batch_size, seq_len, max_batches):
+            n = x.size
+            total += model.loss(x, y) * n
+            count += n
+    finally:
+        model.train(was_training)
     return total / count if count else float("nan")
 
 
@@ -284,6 +291,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
         start_step, tokens_seen = int(st["step"]), int(st.get("tokens", 0))
         elapsed_before = float(st.get("elapsed", 0.0))
         loader.load_state_dict(st["loader"])
+        model.dropout_step = int(st.get("dropout_step", 0))  # the next masks, as if never stopped
         say(f"Resumed from {ckpt['path']} at step {start_step}")
 
     tok = _tokenizer_for(meta)
@@ -303,6 +311,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
 
     def state_now(step: int) -> Dict[str, Any]:
         return {"step": step, "tokens": tokens_seen, "loader": loader.state_dict(),
+                "dropout_step": model.dropout_step,
                 "train_config": cfg.to_dict(), "data_meta": meta, "data_dir": os.path.abspath(data_dir),
                 "elapsed": elapsed_before + (time.perf_counter() - t_start), "val_loss": last_val}
 
