@@ -104,7 +104,7 @@ def bench_linear(rng, quick, W, R):
     dout = gptcore.tensor(rand(rng, N, M), device="cuda", dtype="bfloat16")
     dw = gptcore.zeros([M, K], dtype="float32", device="cuda")
     db = gptcore.zeros([M], dtype="float32", device="cuda")
-    t = timeit(lambda: ops.linear_backward(dout, x, w, dw, db, pre=pre), W, R)
+    t = timeit(lambda: ops.linear_backward(dout, x, pre=pre, weight=w, dweight=dw, dbias=db), W, R)
     tt = None
     if HAVE_TORCH:
         xg = xt.detach().clone().requires_grad_(True)
@@ -170,7 +170,8 @@ def bench_layernorm(rng, quick, W, R):
     bytes_f = 2 * N * C * 2 + N * 8          # x in, out, mean and rstd out
     bytes_b = 3 * N * C * 2 + N * 8          # x, dout in, dx out, mean and rstd in
     t = timeit(lambda: ops.layernorm_forward(x, w, b), W, R)
-    tb = timeit(lambda: ops.layernorm_backward(dout, x, w, mean, rstd, dw, db), W, R)
+    tb = timeit(lambda: ops.layernorm_backward(dout, x, mean, rstd, weight=w, dweight=dw,
+                                                   dbias=db), W, R)
     tt = ttb = None
     if HAVE_TORCH:
         xt, wt, bt = to_torch(x), to_torch(w), to_torch(b)

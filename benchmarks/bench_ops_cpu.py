@@ -81,13 +81,13 @@ def setup_layernorm(impl, bt):
 
         def fn():
             _, mean, rstd = ops.layernorm_forward(x, w, b)
-            ops.layernorm_backward(dout, x, w, mean, rstd, dw, db)
+            ops.layernorm_backward(dout, x, mean, rstd, weight=w, dweight=dw, dbias=db)
     else:
         x, w, b, dout = (a.astype(np.float64) for a in (x, w, b, dout))
 
         def fn():
             _, mean, rstd = ref.layernorm_forward(x, w, b)
-            ref.layernorm_backward(dout, x, w, mean, rstd)
+            ref.layernorm_backward(dout, x, mean, rstd, weight=w)
     return fn
 
 
@@ -100,13 +100,14 @@ def setup_residual_layernorm(impl, bt):
 
         def fn():
             s, _, mean, rstd = ops.residual_layernorm_forward(x, r, w, b)
-            ops.residual_layernorm_backward(dout, dsum, s, w, mean, rstd, dw, db)
+            ops.residual_layernorm_backward(dout, s, mean, rstd, dsum=dsum, weight=w, dweight=dw,
+                                            dbias=db)
     else:
         x, r, w, b, dout, dsum = (a.astype(np.float64) for a in (x, r, w, b, dout, dsum))
 
         def fn():
             s, _, mean, rstd = ref.residual_layernorm_forward(x, r, w, b)
-            ref.residual_layernorm_backward(dout, dsum, s, w, mean, rstd)
+            ref.residual_layernorm_backward(dout, s, mean, rstd, dsum=dsum, weight=w)
     return fn
 
 
@@ -118,13 +119,13 @@ def _setup_linear(impl, bt, K, M, gelu):
 
         def fn():
             _, pre = ops.linear_forward(x, w, b, gelu=gelu)
-            ops.linear_backward(dout, x, w, dw, db, pre=pre)
+            ops.linear_backward(dout, x, pre=pre, weight=w, dweight=dw, dbias=db)
     else:
         x, w, b, dout = (a.astype(np.float64) for a in (x, w, b, dout))
 
         def fn():
             _, pre = ref.linear_forward(x, w, b, gelu=gelu)
-            ref.linear_backward(dout, x, w, pre=pre)
+            ref.linear_backward(dout, x, pre=pre, weight=w)
     return fn
 
 

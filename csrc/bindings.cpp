@@ -308,22 +308,59 @@ CuPy or JAX without a copy.
   m.def("get_num_threads", &get_num_threads);
 
   // ---- ops (checked in dispatch.cpp) ------------------------------------------------------
+  // Every argument is named as in ops.h, in the same order (tests/test_op_signatures.py compares
+  // these names with python/gptcore/ops.py and reference.py through __doc__). Optional arguments
+  // default to None; where a required argument follows an optional one the rest is keyword-only
+  // (py::kw_only), as in ops.py, so each signature is one that Python could spell.
   auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("embedding_forward", &ops::embedding_forward, nogil);
-  m.def("embedding_backward", &ops::embedding_backward, nogil);
-  m.def("layernorm_forward", &ops::layernorm_forward, nogil);
-  m.def("layernorm_backward", &ops::layernorm_backward, nogil);
-  m.def("residual_layernorm_forward", &ops::residual_layernorm_forward, nogil);
-  m.def("residual_layernorm_backward", &ops::residual_layernorm_backward, nogil);
-  m.def("linear_forward", &ops::linear_forward, nogil);
-  m.def("linear_backward", &ops::linear_backward, nogil);
-  m.def("attention_forward", &ops::attention_forward, nogil);
-  m.def("attention_backward", &ops::attention_backward, nogil);
-  m.def("attention_kvcache", &ops::attention_kvcache, nogil);
-  m.def("cross_entropy", &ops::cross_entropy, nogil);
-  m.def("adamw_step", &ops::adamw_step, nogil);
-  m.def("global_norm", &ops::global_norm, nogil);
-  m.def("sample_tokens", &ops::sample_tokens, nogil);
+  const auto none = py::none();
+  m.def("embedding_forward", &ops::embedding_forward, nogil, py::arg("idx"), py::arg("wte"),
+        py::arg("wpe"), py::arg("pos") = 0, py::arg("pos_dev") = none, py::arg("out") = none);
+  m.def("embedding_backward", &ops::embedding_backward, nogil, py::arg("dout"), py::arg("idx"),
+        py::arg("dwte"), py::arg("dwpe"));
+  m.def("layernorm_forward", &ops::layernorm_forward, nogil, py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("eps") = 1e-5, py::arg("out") = none, py::arg("mean") = none,
+        py::arg("rstd") = none);
+  m.def("layernorm_backward", &ops::layernorm_backward, nogil, py::arg("dout"), py::arg("x"),
+        py::arg("mean"), py::arg("rstd"), py::kw_only(), py::arg("dresidual") = none,
+        py::arg("weight"), py::arg("dweight"), py::arg("dbias"), py::arg("dx") = none);
+  m.def("residual_layernorm_forward", &ops::residual_layernorm_forward, nogil, py::arg("x"),
+        py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps") = 1e-5,
+        py::arg("sum") = none, py::arg("out") = none, py::arg("mean") = none,
+        py::arg("rstd") = none);
+  m.def("residual_layernorm_backward", &ops::residual_layernorm_backward, nogil,
+        py::arg("dout"), py::arg("sum"), py::arg("mean"), py::arg("rstd"), py::kw_only(),
+        py::arg("dsum") = none, py::arg("weight"), py::arg("dweight"), py::arg("dbias"),
+        py::arg("dx") = none);
+  m.def("linear_forward", &ops::linear_forward, nogil, py::arg("x"), py::arg("weight"),
+        py::arg("bias") = none, py::arg("gelu") = false, py::arg("out") = none,
+        py::arg("pre") = none);
+  m.def("linear_backward", &ops::linear_backward, nogil, py::arg("dout"), py::arg("x"),
+        py::kw_only(), py::arg("pre") = none, py::arg("weight"), py::arg("need_dx") = true,
+        py::arg("dweight"), py::arg("dbias") = none, py::arg("dx") = none);
+  m.def("attention_forward", &ops::attention_forward, nogil, py::arg("qkv"), py::arg("n_head"),
+        py::arg("window") = none, py::arg("out") = none, py::arg("lse") = none);
+  m.def("attention_backward", &ops::attention_backward, nogil, py::arg("dout"), py::arg("qkv"),
+        py::arg("out"), py::arg("lse"), py::arg("n_head"), py::arg("window") = none,
+        py::arg("dqkv") = none);
+  m.def("attention_kvcache", &ops::attention_kvcache, nogil, py::arg("qkv"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("pos"), py::kw_only(), py::arg("pos_dev") = none,
+        py::arg("n_head"), py::arg("window") = none, py::arg("out") = none);
+  m.def("cross_entropy", &ops::cross_entropy, nogil, py::arg("logits"), py::arg("targets"),
+        py::arg("vocab_size") = none, py::arg("ignore_index") = -1, py::arg("with_grad") = false,
+        py::arg("grad_scale") = none, py::arg("inplace") = false, py::arg("losses") = none,
+        py::arg("dlogits") = none);
+  m.def("adamw_step", &ops::adamw_step, nogil, py::arg("params"), py::arg("grads"), py::arg("m"),
+        py::arg("v"), py::kw_only(), py::arg("master") = std::vector<Tensor>{}, py::arg("decay"),
+        py::arg("lr"), py::arg("beta1") = 0.9, py::arg("beta2") = 0.95, py::arg("eps") = 1e-8,
+        py::arg("weight_decay") = 0.0, py::arg("step"), py::arg("grad_scale") = 1.0,
+        py::arg("seed") = 0);
+  m.def("global_norm", &ops::global_norm, nogil, py::arg("tensors"));
+  m.def("sample_tokens", &ops::sample_tokens, nogil, py::arg("logits"), py::arg("counts") = none,
+        py::arg("counter") = none, py::arg("logit_bias") = none, py::arg("forced") = none,
+        py::arg("vocab_size") = none, py::arg("temperature") = 1.0, py::arg("top_k") = none,
+        py::arg("top_p") = none, py::arg("frequency_penalty") = 0.0,
+        py::arg("presence_penalty") = 0.0, py::arg("seed") = 0, py::arg("tokens") = none);
 
   // ---- CUDA runtime -----------------------------------------------------------------------
   py::module_ mc = m.def_submodule("cuda", "CUDA runtime controls");

@@ -289,7 +289,8 @@ def test_cuda_tensor_without_usable_gpu_does_not_crash():
             "embedding_backward": lambda: ops.embedding_backward(
                 fake_cuda(1, 2, 8), fake_cuda(1, 2, dtype="int32"), fake_cuda(10, 8), fake_cuda(4, 8)),
             "linear_backward": lambda: ops.linear_backward(
-                fake_cuda(4, 6), fake_cuda(4, 8), fake_cuda(6, 8), fake_cuda(6, 8), need_dx=False),
+                fake_cuda(4, 6), fake_cuda(4, 8), weight=fake_cuda(6, 8), need_dx=False,
+                dweight=fake_cuda(6, 8)),
             "layernorm_forward": lambda: ops.layernorm_forward(fake_cuda(4, 8), fake_cuda(8), fake_cuda(8)),
         }}
         for name, call in calls.items():

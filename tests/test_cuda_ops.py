@@ -232,9 +232,10 @@ def test_layernorm_backward(rng, dtype, shape, with_residual):
     _, mean, rstd = ops.layernorm_forward(dev(x, dtype), dev(w, dtype), dev(b, dtype))
     dw0, db0 = rng.randn(C), rng.randn(C)
     dw, db = dev(dw0), dev(db0)
-    dx = ops.layernorm_backward(dev(dout, dtype), dev(x, dtype), dev(w, dtype), mean, rstd, dw, db,
-                                dresidual=None if dres is None else dev(dres, dtype))
-    rdx, rdw, rdb = ref.layernorm_backward(dout, x, w, host(mean), host(rstd), dresidual=dres)
+    dx = ops.layernorm_backward(dev(dout, dtype), dev(x, dtype), mean, rstd,
+                                dresidual=None if dres is None else dev(dres, dtype),
+                                weight=dev(w, dtype), dweight=dw, dbias=db)
+    rdx, rdw, rdb = ref.layernorm_backward(dout, x, host(mean), host(rstd), dresidual=dres, weight=w)
     check(host(dx), rdx, TOL[dtype], "dx", rng)
     check(host(dw), dw0 + rdw, TOL[dtype] if dtype == "bfloat16" else 2e-5, "dweight", rng)
     check(host(db), db0 + rdb, TOL[dtype] if dtype == "bfloat16" else 2e-5, "dbias", rng)
@@ -284,9 +285,10 @@ def test_linear_backward(rng, dtype, shape, gelu, bias):
     db0 = rng.randn(M) if bias else None
     dw = dev(dw0)
     db = dev(db0) if bias else None
-    dx = ops.linear_backward(dev(dout, dtype), dev(x, dtype), dev(w, dtype), dw, db,
-                             pre=None if pre is None else dev(pre, dtype))
-    rdx, rdw, rdb = ref.linear_backward(dout, x, w, pre=pre, has_bias=bias)
+    dx = ops.linear_backward(dev(dout, dtype), dev(x, dtype),
+                             pre=None if pre is None else dev(pre, dtype), weight=dev(w, dtype),
+                             dweight=dw, dbias=db)
+    rdx, rdw, rdb = ref.linear_backward(dout, x, pre=pre, weight=w, has_bias=bias)
     check(host(dx), rdx, TOL[dtype], "dx", rng)
     check(host(dw), dw0 + rdw, TOL[dtype], "dweight", rng)
     if bias:
@@ -298,9 +300,10 @@ def test_linear_backward_without_dx(rng, dtype):
     N, K, M = 33, 40, 24
     x, w, dout = (rounded(rng.randn(*s), dtype) for s in [(N, K), (M, K), (N, M)])
     dw = dev(np.zeros((M, K), np.float32))
-    assert ops.linear_backward(dev(dout, dtype), dev(x, dtype), dev(w, dtype), dw,
-                               need_dx=False) is None
-    check(host(dw), ref.linear_backward(dout, x, w, has_bias=False)[1], TOL[dtype], "dweight", rng)
+    assert ops.linear_backward(dev(dout, dtype), dev(x, dtype), weight=dev(w, dtype),
+                               need_dx=False, dweight=dw) is None
+    check(host(dw), ref.linear_backward(dout, x, weight=w, has_bias=False)[1], TOL[dtype],
+          "dweight", rng)
 
 
 # ---- attention ---------------------------------------------------------------------------------

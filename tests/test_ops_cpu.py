@@ -103,15 +103,16 @@ def test_layernorm(rng, shape, with_dresidual):
 
     dout = rng.randn(*shape)
     dres = rng.randn(*shape) if with_dresidual else None
-    dx_r, dw_r, db_r = ref.layernorm_backward(f64(dout), f64(x), f64(w), mean_r, rstd_r,
-                                              dresidual=None if dres is None else f64(dres))
+    dx_r, dw_r, db_r = ref.layernorm_backward(f64(dout), f64(x), mean_r, rstd_r,
+                                              dresidual=None if dres is None else f64(dres),
+                                              weight=f64(w))
     dw0, db0 = rng.randn(C), rng.randn(C)
     dw, db = dw0.copy(), db0.copy()
-    dx = ops.layernorm_backward(dout, x, w, mean, rstd, dw, db, dresidual=dres)
+    dx = ops.layernorm_backward(dout, x, mean, rstd, dresidual=dres, weight=w, dweight=dw, dbias=db)
     check("layernorm dx", dx, dx_r, rng)
     check("layernorm dweight", dw, f64(dw0) + dw_r, rng)
     check("layernorm dbias", db, f64(db0) + db_r, rng)
-    dx2 = ops.layernorm_backward(dout, x, w, mean, rstd, dw, db, dresidual=dres)
+    dx2 = ops.layernorm_backward(dout, x, mean, rstd, dresidual=dres, weight=w, dweight=dw, dbias=db)
     np.testing.assert_array_equal(np.asarray(dx2), np.asarray(dx))  # activations: overwritten
     check("layernorm dweight (accumulated twice)", dw, f64(dw0) + 2 * dw_r, rng)
     check("layernorm dbias (accumulated twice)", db, f64(db0) + 2 * db_r, rng)
@@ -130,9 +131,11 @@ def test_residual_layernorm(rng, shape):
     check("residual_layernorm rstd", rstd, rstd_r, rng)
 
     dout, dsum = rng.randn(*shape), rng.randn(*shape)
-    dsum_r, dw_r, db_r = ref.residual_layernorm_backward(f64(dout), f64(dsum), s_r, f64(w), mean_r, rstd_r)
+    dsum_r, dw_r, db_r = ref.residual_layernorm_backward(f64(dout), s_r, mean_r, rstd_r,
+                                                         dsum=f64(dsum), weight=f64(w))
     dw, db = np.zeros(C, np.float32), np.zeros(C, np.float32)
-    dtotal = ops.residual_layernorm_backward(dout, dsum, s, w, mean, rstd, dw, db)
+    dtotal = ops.residual_layernorm_backward(dout, s, mean, rstd, dsum=dsum, weight=w, dweight=dw,
+                                             dbias=db)
     check("residual_layernorm dsum", dtotal, dsum_r, rng)
     check("residual_layernorm dweight", dw, dw_r, rng)
     check("residual_layernorm dbias", db, db_r, rng)
@@ -175,18 +178,19 @@ def test_linear(rng, x_shape, M, bias, gelu):
         assert pre is None
 
     dout = rng.randn(*out.shape)
-    dx_r, dw_r, db_r = ref.linear_backward(f64(dout), f64(x), f64(w), pre=pre_r if gelu else None,
-                                           has_bias=bias)
+    dx_r, dw_r, db_r = ref.linear_backward(f64(dout), f64(x), pre=pre_r if gelu else None,
+                                           weight=f64(w), has_bias=bias)
     dw0 = rng.randn(M, K)
     dw = dw0.copy()
     db = np.zeros(M, np.float32) if bias else None
-    dx = ops.linear_backward(dout, x, w, dw, db, pre=pre if gelu else None)
+    dx = ops.linear_backward(dout, x, pre=pre if gelu else None, weight=w, dweight=dw, dbias=db)
     check("linear dx", dx, dx_r, rng)
     check("linear dweight", dw, f64(dw0) + dw_r, rng)
     if bias:
         check("linear dbias", db, db_r, rng)
     # need_dx=False: no dx, parameter gradients still accumulate (2x now)
-    assert ops.linear_backward(dout, x, w, dw, db, pre=pre if gelu else None, need_dx=False) is None
+    assert ops.linear_backward(dout, x, pre=pre if gelu else None, weight=w, need_dx=False,
+                               dweight=dw, dbias=db) is None
     check("linear dweight (accumulated twice)", dw, f64(dw0) + 2 * dw_r, rng)
     if bias:
         check("linear dbias (accumulated twice)", db, 2 * f64(db_r), rng)
@@ -201,7 +205,7 @@ def test_gelu_epilogue_against_reference_gelu(rng):
     check("gelu", out, ref.gelu_forward(f64(x)), rng)
     dout = rng.randn(64, 16)
     dw = np.zeros((16, 16), np.float32)
-    dx = ops.linear_backward(dout, x, eye, dw, None, pre=pre)
+    dx = ops.linear_backward(dout, x, pre=pre, weight=eye, dweight=dw)
     check("gelu backward", dx, ref.gelu_backward(f64(dout), f64(x)), rng)
 
 
@@ -470,10 +474,10 @@ def test_backward_passes_are_deterministic(rng):
         dqkv = np.asarray(ops.attention_backward(dout, qkv, out, lse, H, window=33))
         dw, db = np.zeros_like(w), np.zeros(40, np.float32)
         _, pre = ops.linear_forward(x, w, gelu=True)
-        dx = np.asarray(ops.linear_backward(dy, x, w, dw, db, pre=pre))
+        dx = np.asarray(ops.linear_backward(dy, x, pre=pre, weight=w, dweight=dw, dbias=db))
         lw, lb = np.zeros(48, np.float32), np.zeros(48, np.float32)
         _, mean, rstd = ops.layernorm_forward(x, w[0], w[1])
-        ldx = np.asarray(ops.layernorm_backward(x, x, w[0], mean, rstd, lw, lb))
+        ldx = np.asarray(ops.layernorm_backward(x, x, mean, rstd, weight=w[0], dweight=lw, dbias=lb))
         return [dqkv, dw, db, dx, lw, lb, ldx]
 
     for a, b in zip(run(), run()):

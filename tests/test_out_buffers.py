@@ -52,13 +52,17 @@ def _cases(rng):
         ("embedding_forward", lambda out: one(ops.embedding_forward(idx, wte, wpe, out=out)), 1),
         ("layernorm_forward", lambda out: ops.layernorm_forward(x, w, b, out=out), 3),
         ("layernorm_backward",
-         lambda out: one(ops.layernorm_backward(dout, x, w, mean, rstd, dw.copy(), db.copy(), res, out=out)), 1),
+         lambda out: one(ops.layernorm_backward(dout, x, mean, rstd, dresidual=res, weight=w,
+                                                dweight=dw.copy(), dbias=db.copy(), out=out)), 1),
         ("residual_layernorm_forward", lambda out: ops.residual_layernorm_forward(x, res, w, b, out=out), 4),
         ("residual_layernorm_backward",
-         lambda out: one(ops.residual_layernorm_backward(dout, res, x, w, mean, rstd, dw.copy(), db.copy(), out=out)), 1),
+         lambda out: one(ops.residual_layernorm_backward(dout, x, mean, rstd, dsum=res, weight=w,
+                                                         dweight=dw.copy(), dbias=db.copy(),
+                                                         out=out)), 1),
         ("linear_forward", lambda out: ops.linear_forward(x, W, bias, gelu=True, out=out), 2),
         ("linear_backward",
-         lambda out: one(ops.linear_backward(_f32(np.random.default_rng(1), B, T, 7), x, W, dW.copy(), out=out)), 1),
+         lambda out: one(ops.linear_backward(_f32(np.random.default_rng(1), B, T, 7), x, weight=W,
+                                             dweight=dW.copy(), out=out)), 1),
         ("attention_forward", lambda out: ops.attention_forward(qkv, H, out=out), 2),
         ("attention_kvcache", lambda out: one(ops.attention_kvcache(qkv, kc.copy(), vc.copy(), 0, H, out=out)), 1),
         ("cross_entropy_forward", lambda out: one(ops.cross_entropy_forward(logits, tgt, out=out)), 1),
@@ -142,7 +146,8 @@ def test_out_rules_specific_to_ops(rng):
     with pytest.raises(ValueError, match="pre"):
         ops.linear_forward(x, W, gelu=False, out=(None, gptcore.empty([3, 4], "float32", "cpu")))
     with pytest.raises(ValueError, match="need_dx"):
-        ops.linear_backward(_f32(rng, 3, 4), x, W, np.zeros((4, 5), np.float32), need_dx=False,
+        ops.linear_backward(_f32(rng, 3, 4), x, weight=W, need_dx=False,
+                            dweight=np.zeros((4, 5), np.float32),
                             out=gptcore.empty([3, 5], "float32", "cpu"))
     logits = _f32(rng, 3, 9)
     tgt = np.array([1, 2, 3], np.int32)

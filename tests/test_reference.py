@@ -152,7 +152,7 @@ def test_layernorm(rand, shape, with_dresidual):
 
     dout = rand.normal(*shape)
     dres = rand.normal(*shape) if with_dresidual else None
-    dx, dw, db = ref.layernorm_backward(dout, x, w, mean, rstd, dresidual=dres)
+    dx, dw, db = ref.layernorm_backward(dout, x, mean, rstd, dresidual=dres, weight=w)
 
     def loss_x(xx):
         extra = np.sum(xx * dres) if with_dresidual else 0.0  # dx includes the skip path
@@ -179,7 +179,7 @@ def test_residual_layernorm(rand, shape):
         ss, oo, _, _ = ref.residual_layernorm_forward(xx, rr, ww, bb)
         return np.sum(oo * dout) + np.sum(ss * dsum)
 
-    dtot, dw, db = ref.residual_layernorm_backward(dout, dsum, s, w, mean, rstd)
+    dtot, dw, db = ref.residual_layernorm_backward(dout, s, mean, rstd, dsum=dsum, weight=w)
     check("dsum_total vs dx", dtot, fd_grad(lambda a: loss(a, r, w, b), x), rand)
     check("dsum_total vs dresidual", dtot, fd_grad(lambda a: loss(x, a, w, b), r), rand)
     check("residual ln dweight", dw, fd_grad(lambda a: loss(x, r, a, b), w), rand)
@@ -206,7 +206,7 @@ def test_linear(rand, x_shape, M, gelu, has_bias):
         check("linear out", out, want, rand, EXACT_TOL)
 
     dout = rand.normal(*x_shape[:-1], M)
-    dx, dw, db = ref.linear_backward(dout, x, w, pre=pre, has_bias=has_bias)
+    dx, dw, db = ref.linear_backward(dout, x, pre=pre, weight=w, has_bias=has_bias)
 
     def loss(xx, ww, bb):
         return np.sum(ref.linear_forward(xx, ww, bb, gelu=gelu)[0] * dout)

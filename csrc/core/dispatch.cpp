@@ -206,9 +206,9 @@ static std::optional<int64_t> check_pos_tensor(const Tensor& p, const Tensor& re
   return std::nullopt;
 }
 
-Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe,
-                         const std::optional<Tensor>& out_buf, int64_t pos,
-                         const std::optional<Tensor>& pos_dev) {
+Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, int64_t pos,
+                         const std::optional<Tensor>& pos_dev,
+                         const std::optional<Tensor>& out_buf) {
   check_embedding_args(idx, wte, wpe);
   const int64_t T = idx.size(1), P = wpe.size(0);
   const std::optional<int64_t> p = pos_dev ? check_pos_tensor(*pos_dev, idx, "idx") : pos;
@@ -220,17 +220,17 @@ Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe
   Tensor out = take_out(out_buf, {idx.size(0), T, wte.size(1)}, wte.dtype(), wte.device(), "out");
   const Tensor pt = pos_dev ? *pos_dev : Tensor();
   check_disjoint({{&out, "out"}}, {{&idx, "idx"}, {&wte, "wte"}, {&wpe, "wpe"}, {&pt, "pos"}});
-  GPTCORE_DISPATCH(idx.device(), embedding_forward(out, idx, wte, wpe, pos, pt));
+  GPTCORE_DISPATCH(idx.device(), embedding_forward(idx, wte, wpe, pos, pt, out));
   return out;
 }
 
-void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& idx) {
+void embedding_backward(const Tensor& dout, const Tensor& idx, Tensor& dwte, Tensor& dwpe) {
   check_embedding_args(idx, dwte, dwpe, "dwte", "dwpe");
   check_float(dout, "dout");
   check_same_device(idx, dout, "idx", "dout");
   check_same_dtype(dwte, dout, "dwte", "dout");
   check_shape(dout, "dout", {idx.size(0), idx.size(1), dwte.size(1)});
-  GPTCORE_DISPATCH(idx.device(), embedding_backward(dwte, dwpe, dout, idx));
+  GPTCORE_DISPATCH(idx.device(), embedding_backward(dout, idx, dwte, dwpe));
 }
 
 // ---- layernorm ----------------------------------------------------------------------------
@@ -265,40 +265,39 @@ std::tuple<Tensor, Tensor, Tensor> layernorm_forward(const Tensor& x, const Tens
   Tensor rstd = take_out(rstd_buf, drop_last(x.shape()), DType::float32, x.device(), "rstd");
   check_disjoint({{&out, "out"}, {&mean, "mean"}, {&rstd, "rstd"}},
                  {{&x, "x"}, {&weight, "weight"}, {&bias, "bias"}});
-  GPTCORE_DISPATCH(x.device(), layernorm_forward(out, mean, rstd, x, weight, bias, eps));
+  GPTCORE_DISPATCH(x.device(), layernorm_forward(x, weight, bias, eps, out, mean, rstd));
   return {out, mean, rstd};
 }
 
-// Shared by layernorm_backward (names x, dresidual) and residual_layernorm_backward (sum, dsum).
-static Tensor layernorm_backward_named(Tensor& dweight, Tensor& dbias, const Tensor& dout,
-                                       const std::optional<Tensor>& dresidual, const Tensor& x,
-                                       const Tensor& weight, const Tensor& mean,
-                                       const Tensor& rstd, const char* x_name,
-                                       const char* dres_name,
-                                       const std::optional<Tensor>& dx_buf);
+// Shared by layernorm_backward (names x, dresidual) and residual_layernorm_backward (sum, dsum):
+// the same arguments in the same order, only the names in error messages differ.
+static Tensor layernorm_backward_named(const Tensor& dout, const Tensor& x, const Tensor& mean,
+                                       const Tensor& rstd, const std::optional<Tensor>& dresidual,
+                                       const Tensor& weight, Tensor& dweight, Tensor& dbias,
+                                       const std::optional<Tensor>& dx_buf, const char* x_name,
+                                       const char* dres_name);
 
-Tensor layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
-                          const std::optional<Tensor>& dresidual, const Tensor& x,
-                          const Tensor& weight, const Tensor& mean, const Tensor& rstd,
+Tensor layernorm_backward(const Tensor& dout, const Tensor& x, const Tensor& mean,
+                          const Tensor& rstd, const std::optional<Tensor>& dresidual,
+                          const Tensor& weight, Tensor& dweight, Tensor& dbias,
                           const std::optional<Tensor>& dx_buf) {
-  return layernorm_backward_named(dweight, dbias, dout, dresidual, x, weight, mean, rstd, "x",
-                                  "dresidual", dx_buf);
+  return layernorm_backward_named(dout, x, mean, rstd, dresidual, weight, dweight, dbias, dx_buf,
+                                  "x", "dresidual");
 }
 
-Tensor residual_layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
-                                   const std::optional<Tensor>& dsum, const Tensor& sum, const Tensor& weight,
-                                   const Tensor& mean, const Tensor& rstd,
+Tensor residual_layernorm_backward(const Tensor& dout, const Tensor& sum, const Tensor& mean,
+                                   const Tensor& rstd, const std::optional<Tensor>& dsum,
+                                   const Tensor& weight, Tensor& dweight, Tensor& dbias,
                                    const std::optional<Tensor>& dx_buf) {
-  return layernorm_backward_named(dweight, dbias, dout, dsum, sum, weight, mean, rstd, "sum",
-                                  "dsum", dx_buf);
+  return layernorm_backward_named(dout, sum, mean, rstd, dsum, weight, dweight, dbias, dx_buf,
+                                  "sum", "dsum");
 }
 
-static Tensor layernorm_backward_named(Tensor& dweight, Tensor& dbias, const Tensor& dout,
-                                       const std::optional<Tensor>& dresidual, const Tensor& x,
-                                       const Tensor& weight, const Tensor& mean,
-                                       const Tensor& rstd, const char* x_name,
-                                       const char* dres_name,
-                                       const std::optional<Tensor>& dx_buf) {
+static Tensor layernorm_backward_named(const Tensor& dout, const Tensor& x, const Tensor& mean,
+                                       const Tensor& rstd, const std::optional<Tensor>& dresidual,
+                                       const Tensor& weight, Tensor& dweight, Tensor& dbias,
+                                       const std::optional<Tensor>& dx_buf, const char* x_name,
+                                       const char* dres_name) {
   check_float(x, x_name);
   need(x.dim() >= 1, std::string(x_name) + ": expected (..., C), got a 0-D tensor");
   check_nonempty(x, x_name);
@@ -339,7 +338,7 @@ static Tensor layernorm_backward_named(Tensor& dweight, Tensor& dbias, const Ten
                                   {&weight, "weight"}, {&mean, "mean"}, {&rstd, "rstd"},
                                   {&dweight, "dweight"}, {&dbias, "dbias"}});
   GPTCORE_DISPATCH(x.device(),
-                   layernorm_backward(dx, dweight, dbias, dout, dres, x, weight, mean, rstd));
+                   layernorm_backward(dout, x, mean, rstd, dres, weight, dweight, dbias, dx));
   return dx;
 }
 
@@ -360,7 +359,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> residual_layernorm_forward(
   check_disjoint({{&sum, "sum"}, {&out, "out"}, {&mean, "mean"}, {&rstd, "rstd"}},
                  {{&x, "x"}, {&residual, "residual"}, {&weight, "weight"}, {&bias, "bias"}});
   GPTCORE_DISPATCH(x.device(),
-                   residual_layernorm_forward(sum, out, mean, rstd, x, residual, weight, bias, eps));
+                   residual_layernorm_forward(x, residual, weight, bias, eps, sum, out, mean, rstd));
   return {sum, out, mean, rstd};
 }
 
@@ -402,13 +401,13 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
   const int64_t N = rows_of(x);
   Tensor x2 = x.view({N, x.size(-1)}), out2 = out.view({N, weight.size(0)});
   Tensor pre2 = gelu ? pre.view({N, weight.size(0)}) : Tensor();
-  GPTCORE_DISPATCH(x.device(), linear_forward(out2, pre2, x2, weight, b, gelu));
+  GPTCORE_DISPATCH(x.device(), linear_forward(x2, weight, b, gelu, out2, pre2));
   return {out, pre};
 }
 
-Tensor linear_backward(Tensor& dweight, std::optional<Tensor> dbias, const Tensor& dout,
-                       const Tensor& x, const Tensor& weight, const std::optional<Tensor>& pre,
-                       bool need_dx, const std::optional<Tensor>& dx_buf) {
+Tensor linear_backward(const Tensor& dout, const Tensor& x, const std::optional<Tensor>& pre,
+                       const Tensor& weight, bool need_dx, Tensor& dweight,
+                       const std::optional<Tensor>& dbias, const std::optional<Tensor>& dx_buf) {
   check_linear_params(x, weight, std::nullopt);
   const auto out_shape = with_last(x.shape(), weight.size(0));
   check_float(dout, "dout");
@@ -447,7 +446,7 @@ Tensor linear_backward(Tensor& dweight, std::optional<Tensor> dbias, const Tenso
                                    {&pre_t, "pre"}, {&dweight, "dweight"}, {&db, "dbias"}});
   }
   Tensor dout2 = dout.view({N, M}), x2 = x.view({N, K});
-  GPTCORE_DISPATCH(x.device(), linear_backward(dx2, dweight, db, dout2, x2, weight, pre2));
+  GPTCORE_DISPATCH(x.device(), linear_backward(dout2, x2, pre2, weight, dweight, db, dx2));
   return dx;
 }
 
@@ -481,7 +480,7 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t n_head,
   Tensor out = take_out(out_buf, {B, T, C}, qkv.dtype(), qkv.device(), "out");
   Tensor lse = take_out(lse_buf, {B, n_head, T}, DType::float32, qkv.device(), "lse");
   check_disjoint({{&out, "out"}, {&lse, "lse"}}, {{&qkv, "qkv"}});
-  GPTCORE_DISPATCH(qkv.device(), attention_forward(out, lse, qkv, static_cast<int>(n_head), w));
+  GPTCORE_DISPATCH(qkv.device(), attention_forward(qkv, static_cast<int>(n_head), w, out, lse));
   return {out, lse};
 }
 
@@ -504,16 +503,15 @@ Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& o
   check_disjoint({{&dqkv, "out"}},
                  {{&dout, "dout"}, {&qkv, "qkv"}, {&out, "out (forward)"}, {&lse, "lse"}});
   GPTCORE_DISPATCH(qkv.device(),
-                   attention_backward(dqkv, dout, qkv, out, lse, static_cast<int>(n_head), w));
+                   attention_backward(dout, qkv, out, lse, static_cast<int>(n_head), w, dqkv));
   return dqkv;
 }
 
 // ---- KV-cache attention (decoding) --------------------------------------------------------
 
 Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int64_t pos,
-                         int64_t n_head, std::optional<int64_t> window,
-                         const std::optional<Tensor>& out_buf,
-                         const std::optional<Tensor>& pos_dev) {
+                         const std::optional<Tensor>& pos_dev, int64_t n_head,
+                         std::optional<int64_t> window, const std::optional<Tensor>& out_buf) {
   check_attention_args(qkv, n_head, std::nullopt);
   const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3, D = C / n_head;
   for (const auto& [t, name] :
@@ -553,8 +551,8 @@ Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, in
                  {{&qkv, "qkv"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&pt, "pos"}});
   check_disjoint({{&k_cache, "k_cache"}}, {{&qkv, "qkv"}, {&pt, "pos"}});
   check_disjoint({{&v_cache, "v_cache"}}, {{&qkv, "qkv"}, {&pt, "pos"}});
-  GPTCORE_DISPATCH(qkv.device(), attention_kvcache(out, k_cache, v_cache, qkv, pos, pt,
-                                                   static_cast<int>(n_head), w));
+  GPTCORE_DISPATCH(qkv.device(), attention_kvcache(qkv, k_cache, v_cache, pos, pt,
+                                                   static_cast<int>(n_head), w, out));
   return out;
 }
 
@@ -563,7 +561,7 @@ Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, in
 std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& targets,
                                          std::optional<int64_t> vocab_size,
                                          int64_t ignore_index, bool with_grad,
-                                         float grad_scale, bool inplace,
+                                         std::optional<float> grad_scale_arg, bool inplace,
                                          const std::optional<Tensor>& losses_buf,
                                          const std::optional<Tensor>& dlogits_buf) {
   check_float(logits, "logits");
@@ -594,11 +592,12 @@ std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& tar
                          ") and is not ignore_index (" + std::to_string(ignore_index) + ")");
       ++valid;
     }
-  } else if (with_grad && std::isnan(grad_scale)) {
+  } else if (with_grad && !grad_scale_arg) {
     throw ValueError("grad_scale: pass it explicitly for CUDA tensors (the default, 1/valid "
                      "targets, would need a device-to-host synchronisation)");
   }
-  if (with_grad && std::isnan(grad_scale)) grad_scale = valid ? 1.0f / valid : 0.0f;
+  float grad_scale = 0.0f;  // unused without a gradient
+  if (with_grad) grad_scale = grad_scale_arg ? *grad_scale_arg : (valid ? 1.0f / valid : 0.0f);
   need(with_grad || !dlogits_buf, "dlogits: given, but no gradient is computed");
   need(!(inplace && dlogits_buf), "dlogits: given together with inplace=True (the gradient "
                                   "then overwrites logits); pass one or the other");
@@ -613,8 +612,8 @@ std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& tar
                  {{&logits, "logits"}, {&targets, "targets"}});
   Tensor logits2 = logits.view({N, Vp}), losses2 = losses.view({N}), targets2 = targets.view({N});
   Tensor dlogits2 = with_grad ? dlogits.view({N, Vp}) : Tensor();
-  GPTCORE_DISPATCH(logits.device(), cross_entropy(losses2, dlogits2, logits2, targets2, V,
-                                                  ignore_index, grad_scale));
+  GPTCORE_DISPATCH(logits.device(), cross_entropy(logits2, targets2, V, ignore_index,
+                                                  grad_scale, losses2, dlogits2));
   return {losses, dlogits};
 }
 
@@ -709,12 +708,13 @@ static void check_sampling_tensor(const Tensor& t, const char* name, DType dtype
   check_same_device(logits, t, "logits", name);
 }
 
-Tensor sample_tokens(const Tensor& logits, std::optional<int64_t> vocab_size, double temperature,
-                     std::optional<int64_t> top_k, std::optional<double> top_p,
-                     double frequency_penalty, double presence_penalty,
-                     const std::optional<Tensor>& counts_in, const std::optional<Tensor>& counter_in,
-                     const std::optional<Tensor>& logit_bias_in, uint64_t seed,
-                     const std::optional<Tensor>& forced_in, const std::optional<Tensor>& out_buf) {
+Tensor sample_tokens(const Tensor& logits, const std::optional<Tensor>& counts_in,
+                     const std::optional<Tensor>& counter_in,
+                     const std::optional<Tensor>& logit_bias_in,
+                     const std::optional<Tensor>& forced_in, std::optional<int64_t> vocab_size,
+                     double temperature, std::optional<int64_t> top_k, std::optional<double> top_p,
+                     double frequency_penalty, double presence_penalty, uint64_t seed,
+                     const std::optional<Tensor>& out_buf) {
   check_float(logits, "logits");
   check_dim(logits, "logits", 2, "(B, Vp) next-token logits");
   check_nonempty(logits, "logits");
@@ -766,9 +766,9 @@ Tensor sample_tokens(const Tensor& logits, std::optional<int64_t> vocab_size, do
   check_disjoint({{&tokens, "out"}, {&counts, "counts"}, {&counter, "counter"}},
                  {{&logits, "logits"}, {&bias, "logit_bias"}, {&forced, "forced"}});
   GPTCORE_DISPATCH(logits.device(),
-                   sample_tokens(tokens, counts, counter, logits, bias, forced, V, temperature,
+                   sample_tokens(logits, counts, counter, bias, forced, V, temperature,
                                  top_k ? *top_k : 0, top_p ? *top_p : 1.0, frequency_penalty,
-                                 presence_penalty, seed));
+                                 presence_penalty, seed, tokens));
   return tokens;
 }
 

@@ -1,9 +1,17 @@
 // THE op table. Every op is declared three times with one meaning:
-//   gptcore::ops::NAME   (dispatch.cpp)  checks every argument, allocates outputs, then calls
+//   gptcore::ops::NAME   (below, dispatch.cpp) checks every argument, allocates outputs, then calls
 //   gptcore::cpu::NAME   (csrc/cpu/*.cpp) or
-//   gptcore::cuda::NAME  (csrc/cuda/*.cu, only when built with CUDA).
+//   gptcore::cuda::NAME  (csrc/cuda/*.cu, only when built with CUDA),
+// the backend functions being declared once, in backend_ops.inc.
 // python/gptcore/reference.py holds the NumPy oracle with the same semantics, and
-// python/gptcore/ops.py the documented Python wrappers.
+// python/gptcore/ops.py the documented Python wrappers (on top of the bindings in
+// csrc/bindings.cpp, which name every argument).
+//
+// One argument order and one set of names everywhere (ops::, cpu::, cuda::, the bindings,
+// ops.py, reference.py; tests/test_op_signatures.py checks it):
+//   inputs (activations, ids, upstream gradients, saved statistics; optional inputs such as
+//   dresidual or pre keep their place among them) -> parameters -> scalar settings ->
+//   accumulated parameter gradients -> outputs (ops:: and Python: optional out= buffers, last).
 //
 // Conventions shared by all backends:
 //   * Backend kernels receive every output already allocated (shapes checked by dispatch).
@@ -23,94 +31,14 @@
 
 namespace gptcore {
 
-// Declares one op family's backend entry points in the current namespace.
-#define GPTCORE_BACKEND_OPS                                                                    \
-  /* out[b,t,:] = wte[idx[b,t],:] + wpe[p+t,:], p = pos, or *pos_dev when pos_dev (a 1-element \
-     int32 tensor on idx's device, read by the kernel so a captured graph sees its current     \
-     value) is defined. dispatch checks a host-visible p; on CUDA a device p with p < 0 or     \
-     p + T > wpe rows gives NaN rows (wpe is never read out of bounds). */                     \
-  void embedding_forward(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe,  \
-                         int64_t pos, const Tensor& pos_dev);                                  \
-  /* dwte[idx[b,t],:] += dout[b,t,:];  dwpe[t,:] += sum_b dout[b,t,:]  (deterministic) */      \
-  void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& idx);  \
-                                                                                               \
-  /* x (N,C): out = (x-mean)*rstd*weight + bias; mean, rstd (N,) float32 */                    \
-  void layernorm_forward(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x,             \
-                         const Tensor& weight, const Tensor& bias, float eps);                 \
-  /* dx = dresidual + LN'(dout)  (dresidual may be undefined = 0); dweight, dbias += */        \
-  void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dout,      \
-                          const Tensor& dresidual, const Tensor& x, const Tensor& weight,      \
-                          const Tensor& mean, const Tensor& rstd);                             \
-  /* sum = x + residual; out = LN(sum) */                                                      \
-  void residual_layernorm_forward(Tensor& sum, Tensor& out, Tensor& mean, Tensor& rstd,        \
-                                  const Tensor& x, const Tensor& residual,                     \
-                                  const Tensor& weight, const Tensor& bias, float eps);        \
-                                                                                               \
-  /* x (N,K), weight (M,K), bias (M,) or undefined.                                            \
-     gelu=false: out = x @ weight^T + bias.                                                    \
-     gelu=true : pre = x @ weight^T + bias, out = gelu_tanh(pre).  (pre undefined otherwise) */ \
-  void linear_forward(Tensor& out, Tensor& pre, const Tensor& x, const Tensor& weight,         \
-                      const Tensor& bias, bool gelu);                                          \
-  /* g = dout (or dout * gelu'(pre) when pre is defined);                                      \
-     dx = g @ weight (skipped when dx undefined); dweight += g^T @ x; dbias += sum_rows g */  \
-  void linear_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dout,         \
-                       const Tensor& x, const Tensor& weight, const Tensor& pre);              \
-                                                                                               \
-  /* qkv (B,T,3C) packed [q | k | v], heads of D = C/n_head inside each. Causal, and with       \
-     window w > 0 query t sees keys s with t-w < s <= t. out (B,T,C); lse (B,H,T) float32 is   \
-     the natural-log log-sum-exp of each row of scaled scores (scale 1/sqrt(D)). */            \
-  void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int n_head,              \
-                         int window);                                                          \
-  void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv,                 \
-                          const Tensor& out, const Tensor& lse, int n_head, int window);       \
-  /* Decoding attention over a KV cache. qkv (B,Tn,3C) holds Tn new tokens at absolute        \
-     positions pos..pos+Tn-1; k_cache, v_cache (B,H,Tmax,D), qkv's dtype. Writes the new k, v  \
-     into the caches at those positions (in place), then new token i attends causally to       \
-     cache positions 0..pos+i (with window w > 0 only the last w of them). out (B,Tn,C).      \
-     pos_dev as in embedding_forward: when defined, its device value replaces pos; on CUDA a    \
-     value with pos < 0 or pos + Tn > Tmax leaves the caches untouched and gives NaN out. */   \
-  void attention_kvcache(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,     \
-                         int64_t pos, const Tensor& pos_dev, int n_head, int window);          \
-                                                                                               \
-  /* logits (N,Vp), targets (N,), only the first V columns are real (V <= Vp).                 \
-     losses[i] = logsumexp(logits[i,:V]) - logits[i,targets[i]], 0 where targets[i] ==         \
-     ignore_index. When dlogits is defined: dlogits[i,j] = grad_scale * (softmax_j - [j==t])   \
-     for j < V, 0 for j >= V and for ignored rows. dlogits may alias logits (in place). */     \
-  void cross_entropy(Tensor& losses, Tensor& dlogits, const Tensor& logits,                    \
-                     const Tensor& targets, int64_t vocab_size, int64_t ignore_index,          \
-                     float grad_scale);                                                        \
-                                                                                               \
-  /* One AdamW step over a list of tensors (one launch per family where the backend can).    \
-     g = grad * grad_scale; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;                        \
-     p -= lr * (mhat / (sqrt(vhat) + eps) + wd_i * p), wd_i = weight_decay if decay[i] else 0,  \
-     mhat = m / (1-b1^step), vhat = v / (1-b2^step). With master weights (fp32 copies) the     \
-     update runs on the master and the param receives its copy (stochastically rounded bf16). */ \
-  void adamw_step(std::vector<Tensor>& params, const std::vector<Tensor>& grads,               \
-                  std::vector<Tensor>& m, std::vector<Tensor>& v,                              \
-                  std::vector<Tensor>& master, const std::vector<bool>& decay, float lr,       \
-                  float beta1, float beta2, float eps, float weight_decay, int64_t step,       \
-                  float grad_scale, uint64_t seed);                                            \
-  /* sqrt(sum of squares of every element of every tensor), accumulated in double/fp32 */      \
-  double global_norm(const std::vector<Tensor>& tensors);                                      \
-                                                                                               \
-  /* Next-token sampling, one token per row of logits (B,Vp); the full semantics are at        \
-     ops::sample_tokens below. tokens (B,) int32 is written; counts (B,V) int32 and counter    \
-     (B,) int64 are updated in place; logit_bias (V,) float32 and forced (B,) int32 are read.  \
-     Each of counts, counter, logit_bias, forced may be undefined. top_k 0 = off, top_p 1 =    \
-     off; dispatch has checked every value it can see. */                                      \
-  void sample_tokens(Tensor& tokens, Tensor& counts, Tensor& counter, const Tensor& logits,    \
-                     const Tensor& logit_bias, const Tensor& forced, int64_t vocab_size,       \
-                     double temperature, int64_t top_k, double top_p,                          \
-                     double frequency_penalty, double presence_penalty, uint64_t seed);
-
 namespace cpu {
-GPTCORE_BACKEND_OPS
+#include "backend_ops.inc"
 void set_blas_threads(int n);  // OpenBLAS's own thread pool (linear.cpp)
 }  // namespace cpu
 
 #ifdef GPTCORE_WITH_CUDA
 namespace cuda {
-GPTCORE_BACKEND_OPS
+#include "backend_ops.inc"
 
 // ---- runtime (csrc/cuda/runtime.cu) -----------------------------------------------------
 int device_count();  // 0 when there is no driver or no GPU
@@ -160,35 +88,38 @@ class Graph {
 // ---- the checked, dispatching API (dispatch.cpp) ------------------------------------------
 namespace ops {
 
-// Every op that returns tensors takes trailing optional out buffers (out= in Python): when given
-// they must match the output exactly and not overlap any input; the op writes into them.
+// Every op that returns tensors takes trailing optional output buffers (out= in Python), named
+// like the outputs: when given they must match the output exactly and not overlap any input; the
+// op writes into them.
 // Positions pos..pos+T-1 (pos_dev: a 1-element int32 tensor on idx's device holding pos instead;
-// on the CPU it is read and checked, on CUDA the kernel reads it, see the backend note above).
-Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe,
-                         const std::optional<Tensor>& out = std::nullopt, int64_t pos = 0,
-                         const std::optional<Tensor>& pos_dev = std::nullopt);
-void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& idx);
+// on the CPU it is read and checked, on CUDA the kernel reads it, see backend_ops.inc).
+Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, int64_t pos = 0,
+                         const std::optional<Tensor>& pos_dev = std::nullopt,
+                         const std::optional<Tensor>& out = std::nullopt);
+void embedding_backward(const Tensor& dout, const Tensor& idx, Tensor& dwte, Tensor& dwpe);
 
 // returns (out, mean, rstd)
 std::tuple<Tensor, Tensor, Tensor> layernorm_forward(
     const Tensor& x, const Tensor& weight, const Tensor& bias, float eps,
     const std::optional<Tensor>& out = std::nullopt, const std::optional<Tensor>& mean = std::nullopt,
     const std::optional<Tensor>& rstd = std::nullopt);
-// returns dx (= dresidual + LN backward when dresidual is given)
-Tensor layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
-                          const std::optional<Tensor>& dresidual, const Tensor& x,
-                          const Tensor& weight, const Tensor& mean, const Tensor& rstd,
-                          const std::optional<Tensor>& dx_out = std::nullopt);
-// returns the total gradient of sum (= dsum + LN backward of dout)
-Tensor residual_layernorm_backward(Tensor& dweight, Tensor& dbias, const Tensor& dout,
-                                   const std::optional<Tensor>& dsum, const Tensor& sum, const Tensor& weight,
-                                   const Tensor& mean, const Tensor& rstd,
-                                   const std::optional<Tensor>& dx_out = std::nullopt);
+// returns dx (= LN backward of dout, plus dresidual when given)
+Tensor layernorm_backward(const Tensor& dout, const Tensor& x, const Tensor& mean,
+                          const Tensor& rstd, const std::optional<Tensor>& dresidual,
+                          const Tensor& weight, Tensor& dweight, Tensor& dbias,
+                          const std::optional<Tensor>& dx = std::nullopt);
 // returns (sum, out, mean, rstd)
 std::tuple<Tensor, Tensor, Tensor, Tensor> residual_layernorm_forward(
     const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias, float eps,
     const std::optional<Tensor>& sum = std::nullopt, const std::optional<Tensor>& out = std::nullopt,
     const std::optional<Tensor>& mean = std::nullopt, const std::optional<Tensor>& rstd = std::nullopt);
+// The same layout as layernorm_backward, with the forward's sum in x's place and dsum (the
+// gradient reaching sum from elsewhere) in dresidual's. Returns dx, the total gradient of sum
+// (and so of both x and residual of the forward).
+Tensor residual_layernorm_backward(const Tensor& dout, const Tensor& sum, const Tensor& mean,
+                                   const Tensor& rstd, const std::optional<Tensor>& dsum,
+                                   const Tensor& weight, Tensor& dweight, Tensor& dbias,
+                                   const std::optional<Tensor>& dx = std::nullopt);
 
 // returns (out, pre) -- pre is undefined unless gelu
 std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
@@ -196,9 +127,10 @@ std::tuple<Tensor, Tensor> linear_forward(const Tensor& x, const Tensor& weight,
                                           const std::optional<Tensor>& out = std::nullopt,
                                           const std::optional<Tensor>& pre = std::nullopt);
 // returns dx (undefined when need_dx is false)
-Tensor linear_backward(Tensor& dweight, std::optional<Tensor> dbias, const Tensor& dout,
-                       const Tensor& x, const Tensor& weight, const std::optional<Tensor>& pre,
-                       bool need_dx, const std::optional<Tensor>& dx_out = std::nullopt);
+Tensor linear_backward(const Tensor& dout, const Tensor& x, const std::optional<Tensor>& pre,
+                       const Tensor& weight, bool need_dx, Tensor& dweight,
+                       const std::optional<Tensor>& dbias,
+                       const std::optional<Tensor>& dx = std::nullopt);
 
 // returns (out, lse)
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t n_head,
@@ -207,23 +139,24 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t n_head,
                                              const std::optional<Tensor>& lse = std::nullopt);
 Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out,
                           const Tensor& lse, int64_t n_head, std::optional<int64_t> window,
-                          const std::optional<Tensor>& dqkv_out = std::nullopt);
+                          const std::optional<Tensor>& dqkv = std::nullopt);
 // KV-cache attention for decoding: writes qkv's k, v into k_cache, v_cache (B, H, Tmax, D) at
 // positions pos..pos+Tn-1 (in place), returns out (B, Tn, C).
 // pos_dev (a 1-element int32 tensor on qkv's device) replaces pos when given, as in
 // embedding_forward.
 Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int64_t pos,
-                         int64_t n_head, std::optional<int64_t> window,
-                         const std::optional<Tensor>& out = std::nullopt,
-                         const std::optional<Tensor>& pos_dev = std::nullopt);
+                         const std::optional<Tensor>& pos_dev, int64_t n_head,
+                         std::optional<int64_t> window,
+                         const std::optional<Tensor>& out = std::nullopt);
 
-// returns (losses, dlogits) -- dlogits undefined unless with_grad
+// returns (losses, dlogits) -- dlogits undefined unless with_grad. grad_scale: std::nullopt =
+// 1 / (number of non-ignored targets), only on the CPU (elsewhere it would need a host sync).
 std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& targets,
                                          std::optional<int64_t> vocab_size,
                                          int64_t ignore_index, bool with_grad,
-                                         float grad_scale, bool inplace,
-                                         const std::optional<Tensor>& losses_out = std::nullopt,
-                                         const std::optional<Tensor>& dlogits_out = std::nullopt);
+                                         std::optional<float> grad_scale, bool inplace,
+                                         const std::optional<Tensor>& losses = std::nullopt,
+                                         const std::optional<Tensor>& dlogits = std::nullopt);
 
 void adamw_step(std::vector<Tensor> params, const std::vector<Tensor>& grads,
                 std::vector<Tensor> m, std::vector<Tensor> v, std::vector<Tensor> master,
@@ -257,17 +190,17 @@ double global_norm(const std::vector<Tensor>& tensors);
 // forced (B,) int32: where forced[b] >= 0 the row's token is forced[b] and nothing else of the row
 // changes (no draw, no counts/counter update). Values must be < V (checked on the CPU; on CUDA a
 // larger value is written out as given).
-// top_k / top_p: std::nullopt = off. Returns tokens (B,) int32 (written into out when given).
+// top_k / top_p: std::nullopt = off.
 // Precision: the CPU computes z, p and the sums in double (token-for-token equal to the float64
 // reference but for rounding-level ties); CUDA in float32 (equal but for draws within ~1e-6 of a
 // boundary of the cumulative distribution or of the top-p mass).
-Tensor sample_tokens(const Tensor& logits, std::optional<int64_t> vocab_size, double temperature,
-                     std::optional<int64_t> top_k, std::optional<double> top_p,
-                     double frequency_penalty, double presence_penalty,
-                     const std::optional<Tensor>& counts, const std::optional<Tensor>& counter,
-                     const std::optional<Tensor>& logit_bias, uint64_t seed,
-                     const std::optional<Tensor>& forced,
-                     const std::optional<Tensor>& out = std::nullopt);
+// Returns tokens (B,) int32 (written into the tokens buffer when given).
+Tensor sample_tokens(const Tensor& logits, const std::optional<Tensor>& counts,
+                     const std::optional<Tensor>& counter, const std::optional<Tensor>& logit_bias,
+                     const std::optional<Tensor>& forced, std::optional<int64_t> vocab_size,
+                     double temperature, std::optional<int64_t> top_k, std::optional<double> top_p,
+                     double frequency_penalty, double presence_penalty, uint64_t seed,
+                     const std::optional<Tensor>& tokens = std::nullopt);
 
 }  // namespace ops
 }  // namespace gptcore

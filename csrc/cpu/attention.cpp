@@ -136,7 +136,7 @@ inline int64_t first_key(int64_t i, int window) {
 
 }  // namespace
 
-void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int n_head, int window) {
+void attention_forward(const Tensor& qkv, int n_head, int window, Tensor& out, Tensor& lse) {
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3, D = C / n_head;
   const int64_t ld = T + kTileK;  // panel width: a full key tile past any start stays inside
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -206,8 +206,8 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int n_head, 
   }
 }
 
-void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
-                        const Tensor& lse, int n_head, int window) {
+void attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                        const Tensor& lse, int n_head, int window, Tensor& dqkv) {
   const int64_t B = qkv.size(0), T = qkv.size(1), C3 = qkv.size(2), C = C3 / 3, D = C / n_head;
   const int64_t ld = T + kTileK;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));

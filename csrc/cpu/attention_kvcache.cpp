@@ -18,10 +18,11 @@
 namespace gptcore {
 namespace cpu {
 
-void attention_kvcache(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                       int64_t pos_arg, const Tensor& pos_dev, int n_head, int window) {
-  // dispatch has checked 0 <= pos and pos + Tn <= Tmax, also for a position tensor's value
-  const int64_t pos = pos_dev.defined() ? pos_dev.data<int32_t>()[0] : pos_arg;
+void attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int64_t pos,
+                       const Tensor& pos_dev, int n_head, int window, Tensor& out) {
+  // the first new position; dispatch has checked 0 <= start and start + Tn <= Tmax, also for a
+  // position tensor's value
+  const int64_t start = pos_dev.defined() ? pos_dev.data<int32_t>()[0] : pos;
   const int64_t B = qkv.size(0), Tn = qkv.size(1), C3 = qkv.size(2), C = C3 / 3;
   const int64_t D = C / n_head, Tmax = k_cache.size(2);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -31,10 +32,10 @@ void attention_kvcache(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tens
   float* dst = out.data<float>();
   // Early decode steps are a few thousand flops: not worth waking the thread pool for (on a
   // busy machine a parallel region can cost a scheduler tick).
-  const int64_t work = B * n_head * Tn * (pos + Tn) * D;
+  const int64_t work = B * n_head * Tn * (start + Tn) * D;
 #pragma omp parallel if (work >= (int64_t(1) << 16))
   {
-    std::vector<float> p(static_cast<size_t>(pos + Tn));
+    std::vector<float> p(static_cast<size_t>(start + Tn));
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * n_head; ++bh) {
       const int64_t b = bh / n_head, h = bh % n_head;
@@ -42,11 +43,11 @@ void attention_kvcache(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tens
       float* V = vc + bh * Tmax * D;
       const float* rows = src + b * Tn * C3 + h * D;  // row i of q is rows + i * C3
       for (int64_t i = 0; i < Tn; ++i) {  // append the new keys and values
-        std::memcpy(K + (pos + i) * D, rows + i * C3 + C, D * sizeof(float));
-        std::memcpy(V + (pos + i) * D, rows + i * C3 + 2 * C, D * sizeof(float));
+        std::memcpy(K + (start + i) * D, rows + i * C3 + C, D * sizeof(float));
+        std::memcpy(V + (start + i) * D, rows + i * C3 + 2 * C, D * sizeof(float));
       }
       for (int64_t i = 0; i < Tn; ++i) {
-        const int64_t t = pos + i;  // absolute position of this query
+        const int64_t t = start + i;  // absolute position of this query
         const int64_t lo = window > 0 ? std::max<int64_t>(0, t - window + 1) : 0;
         const float* q = rows + i * C3;
         float mx = -INFINITY;

@@ -38,8 +38,9 @@ float row_logsumexp(const float* x, int64_t V) {
 
 }  // namespace
 
-void cross_entropy(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
-                   int64_t V, int64_t ignore_index, float grad_scale) {
+void cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab_size,
+                   int64_t ignore_index, float grad_scale, Tensor& losses, Tensor& dlogits) {
+  const int64_t V = vocab_size;
   const int64_t N = logits.size(0), Vp = logits.size(1);
   const float* x = logits.data<float>();
   float* loss = losses.data<float>();

@@ -7,8 +7,8 @@
 namespace gptcore {
 namespace cpu {
 
-void embedding_forward(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe,
-                       int64_t pos, const Tensor& pos_dev) {
+void embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, int64_t pos,
+                       const Tensor& pos_dev, Tensor& out) {
   const int64_t B = idx.size(0), T = idx.size(1), C = wte.size(1);
   const float* te = wte.data<float>();
   // positions start at p (dispatch has checked 0 <= p and p + T <= wpe rows)
@@ -26,7 +26,7 @@ void embedding_forward(Tensor& out, const Tensor& idx, const Tensor& wte, const 
 
 // Deterministic: each thread owns a slice of channels, so no two threads touch one element,
 // and every element sums its contributions in (b, t) order.
-void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& idx) {
+void embedding_backward(const Tensor& dout, const Tensor& idx, Tensor& dwte, Tensor& dwpe) {
   const int64_t B = idx.size(0), T = idx.size(1), C = dwte.size(1);
   const float* d = dout.data<float>();
   float* dte = dwte.data<float>();

@@ -37,8 +37,8 @@ inline void normalize_row(const float* x, float* y, const float* w, const float*
 
 }  // namespace
 
-void layernorm_forward(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x,
-                       const Tensor& weight, const Tensor& bias, float eps) {
+void layernorm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps,
+                       Tensor& out, Tensor& mean, Tensor& rstd) {
   const int64_t C = x.size(-1), N = x.numel() / C;
   const float *xp = x.data<float>(), *w = weight.data<float>(), *b = bias.data<float>();
   float *y = out.data<float>(), *mu = mean.data<float>(), *rs = rstd.data<float>();
@@ -46,9 +46,9 @@ void layernorm_forward(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x,
   for (int64_t i = 0; i < N; ++i) normalize_row(xp + i * C, y + i * C, w, b, C, eps, mu + i, rs + i);
 }
 
-void residual_layernorm_forward(Tensor& sum, Tensor& out, Tensor& mean, Tensor& rstd,
-                                const Tensor& x, const Tensor& residual, const Tensor& weight,
-                                const Tensor& bias, float eps) {
+void residual_layernorm_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                                const Tensor& bias, float eps, Tensor& sum, Tensor& out,
+                                Tensor& mean, Tensor& rstd) {
   const int64_t C = x.size(-1), N = x.numel() / C;
   const float *xp = x.data<float>(), *rp = residual.data<float>();
   const float *w = weight.data<float>(), *b = bias.data<float>();
@@ -66,9 +66,9 @@ void residual_layernorm_forward(Tensor& sum, Tensor& out, Tensor& mean, Tensor& 
 // dx = dresidual + rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * weight.
 // dweight/dbias are reduced per thread into private buffers, then summed in thread order so
 // the result does not depend on scheduling.
-void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dout,
-                        const Tensor& dresidual, const Tensor& x, const Tensor& weight,
-                        const Tensor& mean, const Tensor& rstd) {
+void layernorm_backward(const Tensor& dout, const Tensor& x, const Tensor& mean,
+                        const Tensor& rstd, const Tensor& dresidual, const Tensor& weight,
+                        Tensor& dweight, Tensor& dbias, Tensor& dx) {
   const int64_t C = x.size(-1), N = x.numel() / C;
   const float *xp = x.data<float>(), *dy = dout.data<float>(), *w = weight.data<float>();
   const float *mu = mean.data<float>(), *rs = rstd.data<float>();

@@ -44,8 +44,8 @@ void set_blas_threads(int n) {
   blas_single_threaded();
 }
 
-void linear_forward(Tensor& out, Tensor& pre, const Tensor& x, const Tensor& weight,
-                    const Tensor& bias, bool gelu) {
+void linear_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, bool gelu,
+                    Tensor& out, Tensor& pre) {
   blas_single_threaded();
   const int64_t N = x.size(0), K = x.size(1), M = weight.size(0);
   const float* xp = x.data<float>();
@@ -87,8 +87,8 @@ void linear_forward(Tensor& out, Tensor& pre, const Tensor& x, const Tensor& wei
   }
 }
 
-void linear_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dout,
-                     const Tensor& x, const Tensor& weight, const Tensor& pre) {
+void linear_backward(const Tensor& dout, const Tensor& x, const Tensor& pre, const Tensor& weight,
+                     Tensor& dweight, Tensor& dbias, Tensor& dx) {
   blas_single_threaded();
   const int64_t N = x.size(0), K = x.size(1), M = weight.size(0);
   const float* xp = x.data<float>();

@@ -416,10 +416,10 @@ int64_t sample_row(const float* x, const float* bias, const int32_t* cnt, const 
 
 }  // namespace
 
-void sample_tokens(Tensor& tokens, Tensor& counts, Tensor& counter, const Tensor& logits,
-                   const Tensor& logit_bias, const Tensor& forced, int64_t vocab_size,
-                   double temperature, int64_t top_k, double top_p, double frequency_penalty,
-                   double presence_penalty, uint64_t seed) {
+void sample_tokens(const Tensor& logits, Tensor& counts, Tensor& counter, const Tensor& logit_bias,
+                   const Tensor& forced, int64_t vocab_size, double temperature, int64_t top_k,
+                   double top_p, double frequency_penalty, double presence_penalty, uint64_t seed,
+                   Tensor& tokens) {
   const int64_t B = logits.size(0), Vp = logits.size(1), V = vocab_size;
   const Controls ctl{V, temperature, top_k, top_p, frequency_penalty, presence_penalty, seed};
   const float* x = logits.data<float>();

@@ -890,7 +890,7 @@ void bwd_tc(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const float* ls
 
 }  // namespace
 
-void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int n_head, int window) {
+void attention_forward(const Tensor& qkv, int n_head, int window, Tensor& out, Tensor& lse) {
   DeviceGuard guard(qkv.device().index);
   const Shape s = shape_of(qkv, n_head);
   if (s.B * int64_t(s.H) > 65535)
@@ -911,8 +911,8 @@ void attention_forward(Tensor& out, Tensor& lse, const Tensor& qkv, int n_head, 
   });
 }
 
-void attention_backward(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
-                        const Tensor& lse, int n_head, int window) {
+void attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                        const Tensor& lse, int n_head, int window, Tensor& dqkv) {
   DeviceGuard guard(qkv.device().index);
   const Shape s = shape_of(qkv, n_head);
   if (s.B * int64_t(s.H) > 65535)

@@ -308,8 +308,8 @@ void kvcache_impl(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& q
 
 }  // namespace
 
-void attention_kvcache(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv,
-                       int64_t pos, const Tensor& pos_dev, int n_head, int window) {
+void attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int64_t pos,
+                       const Tensor& pos_dev, int n_head, int window, Tensor& out) {
   DeviceGuard guard(qkv.device().index);
   const int32_t* p = pos_dev.defined() ? pos_dev.data<int32_t>() : nullptr;
   GPTCORE_FLOAT_TYPES(qkv.dtype(), "qkv",

@@ -127,8 +127,8 @@ void launch(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor&
 
 }  // namespace
 
-void cross_entropy(Tensor& losses, Tensor& dlogits, const Tensor& logits, const Tensor& targets,
-                   int64_t vocab_size, int64_t ignore_index, float grad_scale) {
+void cross_entropy(const Tensor& logits, const Tensor& targets, int64_t vocab_size,
+                   int64_t ignore_index, float grad_scale, Tensor& losses, Tensor& dlogits) {
   DeviceGuard guard(logits.device().index);
   GPTCORE_FLOAT_TYPES(logits.dtype(), "logits",
                       launch<scalar_t>(losses, dlogits, logits, targets, vocab_size, ignore_index,

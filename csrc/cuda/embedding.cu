@@ -227,14 +227,14 @@ void backward_impl(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor&
 
 }  // namespace
 
-void embedding_forward(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe,
-                       int64_t pos, const Tensor& pos_dev) {
+void embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, int64_t pos,
+                       const Tensor& pos_dev, Tensor& out) {
   DeviceGuard guard(idx.device().index);
   const int32_t* p = pos_dev.defined() ? pos_dev.data<int32_t>() : nullptr;
   GPTCORE_FLOAT_TYPES(wte.dtype(), "wte", forward_impl<scalar_t>(out, idx, wte, wpe, pos, p));
 }
 
-void embedding_backward(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor& idx) {
+void embedding_backward(const Tensor& dout, const Tensor& idx, Tensor& dwte, Tensor& dwpe) {
   DeviceGuard guard(idx.device().index);
   GPTCORE_FLOAT_TYPES(dwte.dtype(), "dwte", backward_impl<scalar_t>(dwte, dwpe, dout, idx));
 }

@@ -576,8 +576,8 @@ void linear_few_rows(const Tensor& x, const Tensor& weight, const Tensor& bias, 
 
 // ---- the linear layer -------------------------------------------------------------------------
 
-void linear_forward(Tensor& out, Tensor& pre, const Tensor& x, const Tensor& weight,
-                    const Tensor& bias, bool gelu) {
+void linear_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, bool gelu,
+                    Tensor& out, Tensor& pre) {
   DeviceGuard guard(x.device().index);
   const int64_t N = x.size(0), K = x.size(1), M = weight.size(0);
   if (N <= kFewRowsMax) {  // a decode step: bandwidth-bound, one warp per output feature
@@ -597,8 +597,8 @@ void linear_forward(Tensor& out, Tensor& pre, const Tensor& x, const Tensor& wei
   gemm(a);
 }
 
-void linear_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dout,
-                     const Tensor& x, const Tensor& weight, const Tensor& pre) {
+void linear_backward(const Tensor& dout, const Tensor& x, const Tensor& pre, const Tensor& weight,
+                     Tensor& dweight, Tensor& dbias, Tensor& dx) {
   DeviceGuard guard(x.device().index);
   const int64_t N = x.size(0), K = x.size(1), M = weight.size(0);
   const DType dt = x.dtype();

@@ -355,25 +355,25 @@ void backward_impl(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dou
 
 }  // namespace
 
-void layernorm_forward(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x,
-                       const Tensor& weight, const Tensor& bias, float eps) {
+void layernorm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, float eps,
+                       Tensor& out, Tensor& mean, Tensor& rstd) {
   DeviceGuard guard(x.device().index);
   GPTCORE_FLOAT_TYPES(x.dtype(), "x", forward_impl<scalar_t>(out, mean, rstd, x, nullptr, nullptr,
                                                                weight, bias, eps));
 }
 
-void residual_layernorm_forward(Tensor& sum, Tensor& out, Tensor& mean, Tensor& rstd,
-                                const Tensor& x, const Tensor& residual, const Tensor& weight,
-                                const Tensor& bias, float eps) {
+void residual_layernorm_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                                const Tensor& bias, float eps, Tensor& sum, Tensor& out,
+                                Tensor& mean, Tensor& rstd) {
   DeviceGuard guard(x.device().index);
   GPTCORE_FLOAT_TYPES(x.dtype(), "x",
                       forward_impl<scalar_t>(out, mean, rstd, x, residual.data<scalar_t>(),
                                              sum.data<scalar_t>(), weight, bias, eps));
 }
 
-void layernorm_backward(Tensor& dx, Tensor& dweight, Tensor& dbias, const Tensor& dout,
-                        const Tensor& dresidual, const Tensor& x, const Tensor& weight,
-                        const Tensor& mean, const Tensor& rstd) {
+void layernorm_backward(const Tensor& dout, const Tensor& x, const Tensor& mean,
+                        const Tensor& rstd, const Tensor& dresidual, const Tensor& weight,
+                        Tensor& dweight, Tensor& dbias, Tensor& dx) {
   DeviceGuard guard(x.device().index);
   GPTCORE_FLOAT_TYPES(x.dtype(), "x",
                       backward_impl<scalar_t>(dx, dweight, dbias, dout, dresidual, x, weight,

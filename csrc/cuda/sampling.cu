@@ -434,10 +434,10 @@ void launch(const Tensor& logits, const Args& a) {
 
 }  // namespace
 
-void sample_tokens(Tensor& tokens, Tensor& counts, Tensor& counter, const Tensor& logits,
-                   const Tensor& logit_bias, const Tensor& forced, int64_t vocab_size,
-                   double temperature, int64_t top_k, double top_p, double frequency_penalty,
-                   double presence_penalty, uint64_t seed) {
+void sample_tokens(const Tensor& logits, Tensor& counts, Tensor& counter, const Tensor& logit_bias,
+                   const Tensor& forced, int64_t vocab_size, double temperature, int64_t top_k,
+                   double top_p, double frequency_penalty, double presence_penalty, uint64_t seed,
+                   Tensor& tokens) {
   DeviceGuard guard(logits.device().index);
   Args a{};
   a.tokens = tokens.data<int32_t>();

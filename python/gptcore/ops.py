@@ -6,6 +6,14 @@ without a copy. Outputs are :class:`gptcore.Tensor` on the inputs' device.
 
 Conventions (the same on every backend and in :mod:`gptcore.reference`):
 
+* One argument order for every op, the same as in ``csrc/core/ops.h`` and the ``_C`` bindings:
+  inputs (activations, ids, upstream gradients such as ``dout``, statistics saved by the
+  forward; optional inputs such as ``dresidual`` or ``pre`` keep their place among them), then
+  parameters (``weight``, ``bias``), then scalar settings (``eps``, ``n_head``, ``window``...),
+  then the parameter-gradient buffers (``dweight``, ``dbias``...), and ``out=`` last. Where a
+  required argument follows an optional one, everything from the optional one on is
+  keyword-only. ``tests/test_op_signatures.py`` keeps the three layers in step.
+
 * Gradients of *parameters* (``dwte``, ``dweight``, ``dbias``...) are **accumulated** into
   the buffers you pass (``+=``), so micro-batch gradient accumulation is free. Pass zeroed
   buffers for a plain gradient.
@@ -111,7 +119,7 @@ def embedding_forward(idx, wte, wpe, pos=None, *, out=None) -> Tensor:
     """
     p, p_dev = _pos(pos)
     return _C.embedding_forward(as_tensor(idx, "idx"), as_tensor(wte, "wte"), as_tensor(wpe, "wpe"),
-                                *_outs(out, ["out"]), p, p_dev)
+                                p, p_dev, *_outs(out, ["out"]))
 
 
 def embedding_backward(dout, idx, dwte, dwpe) -> None:
@@ -120,8 +128,8 @@ def embedding_backward(dout, idx, dwte, dwpe) -> None:
     dout (B, T, C); idx (B, T); dwte (V, C) and dwpe (maxT, C) are updated in place. The
     result is deterministic (no atomics race on repeated token ids).
     """
-    _C.embedding_backward(_out(dwte, "dwte"), _out(dwpe, "dwpe"),
-                          as_tensor(dout, "dout"), as_tensor(idx, "idx"))
+    _C.embedding_backward(as_tensor(dout, "dout"), as_tensor(idx, "idx"),
+                          _out(dwte, "dwte"), _out(dwpe, "dwpe"))
 
 
 # ---- layernorm ------------------------------------------------------------------------------
@@ -139,19 +147,21 @@ def layernorm_forward(x, weight, bias, eps: float = 1e-5, *, out=None):
                                       *_outs(out, ["out", "mean", "rstd"])))
 
 
-def layernorm_backward(dout, x, weight, mean, rstd, dweight, dbias, dresidual=None, *,
+def layernorm_backward(dout, x, mean, rstd, *, dresidual=None, weight, dweight, dbias,
                        out=None) -> Tensor:
     """Backward of :func:`layernorm_forward`.
 
-    Returns dx (like x). ``dweight`` and ``dbias`` (C,) are accumulated in place. If
-    ``dresidual`` (like x) is given it is added to dx in the same pass (the gradient that
-    reaches a residual stream from both the LayerNorm and the skip connection).
+    dout, x (..., C); mean, rstd (x.shape[:-1]) saved by the forward; weight (C,). Returns dx
+    (like x). ``dweight`` and ``dbias`` (C,) are accumulated in place. If ``dresidual`` (like x)
+    is given it is added to dx in the same pass (the gradient that reaches a residual stream
+    from both the LayerNorm and the skip connection). Everything after ``rstd`` is keyword-only.
     """
-    return _C.layernorm_backward(_out(dweight, "dweight"), _out(dbias, "dbias"),
-                                 as_tensor(dout, "dout"), _opt(dresidual, "dresidual"),
-                                 as_tensor(x, "x"), as_tensor(weight, "weight"),
+    return _C.layernorm_backward(as_tensor(dout, "dout"), as_tensor(x, "x"),
                                  as_tensor(mean, "mean"), as_tensor(rstd, "rstd"),
-                                 *_outs(out, ["dx"]))
+                                 dresidual=_opt(dresidual, "dresidual"),
+                                 weight=as_tensor(weight, "weight"),
+                                 dweight=_out(dweight, "dweight"), dbias=_out(dbias, "dbias"),
+                                 dx=_outs(out, ["dx"])[0])
 
 
 def residual_layernorm_forward(x, residual, weight, bias, eps: float = 1e-5, *, out=None):
@@ -164,19 +174,23 @@ def residual_layernorm_forward(x, residual, weight, bias, eps: float = 1e-5, *, 
                                                float(eps), *_outs(out, ["sum", "out", "mean", "rstd"])))
 
 
-def residual_layernorm_backward(dout, dsum, sum, weight, mean, rstd, dweight, dbias, *,
+def residual_layernorm_backward(dout, sum, mean, rstd, *, dsum=None, weight, dweight, dbias,
                                 out=None) -> Tensor:
-    """Backward of :func:`residual_layernorm_forward`.
+    """Backward of :func:`residual_layernorm_forward`, laid out like :func:`layernorm_backward`
+    (``sum`` in x's place, ``dsum`` in dresidual's).
 
     dout is the gradient of ``out``, dsum the gradient that reaches ``sum`` from elsewhere
-    (the residual stream; None when nothing else reads ``sum``, as in GPT-1's post-LN blocks). Returns the total gradient of ``sum``, which is also the gradient
-    of both ``x`` and ``residual``. dweight, dbias are accumulated in place.
+    (the residual stream; None when nothing else reads ``sum``, as in GPT-1's post-LN blocks).
+    Returns the total gradient of ``sum``, which is also the gradient of both ``x`` and
+    ``residual``. dweight, dbias are accumulated in place. Everything after ``rstd`` is
+    keyword-only.
     """
-    return _C.residual_layernorm_backward(_out(dweight, "dweight"), _out(dbias, "dbias"),
-                                          as_tensor(dout, "dout"), _opt(dsum, "dsum"),
-                                          as_tensor(sum, "sum"), as_tensor(weight, "weight"),
+    return _C.residual_layernorm_backward(as_tensor(dout, "dout"), as_tensor(sum, "sum"),
                                           as_tensor(mean, "mean"), as_tensor(rstd, "rstd"),
-                                          *_outs(out, ["dsum"]))
+                                          dsum=_opt(dsum, "dsum"),
+                                          weight=as_tensor(weight, "weight"),
+                                          dweight=_out(dweight, "dweight"),
+                                          dbias=_out(dbias, "dbias"), dx=_outs(out, ["dx"])[0])
 
 
 # ---- linear ---------------------------------------------------------------------------------
@@ -196,18 +210,19 @@ def linear_forward(x, weight, bias=None, gelu: bool = False, *, out=None):
     return out, (pre if gelu else None)  # the binding returns an undefined Tensor otherwise
 
 
-def linear_backward(dout, x, weight, dweight, dbias=None, pre=None, need_dx: bool = True, *,
+def linear_backward(dout, x, *, pre=None, weight, need_dx: bool = True, dweight, dbias=None,
                     out=None):
     """Backward of :func:`linear_forward`.
 
-    dout (..., M). If ``pre`` is given the layer had a GELU epilogue and the gradient is first
-    multiplied by GELU's derivative at ``pre`` (fused). ``dweight`` (M, K) and ``dbias`` (M,)
-    are accumulated in place. Returns dx (..., K), or None when ``need_dx`` is False.
+    dout (..., M); x (..., K); weight (M, K). If ``pre`` is given the layer had a GELU epilogue
+    and the gradient is first multiplied by GELU's derivative at ``pre`` (fused). ``dweight``
+    (M, K) and ``dbias`` (M,; None for a layer without bias) are accumulated in place. Returns
+    dx (..., K), or None when ``need_dx`` is False. Everything after ``x`` is keyword-only.
     """
-    dx = _C.linear_backward(_out(dweight, "dweight"), _out(dbias, "dbias"),
-                            as_tensor(dout, "dout"), as_tensor(x, "x"),
-                            as_tensor(weight, "weight"), _opt(pre, "pre"), bool(need_dx),
-                            *_outs(out, ["dx"]))
+    dx = _C.linear_backward(as_tensor(dout, "dout"), as_tensor(x, "x"), pre=_opt(pre, "pre"),
+                            weight=as_tensor(weight, "weight"), need_dx=bool(need_dx),
+                            dweight=_out(dweight, "dweight"), dbias=_out(dbias, "dbias"),
+                            dx=_outs(out, ["dx"])[0])
     return dx if need_dx else None
 
 
@@ -262,9 +277,9 @@ def attention_kvcache(qkv, k_cache, v_cache, pos, n_head: int,
         raise TypeError("pos: expected an int or a 1-element int32 tensor, got None")
     p, p_dev = _pos(pos)
     return _C.attention_kvcache(as_tensor(qkv, "qkv"), as_tensor(k_cache, "k_cache"),
-                                as_tensor(v_cache, "v_cache"), p, int(n_head),
-                                None if window is None else int(window), *_outs(out, ["out"]),
-                                p_dev)
+                                as_tensor(v_cache, "v_cache"), p, pos_dev=p_dev,
+                                n_head=int(n_head), window=None if window is None else int(window),
+                                out=_outs(out, ["out"])[0])
 
 
 # ---- cross-entropy --------------------------------------------------------------------------
@@ -280,7 +295,7 @@ def cross_entropy_forward(logits, targets, vocab_size: Optional[int] = None,
     A target outside [0, V) that is not ignore_index raises ValueError.
     """
     losses, _ = _C.cross_entropy(as_tensor(logits, "logits"), as_tensor(targets, "targets"),
-                                 vocab_size, int(ignore_index), False, 0.0, False,
+                                 vocab_size, int(ignore_index), False, None, False,
                                  *_outs(out, ["losses"]), None)
     return losses
 
@@ -300,17 +315,18 @@ def cross_entropy_forward_backward(logits, targets, vocab_size: Optional[int] = 
     logits_t = _out(logits, "logits") if inplace else as_tensor(logits, "logits")
     return tuple(_C.cross_entropy(logits_t, as_tensor(targets, "targets"),
                                   vocab_size, int(ignore_index), True,
-                                  float("nan") if grad_scale is None else float(grad_scale),
+                                  None if grad_scale is None else float(grad_scale),
                                   bool(inplace), *_outs(out, ["losses", "dlogits"])))
 
 
 # ---- optimiser ------------------------------------------------------------------------------
 
 
-def adamw_step(params: Sequence, grads: Sequence, m: Sequence, v: Sequence, *, lr: float,
-               step: int, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
-               weight_decay: float = 0.0, decay: Optional[Sequence[bool]] = None,
-               grad_scale: float = 1.0, master: Optional[Sequence] = None, seed: int = 0) -> None:
+def adamw_step(params: Sequence, grads: Sequence, m: Sequence, v: Sequence, *,
+               master: Optional[Sequence] = None, decay: Optional[Sequence[bool]] = None,
+               lr: float, beta1: float = 0.9, beta2: float = 0.95, eps: float = 1e-8,
+               weight_decay: float = 0.0, step: int, grad_scale: float = 1.0,
+               seed: int = 0) -> None:
     """One fused AdamW step over lists of tensors, updated in place.
 
     For each i: ``g = grads[i] * grad_scale`` (clipping folded in), ``m = b1 m + (1-b1) g``,
@@ -325,9 +341,10 @@ def adamw_step(params: Sequence, grads: Sequence, m: Sequence, v: Sequence, *, l
     decay = [True] * n if decay is None else [bool(d) for d in decay]
     _C.adamw_step([_out(p, "params") for p in params], [as_tensor(g, "grads") for g in grads],
                   [_out(t, "m") for t in m], [_out(t, "v") for t in v],
-                  [] if master is None else [_out(t, "master") for t in master],
-                  decay, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-                  int(step), float(grad_scale), int(seed))
+                  master=[] if master is None else [_out(t, "master") for t in master],
+                  decay=decay, lr=float(lr), beta1=float(beta1), beta2=float(beta2),
+                  eps=float(eps), weight_decay=float(weight_decay), step=int(step),
+                  grad_scale=float(grad_scale), seed=int(seed))
 
 
 def global_norm(tensors: Sequence) -> float:
@@ -350,10 +367,11 @@ def _sampling_int(v, name: str) -> int:
     return v.__index__()
 
 
-def sample_tokens(logits, *, vocab_size: Optional[int] = None, temperature: float = 1.0,
+def sample_tokens(logits, *, counts=None, counter=None, logit_bias=None, forced=None,
+                  vocab_size: Optional[int] = None, temperature: float = 1.0,
                   top_k: Optional[int] = None, top_p: Optional[float] = None,
-                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, counts=None,
-                  logit_bias=None, seed: int = 0, counter=None, forced=None, out=None) -> Tensor:
+                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int = 0,
+                  out=None) -> Tensor:
     """Next-token sampling on the logits' device: one token per row, so a decode step can keep
     its tokens and sampling state on the GPU (no host round trip, CUDA-graph friendly).
 
@@ -394,10 +412,10 @@ def sample_tokens(logits, *, vocab_size: Optional[int] = None, temperature: floa
     s = _sampling_int(seed, "seed")
     if not 0 <= s < 2 ** 64:
         raise ValueError(f"seed: expected an int in [0, 2**64), got {s}")
-    return _C.sample_tokens(as_tensor(logits, "logits"), vs,
+    return _C.sample_tokens(as_tensor(logits, "logits"), _out(counts, "counts"),
+                            _out(counter, "counter"), _opt(logit_bias, "logit_bias"),
+                            _opt(forced, "forced"), vs,
                             _sampling_number(temperature, "temperature"), kw_top_k, kw_top_p,
                             _sampling_number(frequency_penalty, "frequency_penalty"),
-                            _sampling_number(presence_penalty, "presence_penalty"),
-                            _out(counts, "counts"), _out(counter, "counter"),
-                            _opt(logit_bias, "logit_bias"), s, _opt(forced, "forced"),
+                            _sampling_number(presence_penalty, "presence_penalty"), s,
                             *_outs(out, ["tokens"]))

@@ -6,13 +6,18 @@ NumPy arrays, with exactly the semantics documented in :mod:`gptcore.ops` and
 and it doubles as the speed baseline in ``benchmarks/``: everything is vectorised, and the only
 Python loop (over attention heads) is there to keep the (T, T) score matrices small.
 
-Two differences from :mod:`gptcore.ops`, both for ease of testing:
+Each function takes the arguments of the op of the same name, in the same order and under the
+same names (``tests/test_op_signatures.py`` checks it), with these differences, all for ease of
+testing:
 
 * Functions are pure. Parameter gradients are returned as fresh arrays instead of being
-  accumulated into buffers, and :func:`adamw_step` returns the new state instead of updating
-  in place.
-* :func:`cross_entropy_backward` returns only the logits' gradient; the fused kernel's losses
-  are :func:`cross_entropy_forward`.
+  accumulated into buffers, so the buffer arguments (``dweight``, ``dbias``, ``dwte``...) and
+  ``out=`` are left out; where the op learns a shape or a choice from a buffer the reference
+  takes it as a setting instead (:func:`embedding_backward`'s ``vocab_size`` and
+  ``max_positions``, :func:`linear_backward`'s ``has_bias``). :func:`adamw_step` works on one
+  tensor (``param``, ``grad``) and returns the new state instead of updating in place.
+* :func:`cross_entropy_backward` returns only the logits' gradient; the fused op's pair is
+  :func:`cross_entropy_forward_backward`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
     "attention_kvcache",
     "cross_entropy_forward",
     "cross_entropy_backward",
+    "cross_entropy_forward_backward",
     "adamw_step",
     "global_norm",
     "sample_tokens",
@@ -159,10 +165,10 @@ def layernorm_forward(x, weight, bias, eps: float = 1e-5):
     return out, mean, rstd
 
 
-def layernorm_backward(dout, x, weight, mean, rstd, dresidual=None):
+def layernorm_backward(dout, x, mean, rstd, *, dresidual=None, weight):
     """Backward of :func:`layernorm_forward`, using the saved ``mean`` and ``rstd``.
 
-    dout, x (..., C); weight (C,); mean, rstd x.shape[:-1]; dresidual like x or None.
+    dout, x (..., C); mean, rstd x.shape[:-1]; dresidual like x or None; weight (C,).
     Returns ``(dx, dweight, dbias)``: dx like x (plus ``dresidual`` when given), dweight and
     dbias (C,) summed over every leading position (fresh arrays).
     """
@@ -199,14 +205,14 @@ def residual_layernorm_forward(x, residual, weight, bias, eps: float = 1e-5):
     return s, out, mean, rstd
 
 
-def residual_layernorm_backward(dout, dsum, sum, weight, mean, rstd):
-    """Backward of :func:`residual_layernorm_forward`.
+def residual_layernorm_backward(dout, sum, mean, rstd, *, dsum=None, weight):
+    """Backward of :func:`residual_layernorm_forward`, laid out like :func:`layernorm_backward`.
 
     dout: gradient of ``out``; dsum: gradient reaching ``sum`` from elsewhere (the residual
-    stream). Returns ``(dsum_total, dweight, dbias)``; dsum_total is the gradient of ``sum``,
+    stream), or None. Returns ``(dx, dweight, dbias)``; dx is the total gradient of ``sum``,
     and so of both ``x`` and ``residual``.
     """
-    return layernorm_backward(dout, sum, weight, mean, rstd, dresidual=dsum)
+    return layernorm_backward(dout, sum, mean, rstd, dresidual=dsum, weight=weight)
 
 
 # ---- linear ---------------------------------------------------------------------------------
@@ -232,7 +238,7 @@ def linear_forward(x, weight, bias=None, gelu: bool = False):
     return y, None
 
 
-def linear_backward(dout, x, weight, pre=None, has_bias: bool = True):
+def linear_backward(dout, x, *, pre=None, weight, has_bias: bool = True):
     """Backward of :func:`linear_forward`.
 
     dout (..., M); x (..., K); weight (M, K); pre (..., M) when the layer had a GELU epilogue
@@ -408,12 +414,20 @@ def cross_entropy_backward(logits, targets, vocab_size: Optional[int] = None,
     return dlogits.reshape(logits.shape)
 
 
+def cross_entropy_forward_backward(logits, targets, vocab_size: Optional[int] = None,
+                                   ignore_index: int = -1, grad_scale: Optional[float] = None):
+    """The fused op's pair: ``(losses, dlogits)`` of :func:`cross_entropy_forward` and
+    :func:`cross_entropy_backward`."""
+    return (cross_entropy_forward(logits, targets, vocab_size, ignore_index),
+            cross_entropy_backward(logits, targets, vocab_size, ignore_index, grad_scale))
+
+
 # ---- optimiser ------------------------------------------------------------------------------
 
 
-def adamw_step(param, grad, m, v, *, lr: float, step: int, beta1: float = 0.9,
-               beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
-               decay: bool = True, grad_scale: float = 1.0):
+def adamw_step(param, grad, m, v, *, decay: bool = True, lr: float, beta1: float = 0.9,
+               beta2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0, step: int,
+               grad_scale: float = 1.0):
     """One AdamW step on one tensor, functional (the inputs are not modified).
 
     ``g = grad * grad_scale``; ``m' = b1 m + (1-b1) g``; ``v' = b2 v + (1-b2) g^2``;
@@ -437,11 +451,11 @@ def adamw_step(param, grad, m, v, *, lr: float, step: int, beta1: float = 0.9,
     return p_new, m_new, v_new
 
 
-def global_norm(arrays: Sequence) -> float:
+def global_norm(tensors: Sequence) -> float:
     """sqrt of the sum of squares of every element of every array (float64 accumulation)."""
     total = 0.0
-    for i, a in enumerate(arrays):
-        a = _f64(a, f"arrays[{i}]").reshape(-1)
+    for i, a in enumerate(tensors):
+        a = _f64(a, f"tensors[{i}]").reshape(-1)
         total += float(a @ a)
     return math.sqrt(total)
 
@@ -540,10 +554,10 @@ def _sample_filter(z: np.ndarray, temperature: float, top_k: Optional[int],
     return p
 
 
-def sample_tokens(logits, *, vocab_size: Optional[int] = None, temperature: float = 1.0,
+def sample_tokens(logits, *, counts=None, counter=None, logit_bias=None, forced=None,
+                  vocab_size: Optional[int] = None, temperature: float = 1.0,
                   top_k: Optional[int] = None, top_p: Optional[float] = None,
-                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, counts=None,
-                  logit_bias=None, seed: int = 0, counter=None, forced=None):
+                  frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int = 0):
     """Next-token sampling, one token per row of logits (the semantics of
     :func:`gptcore.ops.sample_tokens`, computed in float64).
 
