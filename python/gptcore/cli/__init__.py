@@ -11,55 +11,15 @@ import os
 import sys
 from typing import List, Optional
 
+from . import convert, prepare, sample, train
+
 __all__ = ["main", "build_parser"]
 
-_TRAIN_EPILOG = """\
-examples:
-  gptcore train                                   demo: small model, stdlib corpus, minutes on 2 cores
-  gptcore prepare book.txt --out data/book        tokenize text into train/val shards
-  gptcore train --data data/book --preset small --steps 2000 --out runs/book
-  gptcore train --out runs/book --resume          continue that run exactly where it stopped
-  gptcore train --preset gpt2 --data DIR --device cuda --dtype bf16 --batch-size 8 --seq-len 1024
-
-Press Ctrl-C once to stop after the current step with a checkpoint (resume with --resume).
-"""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
+# One module per subcommand, each with add_subcommand(subparsers) and run(args).
+_COMMANDS = {"train": train, "prepare": prepare, "sample": sample, "convert": convert}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..models.config import PRESETS
-    from ..train import TrainConfig
-
-    d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="gptcore",
         description="Train and prepare data for GPT-1/2/3 models on gptcore's own C++/CUDA kernels.",
@@ -69,107 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"gptcore {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-
-    # ---- train
-    t = sub.add_parser(
-        "train", help="train (or resume) a model; no arguments = a small CPU demo",
-        description="Train a GPT model. With no arguments: a small byte-level model (0.8M parameters)\n"
-                    "on a few MB of Python's standard-library sources, prepared once into\n"
-                    "~/.cache/gptcore; a few minutes on a 2-core CPU, ending with a sample.",
-        epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = t.add_argument_group("model and data")
-    presets = ", ".join(PRESETS)
-    g.add_argument("--preset", default=None, metavar="NAME",
-                   help=f"model preset (default {d.preset}): {presets}")
-    g.add_argument("--data", default=None, metavar="DIR",
-                   help="a directory made by `gptcore prepare` (default: the built-in stdlib corpus)")
-    g.add_argument("--n-layer", type=_positive_int, default=None, help="override the preset's depth")
-    g.add_argument("--n-head", type=_positive_int, default=None, help="override the preset's head count")
-    g.add_argument("--n-embd", type=_positive_int, default=None, help="override the preset's width")
-    g.add_argument("--block-size", type=_positive_int, default=None,
-                   help="override the preset's number of positions")
-    g.add_argument("--dropout", type=_nonneg_float, default=None, metavar="P",
-                   help="dropout probability on embeddings, attention and residuals, as GPT-1/2 "
-                        "trained (default 0)")
-    g = t.add_argument_group("hardware")
-    g.add_argument("--device", default=None, help=f"cpu, cuda or cuda:N (default {d.device})")
-    g.add_argument("--dtype", default=None, choices=["float32", "fp32", "bfloat16", "bf16"],
-                   help="parameter/activation dtype; bf16 = mixed precision on CUDA (default float32)")
-    g.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads for the kernels (default: all cores)")
-    g = t.add_argument_group("optimisation")
-    g.add_argument("--steps", type=_positive_int, default=None, help="optimiser steps (default 1500)")
-    g.add_argument("--batch-size", type=_positive_int, default=None,
-                   help=f"sequences per micro-batch (default {d.batch_size})")
-    g.add_argument("--seq-len", type=_positive_int, default=None,
-                   help="tokens per sequence (default min(block_size, 256))")
-    g.add_argument("--grad-accum", type=_positive_int, default=None,
-                   help=f"micro-batches per step (default {d.grad_accum})")
-    g.add_argument("--lr", type=_nonneg_float, default=None, help="peak learning rate (default 3e-3 for the demo presets, 6e-4 otherwise)")
-    g.add_argument("--min-lr-ratio", type=_nonneg_float, default=None,
-                   help=f"final lr as a fraction of --lr (default {d.min_lr_ratio})")
-    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=None,
-                   help=f"lr decay after warmup (default {d.schedule})")
-    g.add_argument("--warmup", type=_nonneg_int, default=None, help=f"warmup steps (default {d.warmup})")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=None,
-                   help=f"AdamW weight decay on 2-D weights (default {d.weight_decay})")
-    g.add_argument("--grad-clip", type=_nonneg_float, default=None,
-                   help=f"clip the global gradient norm to this (0 = off; default {d.grad_clip})")
-    g.add_argument("--seed", type=int, default=None, help=f"seed for init and batches (default {d.seed})")
-    g = t.add_argument_group("evaluation, output and resuming")
-    g.add_argument("--eval-every", type=_nonneg_int, default=None,
-                   help="evaluate and checkpoint every N steps, 0 = only at the end (default 250)")
-    g.add_argument("--eval-batches", type=_positive_int, default=None,
-                   help="validation batches per evaluation (default 8)")
-    g.add_argument("--out", default=None, metavar="DIR",
-                   help=f"run directory for log.jsonl and checkpoint/ (default ./{d.out})")
-    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                   help="continue from OUT/checkpoint (or the checkpoint directory CKPT) exactly")
-    g.add_argument("--no-checkpoint", action="store_true", help="do not write checkpoints")
-    g.add_argument("--stop-after", type=_positive_int, default=None, metavar="N",
-                   help="stop after step N with a checkpoint, as if interrupted (for testing resume)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar or messages")
-    g = t.add_argument_group("sample printed at the end")
-    g.add_argument("--sample-tokens", type=_nonneg_int, default=None,
-                   help=f"tokens to sample at the end, 0 = none (default {d.sample_tokens})")
-    g.add_argument("--temperature", type=_nonneg_float, default=None,
-                   help=f"sampling temperature, 0 = greedy (default {d.temperature})")
-    g.add_argument("--top-k", type=_nonneg_int, default=None,
-                   help=f"sample from the k most likely tokens, 0 = all (default {d.top_k})")
-    g.add_argument("--prompt", default=None, help="text the sample continues (default 'def ' for the demo)")
-
-    # ---- prepare
-    pr = sub.add_parser(
-        "prepare", help="tokenize text files into llm.c-format train/val shards",
-        description="Tokenize text files into train_*.bin / val_*.bin shards (llm.c's format: "
-                    "256 int32 header, uint16 tokens) plus meta.json. Each file is one document.")
-    pr.add_argument("files", nargs="+", metavar="TEXT_FILE", help="UTF-8 text files")
-    pr.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    pr.add_argument("--val-fraction", type=_nonneg_float, default=0.05,
-                    help="fraction of each document's tokens kept for validation (default 0.05)")
-    pr.add_argument("--tokenizer", choices=["auto", "gpt2", "byte"], default="auto",
-                    help="gpt2 (GPT-2 BPE), byte (UTF-8 bytes + end-of-text), or auto: gpt2 when "
-                         "available (default auto)")
-    pr.add_argument("--shard-tokens", type=_positive_int, default=100_000_000,
-                    help="maximum tokens per shard (default 100M)")
-    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    # ---- sample
-    from .sample import add_sample_subcommand
-
-    add_sample_subcommand(sub)
-
-    # ---- convert
-    cv = sub.add_parser("convert", help="convert a model, vocabulary or token shard between formats",
-                        description="Convert between gptcore/transformers checkpoint directories, "
-                                    "llm.c model/tokenizer/shard .bin files, vocabulary files and .npy.")
-    cv.add_argument("src", help="checkpoint dir (gptcore/transformers GPT-2 or GPT-1), llm.c "
-                                "model/tokenizer/shard .bin, vocab.json/encoder.json/tokenizer.json, or .npy")
-    cv.add_argument("dst", help="DST.bin: llm.c file; a directory: transformers layout (models) or "
-                                "vocabulary files (vocabularies); DST.npy: tokens")
-    cv.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                    help="model weights' dtype (default: the source's)")
-    cv.add_argument("--force", action="store_true", help="replace DST if it exists")
+    for command in _COMMANDS.values():
+        command.add_subcommand(sub)
     return p
 
 
@@ -182,47 +43,6 @@ def _version() -> str:
         return "?"
 
 
-def _train_config(args):
-    from ..train import TrainConfig
-
-    mapping = {
-        "preset": args.preset, "data": args.data, "device": args.device, "steps": args.steps,
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "grad_accum": args.grad_accum,
-        "lr": args.lr, "min_lr_ratio": args.min_lr_ratio, "schedule": args.schedule,
-        "warmup": args.warmup, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
-        "seed": args.seed, "eval_every": args.eval_every, "eval_batches": args.eval_batches,
-        "out": args.out, "stop_after": args.stop_after, "sample_tokens": args.sample_tokens,
-        "temperature": args.temperature, "prompt": args.prompt, "threads": args.threads,
-    }
-    kw = {k: v for k, v in mapping.items() if v is not None}
-    if args.dtype is not None:
-        kw["dtype"] = {"fp32": "float32", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
-    if args.top_k is not None:
-        kw["top_k"] = args.top_k or None
-    if args.resume is not None:
-        kw["resume"] = args.resume
-    if args.no_checkpoint:
-        kw["checkpoint"] = False
-    if args.no_progress:
-        kw["progress"] = False
-    overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size")
-                 if getattr(args, k) is not None}
-    if args.dropout is not None:
-        if args.dropout >= 1:
-            raise SystemExit(f"gptcore train: --dropout: expected a probability in [0, 1), got {args.dropout}")
-        overrides.update(embd_pdrop=args.dropout, attn_pdrop=args.dropout, resid_pdrop=args.dropout)
-    if overrides:
-        kw["model_overrides"] = overrides
-    if args.resume is not None:
-        from ..train import RUN_CONTROL_FIELDS
-
-        ignored = sorted(k for k in kw if k not in RUN_CONTROL_FIELDS)
-        if ignored:
-            print(f"note: resuming uses the checkpoint's settings; ignoring "
-                  f"{', '.join('--' + k.replace('_', '-') for k in ignored)}", file=sys.stderr)
-    return TrainConfig(**kw)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -230,26 +50,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 0
     try:
-        if args.command == "train":
-            from ..train import train
-
-            train(_train_config(args))
-        elif args.command == "prepare":
-            from ..data import prepare
-
-            meta = prepare(args.files, args.out, val_fraction=args.val_fraction,
-                           tokenizer=args.tokenizer, shard_tokens=args.shard_tokens,
-                           progress=not args.no_progress)
-            print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-                  f"({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}")
-        elif args.command == "sample":
-            from .sample import sample_command
-
-            sample_command(args)
-        elif args.command == "convert":
-            from ..io.pretrained import convert
-
-            print(convert(args.src, args.dst, dtype=args.dtype, overwrite=args.force))
+        _COMMANDS[args.command].run(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         if os.environ.get("GPTCORE_DEBUG"):
             raise

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 
 from ..generate.decode import complete
 
-__all__ = ["add_sample_subcommand", "sample_command", "load_for_sampling"]
+__all__ = ["add_subcommand", "run", "load_for_sampling"]
 
 
 # ---- the `gptcore sample` command -----------------------------------------------------------------------
@@ -93,7 +93,7 @@ def _parse_bias(items: Optional[List[str]]) -> Optional[Dict[int, float]]:
     return out
 
 
-def add_sample_subcommand(subparsers) -> None:
+def add_subcommand(subparsers) -> None:
     """Registers ``gptcore sample`` on an argparse sub-parser collection."""
     import argparse
 
@@ -137,7 +137,7 @@ def _unescape(s: str) -> str:
         return s
 
 
-def sample_command(args, out=None) -> int:
+def run(args, out=None) -> int:
     """Runs ``gptcore sample`` for parsed ``args``; streams text to ``out`` (default stdout)."""
     out = out or sys.stdout
     if args.num_samples < 1:
