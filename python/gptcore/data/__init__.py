@@ -3,8 +3,19 @@ seeded batch loaders that read them (loader.py)."""
 
 from .loader import BatchLoader, eval_batches
 from .prepare import ByteTokenizer, get_tokenizer, prepare
-from .shards import (HEADER_BYTES, HEADER_INTS, META_NAME, SHARD_MAGIC, SHARD_VERSION, TokenData,
-                     load_meta, read_llmc_header, read_shard, shard_paths, write_shard)
+from .shards import (
+                     HEADER_BYTES,
+                     HEADER_INTS,
+                     META_NAME,
+                     SHARD_MAGIC,
+                     SHARD_VERSION,
+                     TokenData,
+                     load_meta,
+                     read_llmc_header,
+                     read_shard,
+                     shard_paths,
+                     write_shard,
+)
 
 __all__ = [
     "SHARD_MAGIC", "SHARD_VERSION", "HEADER_INTS", "HEADER_BYTES", "META_NAME", "write_shard",

@@ -53,9 +53,18 @@ import bisect
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
-from ..models.kvcache import Decoder
-from .sampler import PAD, Logprobs, TokenLogprob, _Controls, _GraphStep, _Sampler, _prompts, _use_cuda_graphs
 
+from ..models.kvcache import Decoder
+from .sampler import (
+    PAD,
+    Logprobs,
+    TokenLogprob,
+    _Controls,
+    _GraphStep,
+    _prompts,
+    _Sampler,
+    _use_cuda_graphs,
+)
 
 __all__ = ["generate", "complete"]
 

@@ -10,8 +10,8 @@ from typing import List, NamedTuple, Optional, Tuple
 import numpy as np
 
 from .. import ops, reference
-from ..tensor import Tensor, empty, tensor, zeros
 from ..models.kvcache import Decoder
+from ..tensor import Tensor, empty, tensor, zeros
 
 __all__ = ["Logprobs", "TokenLogprob", "PAD", "filtered_distribution"]
 

@@ -8,12 +8,39 @@ safetensors, llm.c's model, tokenizer and shard files, and conversion between th
     pretrained.py    save_pretrained / load_pretrained, any-format reading, convert
 """
 
-from .llmc import LLMC_MODEL_MAGIC, LLMC_SHARD_MAGIC, LLMC_TOKENIZER_MAGIC, read_llmc_model, write_llmc_model
-from .pretrained import (convert, detect_format, load_pretrained, load_tokenizer, load_training_state,
-                         load_weights, read_weights, save_pretrained, write_weights)
-from .safetensors import (CheckpointError, SafetensorsFile, bf16_bits_to_float32, float32_to_bf16_bits,
-                          load_safetensors, save_safetensors)
-from .vocab import LlmcTokenizer, read_gpt2_vocab, read_llmc_tokenizer, write_gpt2_vocab, write_llmc_tokenizer
+from .llmc import (
+                         LLMC_MODEL_MAGIC,
+                         LLMC_SHARD_MAGIC,
+                         LLMC_TOKENIZER_MAGIC,
+                         read_llmc_model,
+                         write_llmc_model,
+)
+from .pretrained import (
+                         convert,
+                         detect_format,
+                         load_pretrained,
+                         load_tokenizer,
+                         load_training_state,
+                         load_weights,
+                         read_weights,
+                         save_pretrained,
+                         write_weights,
+)
+from .safetensors import (
+                         CheckpointError,
+                         SafetensorsFile,
+                         bf16_bits_to_float32,
+                         float32_to_bf16_bits,
+                         load_safetensors,
+                         save_safetensors,
+)
+from .vocab import (
+                         LlmcTokenizer,
+                         read_gpt2_vocab,
+                         read_llmc_tokenizer,
+                         write_gpt2_vocab,
+                         write_llmc_tokenizer,
+)
 
 __all__ = [
     "CheckpointError", "SafetensorsFile", "bf16_bits_to_float32", "float32_to_bf16_bits", "load_safetensors", "save_safetensors",

@@ -8,9 +8,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..models.config import GPTConfig
-from .safetensors import CheckpointError, SafetensorsFile, _float_format, _write_safetensors
 from ..models import schema
+from ..models.config import GPTConfig
+from .safetensors import (
+    CheckpointError,
+    SafetensorsFile,
+    _float_format,
+    _write_safetensors,
+)
 
 # ================================================================================================
 # Hugging Face GPT-2 (GPT2LMHeadModel) and GPT-1 (OpenAIGPTLMHeadModel) directories

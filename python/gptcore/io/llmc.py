@@ -8,11 +8,20 @@ from typing import Any, Dict, Mapping, Tuple
 import numpy as np
 
 from .._fileio import atomic_file as _atomic_file
-from ..data.shards import HEADER_BYTES as _LLMC_HEADER_BYTES, HEADER_INTS as _LLMC_HEADER_INTS, read_llmc_header
+from ..data.shards import HEADER_BYTES as _LLMC_HEADER_BYTES
+from ..data.shards import HEADER_INTS as _LLMC_HEADER_INTS
+from ..data.shards import read_llmc_header
 from ..models import schema
 from ..models.config import GPTConfig
 from .hf import _check_state
-from .safetensors import CheckpointError, PathLike, _map_file, _p, bf16_bits_to_float32, float32_to_bf16_bits
+from .safetensors import (
+    CheckpointError,
+    PathLike,
+    _map_file,
+    _p,
+    bf16_bits_to_float32,
+    float32_to_bf16_bits,
+)
 
 # ================================================================================================
 # llm.c model .bin

@@ -40,17 +40,37 @@ import numpy as np
 # ================================================================================================
 # Atomic writing
 # ================================================================================================
-
-
-from .._fileio import atomic_file as _atomic_file, fsync_path as _fsync_path, temp_name as _temp_name  # noqa: E402
-
+from .._fileio import atomic_file as _atomic_file  # noqa: E402
+from .._fileio import fsync_path as _fsync_path
+from .._fileio import temp_name as _temp_name
 from ..models import schema
 from ..models.config import GPTConfig
 from .hf import _check_state, _read_hf_dir, _read_json, _write_hf_dir
-from .llmc import LLMC_MODEL_MAGIC, LLMC_SHARD_MAGIC, LLMC_TOKENIZER_MAGIC, read_llmc_model, write_llmc_model
-from .safetensors import CheckpointError, PathLike, SafetensorsFile, _ST_MAX_HEADER, _float_format, _p, _parallel_copy, _write_safetensors
-from .vocab import LlmcTokenizer, _mirror_vocab_files, read_gpt2_vocab, read_llmc_tokenizer, write_gpt2_vocab, write_llmc_tokenizer
-
+from .llmc import (
+    LLMC_MODEL_MAGIC,
+    LLMC_SHARD_MAGIC,
+    LLMC_TOKENIZER_MAGIC,
+    read_llmc_model,
+    write_llmc_model,
+)
+from .safetensors import (
+    _ST_MAX_HEADER,
+    CheckpointError,
+    PathLike,
+    SafetensorsFile,
+    _float_format,
+    _p,
+    _parallel_copy,
+    _write_safetensors,
+)
+from .vocab import (
+    LlmcTokenizer,
+    _mirror_vocab_files,
+    read_gpt2_vocab,
+    read_llmc_tokenizer,
+    write_gpt2_vocab,
+    write_llmc_tokenizer,
+)
 
 # Files a checkpoint directory may hold; anything else found in a directory being replaced is
 # carried over to the new one (a README, a model card...), these are not (they would be stale).

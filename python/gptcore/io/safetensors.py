@@ -9,7 +9,7 @@ import math
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Union, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 

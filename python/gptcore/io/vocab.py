@@ -11,7 +11,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from .._fileio import atomic_file as _atomic_file
-from ..data.shards import HEADER_BYTES as _LLMC_HEADER_BYTES, HEADER_INTS as _LLMC_HEADER_INTS
+from ..data.shards import HEADER_BYTES as _LLMC_HEADER_BYTES
+from ..data.shards import HEADER_INTS as _LLMC_HEADER_INTS
 from .hf import _read_json
 from .llmc import LLMC_TOKENIZER_MAGIC, _read_header
 from .safetensors import CheckpointError, PathLike, _p

@@ -48,9 +48,9 @@ import numpy as np
 
 from .. import cuda as _cuda
 from .. import ops
+from ..tensor import Tensor, _dtype_name, empty, from_numpy, zeros
 from . import schema
 from .config import GPTConfig
-from ..tensor import Tensor, _dtype_name, empty, from_numpy, zeros
 
 __all__ = ["GPT"]
 

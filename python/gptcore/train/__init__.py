@@ -1,8 +1,13 @@
 """Training loops: pre-training (pretrain.py), its checkpoints (checkpoint.py) and default corpus
 (corpus.py)."""
 
-from .checkpoint import (CHECKPOINT_NAME, is_native_v1_checkpoint, load_checkpoint, recorded_tokenizer,
-                         save_checkpoint)
+from .checkpoint import (
+                         CHECKPOINT_NAME,
+                         is_native_v1_checkpoint,
+                         load_checkpoint,
+                         recorded_tokenizer,
+                         save_checkpoint,
+)
 from .corpus import default_corpus_dir
 from .pretrain import RUN_CONTROL_FIELDS, TrainConfig, evaluate, generate, train
 

@@ -1,5 +1,6 @@
 """Training-run checkpoints: save, resume and the data tokenizer a run recorded."""
 
+import json
 import os
 from typing import Any, Dict, Optional
 
@@ -9,7 +10,7 @@ from .. import io as gckpt
 from ..models.config import GPTConfig
 from ..models.gpt import GPT
 from ..optim import AdamW
-import json
+
 # ---- checkpoints ----------------------------------------------------------------------------
 
 CHECKPOINT_NAME = "checkpoint"

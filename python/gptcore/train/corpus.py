@@ -1,14 +1,14 @@
 """The default corpus of `gptcore train`: a few MB of the running Python's standard library."""
 
+import hashlib
 import os
 import shutil
 import sys
 import tempfile
 from typing import List
 
-
 from .. import data as gdata
-import hashlib
+
 # ---- the default corpus -------------------------------------------------------------------
 
 DEFAULT_CORPUS_BYTES = 4_000_000

@@ -18,6 +18,8 @@ training loop's view of it; :func:`load_checkpoint` still reads the native forma
 gptcore versions (model.npz, optim.npz, state.json), which is no longer written.
 """
 
+import dataclasses
+import json
 import math
 import os
 import signal
@@ -33,9 +35,12 @@ from .._progress import Progress, format_duration
 from ..models.config import DEMO_PRESETS, GPTConfig
 from ..models.gpt import GPT
 from ..optim import AdamW, lr_at
-import dataclasses
-import json
-from .checkpoint import CHECKPOINT_NAME, _saveable_tokenizer, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    _saveable_tokenizer,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .corpus import default_corpus_dir
 
 __all__ = ["TrainConfig", "train", "evaluate", "generate", "RUN_CONTROL_FIELDS"]
