@@ -8,13 +8,11 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-
 import numpy as np
 import pytest
 
 import gptcore
+from tests.helpers import fresh_seed
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,7 +45,6 @@ class SeededRng:
 
 @pytest.fixture
 def rng() -> SeededRng:
-    env = os.environ.get("GPTCORE_TEST_SEED")
-    seed = int(env) if env else secrets.randbits(32)
+    seed = fresh_seed()
     print(f"rng seed = {seed} (replay with GPTCORE_TEST_SEED={seed})")
     return SeededRng(seed)

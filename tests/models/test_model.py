@@ -16,6 +16,7 @@ import gptcore
 from gptcore import reference as R
 from gptcore.models import GPTConfig
 from gptcore.models import GPT
+from tests.helpers import rel_err
 
 
 # ---- a float64 reference GPT ------------------------------------------------------------------
@@ -159,11 +160,6 @@ def padded_f64(model, state):
     wte[: model.config.vocab_size] = P["wte"]
     P["wte"] = wte
     return P
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def check_against_reference(cfg, rng, B=3, T=None, ignore_some=True, tol=5e-5):

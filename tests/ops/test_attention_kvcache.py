@@ -15,8 +15,8 @@ import pytest
 import gptcore
 from gptcore import ops
 from gptcore import reference as ref
+from tests.helpers import BACKENDS, check, host
 
-TOL = 1e-5
 
 CASES = [
     # B, Tn, H, D, Tmax, pos, window
@@ -32,32 +32,41 @@ CASES = [
 ]
 
 
-def _check(name, got, want, rng, tol=TOL):
-    got = np.asarray(got, dtype=np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape} ({rng})"
-    assert np.isfinite(got).all(), f"{name}: non-finite output ({rng})"
-    err = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e} ({rng})"
+# Longer caches and the CUDA kernel's special paths (run on every backend).
+CASES += [
+    (1, 1, 12, 64, 1024, 1000, None),  # many keys per query: CUDA splits into ranges + combine kernel
+    (4, 1, 4, 128, 700, 600, 256),     # 128-dim heads, banded, split
+    (2, 33, 2, 64, 200, 150, None),    # prefill of 33 at pos > 0, split for the longer queries
+    (1, 1, 3, 6, 300, 290, None),      # head size that is not a 16-byte multiple: generic path
+    (1, 1, 2, 200, 260, 250, None),    # large odd head size: generic path
+]
+
+# pos as an int, as a 1-element int32 tensor on the backend's device (the form a decode step
+# captured in a CUDA graph reads from device memory; the CUDA launch is then sized for Tmax keys
+# and the kernel splits the real ones), or, on the CPU, as a 1-element int32 NumPy array.
+BACKEND_POS = [pytest.param(be.values[0], kind, marks=be.marks, id=f"{be.id}-{kind}")
+               for be in BACKENDS for kind in ("int", "array", "tensor")
+               if kind != "array" or be.values[0].device == "cpu"]
 
 
 @pytest.mark.parametrize("B, Tn, H, D, Tmax, pos, window", CASES)
-@pytest.mark.parametrize("pos_kind", ["int", "array", "tensor"])
-def test_kvcache_matches_reference(rng, B, Tn, H, D, Tmax, pos, window, pos_kind):
-    """pos as an int, or as a 1-element int32 array / gptcore tensor (the form a decode step
-    captured in a CUDA graph reads from device memory)."""
+@pytest.mark.parametrize("be, pos_kind", BACKEND_POS)
+def test_kvcache_matches_reference(rng, be, B, Tn, H, D, Tmax, pos, window, pos_kind):
     C = H * D
-    qkv = rng.randn(B, Tn, 3 * C)
-    k0, v0 = rng.randn(B, H, Tmax, D), rng.randn(B, H, Tmax, D)
+    qkv = be.rounded(rng.randn(B, Tn, 3 * C))
+    k0, v0 = be.rounded(rng.randn(B, H, Tmax, D)), be.rounded(rng.randn(B, H, Tmax, D))
+    # the reference sees exactly the (bf16-rounded) values the kernel sees
     out_r, k_r, v_r = ref.attention_kvcache(qkv, k0, v0, pos, H, window)
-    kc, vc = gptcore.tensor(k0), gptcore.tensor(v0)
+    kc = gptcore.tensor(k0, device=be.device, dtype=be.dtype)
+    vc = gptcore.tensor(v0, device=be.device, dtype=be.dtype)
     p = {"int": pos, "array": np.array([pos], np.int32),
-         "tensor": gptcore.tensor(np.array([pos], np.int32))}[pos_kind]
-    out = ops.attention_kvcache(qkv, kc, vc, p, H, window)
-    assert out.shape == (B, Tn, C) and out.dtype == "float32"
-    _check("out", out, out_r, rng)
+         "tensor": gptcore.tensor(np.array([pos], np.int32), device=be.device)}[pos_kind]
+    out = ops.attention_kvcache(be.put(qkv), kc, vc, p, H, window)
+    assert out.shape == (B, Tn, C) and out.dtype == be.dtype and out.device.startswith(be.device)
+    check(f"{be} out ({pos_kind} pos)", host(out), out_r, rng, be.tol)
     # The caches: exactly the new k, v in their slots, every other slot untouched.
-    np.testing.assert_array_equal(np.asarray(kc), k_r.astype(np.float32), err_msg=str(rng))
-    np.testing.assert_array_equal(np.asarray(vc), v_r.astype(np.float32), err_msg=str(rng))
+    np.testing.assert_array_equal(host(kc), k_r, err_msg=str(rng))
+    np.testing.assert_array_equal(host(vc), v_r, err_msg=str(rng))
 
 
 def test_reference_pos0_equals_full_attention(rng):
@@ -86,7 +95,31 @@ def test_incremental_decoding_equals_full_attention(rng, window):
         outs.append(np.asarray(ops.attention_kvcache(np.ascontiguousarray(qkv[:, t:t + 1]), kc, vc,
                                                      t, H, window)))
     got = np.concatenate(outs, axis=1)
-    _check("incremental vs full", got, full.astype(np.float64), rng)
+    check("incremental vs full", got, full.astype(np.float64), rng)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("window", [None, 3])
+def test_prefill_then_decode_matches_reference(rng, be, window):
+    """A prompt into empty caches, then one token per call, each against the reference."""
+    B, H, D, Tmax = 2, 3, 16, 40
+    C = H * D
+    prompt = be.rounded(rng.randn(B, 11, 3 * C))
+    kc = gptcore.zeros([B, H, Tmax, D], dtype=be.dtype, device=be.device)
+    vc = gptcore.zeros([B, H, Tmax, D], dtype=be.dtype, device=be.device)
+    rk, rv = np.zeros((B, H, Tmax, D)), np.zeros((B, H, Tmax, D))
+    out = ops.attention_kvcache(be.put(prompt), kc, vc, 0, H, window=window)
+    ro, rk, rv = ref.attention_kvcache(prompt, rk, rv, 0, H, window=window)
+    check("prefill out", host(out), ro, rng, be.tol)
+    pos = 11
+    for step in range(3):  # then one token at a time
+        tok = be.rounded(rng.randn(B, 1, 3 * C))
+        out = ops.attention_kvcache(be.put(tok), kc, vc, pos, H, window=window)
+        ro, rk, rv = ref.attention_kvcache(tok, rk, rv, pos, H, window=window)
+        check(f"decode out step {step}", host(out), ro, rng, be.tol)
+        pos += 1
+    check("k_cache", host(kc)[:, :, :pos], rk[:, :, :pos], rng, 1e-7)
+    check("v_cache", host(vc)[:, :, :pos], rv[:, :, :pos], rng, 1e-7)
 
 
 def test_numpy_caches_are_updated_in_place(rng):
@@ -107,7 +140,7 @@ def test_peaked_scores(rng):
     k0, v0 = rng.randn(B, H, Tmax, D) * 3.5, rng.randn(B, H, Tmax, D)
     out_r, _, _ = ref.attention_kvcache(qkv, k0, v0, pos, H)
     out = ops.attention_kvcache(qkv, gptcore.tensor(k0), gptcore.tensor(v0), pos, H)
-    _check("out (peaked)", out, out_r, rng, tol=1e-4)
+    check("out (peaked)", out, out_r, rng, tol=1e-4)
 
 
 # ---- bad input --------------------------------------------------------------------------------
@@ -152,37 +185,6 @@ def test_pos_plus_tn_may_reach_tmax_exactly():
 
 # ---- CUDA ---------------------------------------------------------------------------------------
 
-GPU_CASES = CASES + [
-    (1, 1, 12, 64, 1024, 1000, None),  # many keys per query: split into ranges + combine kernel
-    (4, 1, 4, 128, 700, 600, 256),     # 128-dim heads, banded, split
-    (2, 33, 2, 64, 200, 150, None),    # prefill of 33 at pos > 0, split for the longer queries
-    (1, 1, 3, 6, 300, 290, None),      # head size that is not a 16-byte multiple: generic path
-    (1, 1, 2, 200, 260, 250, None),    # large odd head size: generic path
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 1e-2)])
-@pytest.mark.parametrize("B, Tn, H, D, Tmax, pos, window", GPU_CASES)
-@pytest.mark.parametrize("pos_kind", ["int", "device"])
-def test_kvcache_cuda(rng, dtype, tol, B, Tn, H, D, Tmax, pos, window, pos_kind):
-    """pos as an int, or in a device tensor (the launch is then sized for Tmax keys and the
-    kernel splits the real ones): the result equals the reference at every position."""
-    C = H * D
-    qkv = gptcore.tensor(rng.randn(B, Tn, 3 * C), device="cuda", dtype=dtype)
-    kc = gptcore.tensor(rng.randn(B, H, Tmax, D), device="cuda", dtype=dtype)
-    vc = gptcore.tensor(rng.randn(B, H, Tmax, D), device="cuda", dtype=dtype)
-    # the reference sees exactly the (bf16-rounded) values the kernel sees
-    q_h, k_h, v_h = (np.asarray(t.numpy(), np.float64) for t in (qkv, kc, vc))
-    out_r, k_r, v_r = ref.attention_kvcache(q_h, k_h, v_h, pos, H, window)
-    p = pos if pos_kind == "int" else gptcore.tensor(np.array([pos], np.int32), device="cuda")
-    out = ops.attention_kvcache(qkv, kc, vc, p, H, window)
-    assert out.shape == (B, Tn, C) and out.dtype == dtype and out.device.startswith("cuda")
-    _check(f"cuda {dtype} out ({pos_kind} pos)", out.numpy(), out_r, rng, tol=tol)
-    np.testing.assert_array_equal(np.asarray(kc.numpy(), np.float64), k_r)
-    np.testing.assert_array_equal(np.asarray(vc.numpy(), np.float64), v_r)
-
-
 @pytest.mark.gpu
 def test_kvcache_cuda_device_mismatch():
     qkv = gptcore.zeros([1, 1, 24], device="cuda")
@@ -208,7 +210,7 @@ def test_kvcache_tensor_pos_is_read_at_every_call(rng):
         p.copy_(gptcore.tensor(np.array([t], np.int32)))
         ops.attention_kvcache(step, kc, vc, p, H, out=out)
         rows.append(np.array(out))
-    _check("tensor-pos decoding vs full", np.concatenate(rows, axis=1), full, rng)
+    check("tensor-pos decoding vs full", np.concatenate(rows, axis=1), full, rng)
 
 
 @pytest.mark.parametrize("pos, exc, match", [
@@ -257,7 +259,7 @@ def test_kvcache_cuda_device_pos_decoding(rng, window):
         p.copy_(gptcore.tensor(np.array([t], np.int32)))
         got = ops.attention_kvcache(step, kc, vc, p, H, window)
         want = ops.attention_kvcache(step, kc2, vc2, t, H, window)
-        _check(f"device pos {t}", got.numpy(), np.asarray(want.numpy(), np.float64), rng)
+        check(f"device pos {t}", got.numpy(), np.asarray(want.numpy(), np.float64), rng)
     np.testing.assert_array_equal(np.asarray(kc.numpy()), np.asarray(kc2.numpy()))
 
 

@@ -17,17 +17,9 @@ import pytest
 import gptcore
 from gptcore import ops
 from gptcore import reference as ref
+from tests.helpers import rel_err, to_cuda
 
 TOL = 1e-5
-
-
-def _rel(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-
-
-def _dev(a, dtype=None):
-    return gptcore.tensor(np.ascontiguousarray(a), device="cuda", dtype=dtype)
 
 
 def _set(buf, a):
@@ -56,8 +48,8 @@ def test_not_capturing_outside_a_capture():
 @pytest.mark.parametrize("gelu", [False, True])
 def test_replay_linear_with_new_inputs(rng, gelu):
     N, K, M = 3, 37, 50
-    x = _dev(rng.randn(N, K))
-    w, b = _dev(rng.randn(M, K)), _dev(rng.randn(M))
+    x = to_cuda(rng.randn(N, K))
+    w, b = to_cuda(rng.randn(M, K)), to_cuda(rng.randn(M))
     out, pre = gptcore.empty([N, M], device="cuda"), gptcore.empty([N, M], device="cuda")
     outs = (out, pre) if gelu else out
     ops.linear_forward(x, w, b, gelu=gelu, out=outs)  # warm-up (scratch into the cache)
@@ -72,7 +64,7 @@ def test_replay_linear_with_new_inputs(rng, gelu):
         g.replay()
         want = ref.linear_forward(xs, np.asarray(w.numpy()), np.asarray(b.numpy()), gelu=gelu)
         want = want[0] if isinstance(want, tuple) else want
-        err = _rel(out.numpy(), want)
+        err = rel_err(out.numpy(), want)
         assert err <= TOL, f"replay {step}: relative error {err:.3e} ({rng})"
 
 
@@ -88,7 +80,7 @@ def test_replay_attention_kvcache_with_device_pos(rng, window):
     kc, vc = (gptcore.zeros([B, H, Tmax, D], device="cuda") for _ in range(2))
     kc2, vc2 = (gptcore.zeros([B, H, Tmax, D], device="cuda") for _ in range(2))
     qkv, out = gptcore.empty([B, 1, 3 * C], device="cuda"), gptcore.empty([B, 1, C], device="cuda")
-    pos = _dev(np.array([0], np.int32))
+    pos = to_cuda(np.array([0], np.int32))
     _set(qkv, qkv_all[:, :1])
     ops.attention_kvcache(qkv, kc, vc, pos, H, window, out=out)  # warm-up at position 0
     g = gptcore.cuda.Graph()
@@ -99,7 +91,7 @@ def test_replay_attention_kvcache_with_device_pos(rng, window):
         _set(pos, np.array([t], np.int32))
         g.replay()
         want = ops.attention_kvcache(qkv, kc2, vc2, t, H, window)
-        err = _rel(out.numpy(), want.numpy())
+        err = rel_err(out.numpy(), want.numpy())
         assert err <= TOL, f"position {t}: relative error {err:.3e} ({rng})"
     np.testing.assert_array_equal(np.asarray(kc.numpy()), np.asarray(kc2.numpy()))
     np.testing.assert_array_equal(np.asarray(vc.numpy()), np.asarray(vc2.numpy()))
@@ -112,9 +104,9 @@ def test_replay_small_decode_step(rng):
     ops run eagerly with int positions."""
     V, C, H, Tmax, B = 23, 24, 2, 12, 2
     D = C // H
-    wte, wpe = _dev(rng.randn(V, C)), _dev(rng.randn(Tmax, C))
-    w_qkv, b_qkv = _dev(rng.randn(3 * C, C, scale=0.2)), _dev(rng.randn(3 * C))
-    w_o = _dev(rng.randn(C, C, scale=0.2))
+    wte, wpe = to_cuda(rng.randn(V, C)), to_cuda(rng.randn(Tmax, C))
+    w_qkv, b_qkv = to_cuda(rng.randn(3 * C, C, scale=0.2)), to_cuda(rng.randn(3 * C))
+    w_o = to_cuda(rng.randn(C, C, scale=0.2))
     ids = rng.integers(0, V, size=(B, Tmax)).astype(np.int32)
 
     def step(idx, pos, kc, vc, bufs):
@@ -129,7 +121,7 @@ def test_replay_small_decode_step(rng):
         return (gptcore.empty([B, 1, C], device="cuda"), gptcore.empty([B, 1, 3 * C], device="cuda"),
                 gptcore.empty([B, 1, C], device="cuda"), gptcore.empty([B, C], device="cuda"))
 
-    idx, pos = _dev(ids[:, :1]), _dev(np.array([0], np.int32))
+    idx, pos = to_cuda(ids[:, :1]), to_cuda(np.array([0], np.int32))
     kc, vc = (gptcore.zeros([B, H, Tmax, D], device="cuda") for _ in range(2))
     bufs = buffers()
     step(idx, pos, kc, vc, bufs)  # warm-up
@@ -141,8 +133,8 @@ def test_replay_small_decode_step(rng):
         _set(idx, ids[:, t:t + 1])
         _set(pos, np.array([t], np.int32))
         g.replay()
-        want = step(_dev(ids[:, t:t + 1]), t, kc2, vc2, buffers())
-        err = _rel(y.numpy(), want.numpy())
+        want = step(to_cuda(ids[:, t:t + 1]), t, kc2, vc2, buffers())
+        err = rel_err(y.numpy(), want.numpy())
         assert err <= TOL, f"position {t}: relative error {err:.3e} ({rng})"
 
 
@@ -151,8 +143,8 @@ def test_replay_is_ordered_with_the_stream(rng):
     """Replays queue on the current stream: several back to back, each reading what the previous
     one wrote, and eager work after them sees the last result."""
     n = 1000
-    a = _dev(rng.randn(1, n))
-    w = _dev(np.eye(n, dtype=np.float32) * 0.5)
+    a = to_cuda(rng.randn(1, n))
+    w = to_cuda(np.eye(n, dtype=np.float32) * 0.5)
     b = gptcore.empty([1, n], device="cuda")
     ops.linear_forward(a, w, None, out=b)
     g = gptcore.cuda.Graph()
@@ -247,7 +239,7 @@ def test_memory_freed_during_capture_stays_with_the_graph(rng):
     """A temporary allocated and dropped inside the capture is rewritten by every replay; it must
     not be handed to a tensor allocated afterwards."""
     N, K = 4, 64
-    x, w = _dev(rng.randn(N, K)), _dev(rng.randn(K, K))
+    x, w = to_cuda(rng.randn(N, K)), to_cuda(rng.randn(K, K))
     out = gptcore.empty([N, K], device="cuda")
     tmp = ops.linear_forward(x, w, None)[0]  # warm-up: a block of tmp's size goes to the cache
     del tmp
@@ -256,14 +248,14 @@ def test_memory_freed_during_capture_stays_with_the_graph(rng):
         tmp = ops.linear_forward(x, w, None)[0]  # from the cache, freed inside the capture
         ops.linear_forward(tmp, w, None, out=out)
         del tmp
-    others = [_dev(np.full((N, K), 7.0, np.float32)) for _ in range(4)]
+    others = [to_cuda(np.full((N, K), 7.0, np.float32)) for _ in range(4)]
     for _ in range(3):
         g.replay()
     for o in others:
         np.testing.assert_array_equal(np.asarray(o.numpy()), np.full((N, K), 7.0, np.float32))
     xs = np.asarray(x.numpy(), np.float64)
     ws = np.asarray(w.numpy(), np.float64)
-    assert _rel(out.numpy(), xs @ ws.T @ ws.T) <= TOL
+    assert rel_err(out.numpy(), xs @ ws.T @ ws.T) <= TOL
     g.reset()
     assert not g.captured
     with pytest.raises(RuntimeError, match="nothing captured"):
@@ -273,7 +265,7 @@ def test_memory_freed_during_capture_stays_with_the_graph(rng):
 @pytest.mark.gpu
 def test_output_allocated_during_capture_is_the_replay_output(rng):
     N, K = 3, 40
-    x, w = _dev(rng.randn(N, K)), _dev(rng.randn(K, K))
+    x, w = to_cuda(rng.randn(N, K)), to_cuda(rng.randn(K, K))
     y = ops.linear_forward(x, w, None)[0]
     del y
     g = gptcore.cuda.Graph()
@@ -283,15 +275,15 @@ def test_output_allocated_during_capture_is_the_replay_output(rng):
         xs = rng.randn(N, K)
         _set(x, xs)
         g.replay()
-        assert _rel(y.numpy(), xs.astype(np.float64) @ np.asarray(w.numpy(), np.float64).T) <= TOL
+        assert rel_err(y.numpy(), xs.astype(np.float64) @ np.asarray(w.numpy(), np.float64).T) <= TOL
 
 
 @pytest.mark.gpu
 def test_graph_repr_and_recapture(rng):
     g = gptcore.cuda.Graph()
     assert "empty" in repr(g)
-    x = _dev(rng.randn(2, 8))
-    w = _dev(rng.randn(8, 8))
+    x = to_cuda(rng.randn(2, 8))
+    w = to_cuda(rng.randn(8, 8))
     out = gptcore.empty([2, 8], device="cuda")
     ops.linear_forward(x, w, None, out=out)
     with g.capture():

@@ -21,6 +21,7 @@ from gptcore.io import hf as ck_hf, pretrained as ck_pretrained, vocab as vocab_
 from gptcore.io import CheckpointError
 from gptcore.models import GPTConfig
 from gptcore.models import GPT
+from tests.helpers import rel_err
 
 
 def tiny(**kw) -> GPTConfig:
@@ -42,11 +43,6 @@ def randomised(cfg: GPTConfig, rng) -> GPT:
 
 def ids(rng, cfg, B=2, T=None):
     return rng.integers(0, cfg.vocab_size, (B, T or cfg.block_size - 3))
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 # ================================================================================================
@@ -594,7 +590,7 @@ def test_convert_between_model_formats(tmp_path, rng):
     ck.convert(tmp_path / "m16.bin", tmp_path / "hf16")
     st16 = ck.SafetensorsFile(tmp_path / "hf16" / "model.safetensors")
     assert st16.dtype("transformer.wte.weight") == "BF16"
-    assert rel(ck.load_pretrained(tmp_path / "hf16")(x), want) < 2e-2
+    assert rel_err(ck.load_pretrained(tmp_path / "hf16")(x), want) < 2e-2
     # refusals
     with pytest.raises(FileExistsError, match="overwrite"):
         ck.convert(tmp_path / "hf", tmp_path / "m.bin")
@@ -772,7 +768,7 @@ def test_transformers_checkpoint_gives_its_logits(tmp_path, rng, hf, gpt1):
     model = ck.load_pretrained(tmp_path / "hf")
     assert model.config.prenorm is (not gpt1)
     x = ids(rng, model.config)
-    assert rel(model(x), _hf_logits(hf, ref, x)) < 1e-4, rng
+    assert rel_err(model(x), _hf_logits(hf, ref, x)) < 1e-4, rng
 
 
 @pytest.mark.parametrize("gpt1", [False, True], ids=["gpt2", "gpt1"])
@@ -784,7 +780,7 @@ def test_gptcore_checkpoint_opens_in_transformers(tmp_path, rng, hf, gpt1):
     cls = tr.OpenAIGPTLMHeadModel if gpt1 else tr.GPT2LMHeadModel
     theirs = cls.from_pretrained(tmp_path / "gc").eval()
     x = ids(rng, cfg)
-    assert rel(_hf_logits(hf, theirs, x), model(x)) < 1e-4, rng
+    assert rel_err(_hf_logits(hf, theirs, x), model(x)) < 1e-4, rng
 
 
 # transformers' GPT-2 keeps these (in, out) (its Conv1D); llm.c and gptcore keep (out, in)
@@ -805,7 +801,7 @@ def test_llmc_file_from_transformers_weights(tmp_path, rng, hf):
     (tmp_path / "m.bin").write_bytes(_llmc_bytes(cfg, state))
     x = ids(rng, cfg)
     model = ck.load_pretrained(tmp_path / "m.bin")
-    assert rel(model(x), _hf_logits(hf, ref, x)) < 1e-4, rng
+    assert rel_err(model(x), _hf_logits(hf, ref, x)) < 1e-4, rng
     ref.save_pretrained(tmp_path / "hf")
     ck.convert(tmp_path / "hf", tmp_path / "ours.bin")
     assert (tmp_path / "ours.bin").read_bytes() == (tmp_path / "m.bin").read_bytes()

@@ -22,6 +22,7 @@ from gptcore.models import GPTConfig
 from gptcore.models import GPT
 from gptcore.generate import PAD, complete, filtered_distribution, generate
 from gptcore.models.kvcache import Decoder
+from tests.helpers import rel_err
 
 
 def _model(seed=0, device="cpu", dtype="float32", **over):
@@ -52,11 +53,6 @@ def model():
 
 def _full_last_logits(model, ids):
     return np.asarray(model.logits(np.asarray(ids)[None, :], last_only=True)[0], np.float64)
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 class CharTokenizer:
@@ -98,7 +94,7 @@ def test_cached_logits_equal_full_recomputation(rng, over):
     for t in range(P, T + 1):
         want = m(ids[:, :t])[:, -1]
         assert got.shape == want.shape == (B, m.config.vocab_size)
-        err = _rel(got, want)
+        err = rel_err(got, want)
         assert err < 1e-5, f"position {t}: relative error {err:.2e} ({rng})"
         if t < T:
             got = dec.forward(ids[:, t:t + 1])
@@ -534,7 +530,7 @@ def test_cached_logits_cuda(rng, dtype, tol):
     dec = Decoder(gpu, B, T)
     got = dec.forward(ids[:, :P])
     for t in range(P, T + 1):
-        err = _rel(got, cpu(ids[:, :t])[:, -1])
+        err = rel_err(got, cpu(ids[:, :t])[:, -1])
         assert err < tol, f"{dtype} position {t}: relative error {err:.2e} ({rng})"
         if t < T:
             got = dec.forward(ids[:, t:t + 1])

@@ -17,6 +17,7 @@ import pytest
 import gptcore
 from gptcore import ops
 from gptcore import reference as ref
+from tests.helpers import DEVICES, to_cuda
 
 
 def toks(t) -> np.ndarray:
@@ -238,21 +239,18 @@ def frequencies_match(tokens, weights, what):
     assert stat < chi2_bound(dof), f"{what}: chi-square {stat:.1f} for {dof} dof"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.5, top_k=6),
                                 dict(top_p=0.7), dict(top_k=8, top_p=0.9, temperature=1.7)])
-def test_cpu_frequencies(rng, kw):
+def test_frequencies(rng, device, kw):
     V, N = 13, 20000
     x = rng.randn(1, V, scale=1.5)
     w = ref._sample_filter(x[0].astype(np.float64), kw.get("temperature", 1.0), kw.get("top_k"),
                            kw.get("top_p"))
-    rows = toks(ops.sample_tokens(np.repeat(x, N, axis=0), seed=int(rng.integers(1 << 30)), **kw))
-    frequencies_match(rows, w, f"rows {kw} {rng}")
-    # one row, many steps: the counter advanced in place gives fresh draws
-    counter = np.zeros(1, np.int64)
-    steps = np.array([toks(ops.sample_tokens(x, counter=counter, seed=5, **kw))[0]
-                      for _ in range(3000)])
-    assert counter[0] == 3000
-    frequencies_match(steps, w, f"steps {kw} {rng}")
+    xs = np.repeat(x, N, axis=0)
+    rows = toks(ops.sample_tokens(xs if device == "cpu" else to_cuda(xs),
+                                  seed=int(rng.integers(1 << 30)), **kw))
+    frequencies_match(rows, w, f"{device} rows {kw} {rng}")
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -329,17 +327,9 @@ def test_cuda_tensors_refused_or_checked():
 # ---- CUDA --------------------------------------------------------------------------------------
 
 
-def cuda(x, dtype=None):
-    x = np.asarray(x)
-    if x.dtype.kind == "f":
-        return gptcore.tensor(np.ascontiguousarray(x, np.float32), device="cuda",
-                              dtype=dtype or "float32")
-    return gptcore.tensor(np.ascontiguousarray(x), device="cuda")
-
-
 def as_seen_on_gpu(x, dtype):
     """The logits as the GPU holds them (bf16-rounded for bfloat16), as float32."""
-    return np.asarray(cuda(x, dtype).numpy(), np.float32)
+    return np.asarray(to_cuda(x, dtype).numpy(), np.float32)
 
 
 def check_consistent(tokens, x, kw, seed, counter, V, tol=1e-4, max_bad=0.01):
@@ -378,8 +368,8 @@ def test_cuda_matches_reference(rng, dtype, name, B, V, Vp):
     x = as_seen_on_gpu(logits_for(rng, B, V, Vp, scale=3.0), dtype)
     seed = int(rng.integers(0, 2 ** 63))
     counter = rng.integers(0, 10 ** 6, size=B).astype(np.int64)
-    ctr = cuda(counter)
-    got = toks(ops.sample_tokens(cuda(x, dtype), vocab_size=V, seed=seed, counter=ctr, **kw))
+    ctr = to_cuda(counter)
+    got = toks(ops.sample_tokens(to_cuda(x, dtype), vocab_size=V, seed=seed, counter=ctr, **kw))
     np.testing.assert_array_equal(toks(ctr), counter + 1)
     cpu = toks(ops.sample_tokens(x, vocab_size=V, seed=seed, counter=counter.copy(), **kw))
     if kw.get("temperature", 1.0) == 0:
@@ -405,10 +395,10 @@ def test_cuda_penalties_bias_forced_state(rng, dtype):
     kw = dict(temperature=0.9, top_k=200, top_p=0.9, frequency_penalty=0.25,
               presence_penalty=0.5, logit_bias=bias)
     seed = 77
-    g_counts, g_counter = cuda(counts), cuda(counter)
-    gkw = dict(kw, logit_bias=cuda(bias))
-    got = toks(ops.sample_tokens(cuda(x, dtype), vocab_size=V, counts=g_counts, counter=g_counter,
-                                 forced=cuda(forced), seed=seed, **gkw))
+    g_counts, g_counter = to_cuda(counts), to_cuda(counter)
+    gkw = dict(kw, logit_bias=to_cuda(bias))
+    got = toks(ops.sample_tokens(to_cuda(x, dtype), vocab_size=V, counts=g_counts, counter=g_counter,
+                                 forced=to_cuda(forced), seed=seed, **gkw))
     f = forced >= 0
     np.testing.assert_array_equal(got[f], forced[f])
     check_consistent(got, x, dict(kw, counts=counts, forced=forced), seed, counter, V)
@@ -430,32 +420,20 @@ def test_cuda_no_finite_logit_and_ties(rng):
     bias[:] = -np.inf
     bias[[2, 9]] = 0
     for kw in (dict(temperature=0), dict(top_k=3, top_p=0.5)):
-        got = toks(ops.sample_tokens(cuda(x), logit_bias=cuda(bias), **kw))
+        got = toks(ops.sample_tokens(to_cuda(x), logit_bias=to_cuda(bias), **kw))
         assert got[1] == -1 and got[0] in (2, 9) and got[2] in (2, 9)
     t = np.array([[1, 5, 5, 2, 5, -1]], np.float32)
-    assert toks(ops.sample_tokens(cuda(t), temperature=0))[0] == 1
+    assert toks(ops.sample_tokens(to_cuda(t), temperature=0))[0] == 1
     xb = np.repeat(np.array([[1, 3, 3, 2, 3]], np.float32), 3000, axis=0)
-    assert set(np.unique(toks(ops.sample_tokens(cuda(xb), top_k=2, seed=3)))) == {1, 2, 4}
+    assert set(np.unique(toks(ops.sample_tokens(to_cuda(xb), top_k=2, seed=3)))) == {1, 2, 4}
     xb = np.repeat(np.array([[0, 2, 2, 2, 1]], np.float32), 3000, axis=0)
-    assert set(np.unique(toks(ops.sample_tokens(cuda(xb), top_p=0.1, seed=4)))) == {1, 2, 3}
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.5, top_k=6),
-                                dict(top_p=0.7), dict(top_k=8, top_p=0.9, temperature=1.7)])
-def test_cuda_frequencies(rng, kw):
-    V, N = 13, 20000
-    x = rng.randn(1, V, scale=1.5)
-    w = ref._sample_filter(x[0].astype(np.float64), kw.get("temperature", 1.0), kw.get("top_k"),
-                           kw.get("top_p"))
-    rows = toks(ops.sample_tokens(cuda(np.repeat(x, N, axis=0)), seed=11, **kw))
-    frequencies_match(rows, w, f"cuda rows {kw}")
+    assert set(np.unique(toks(ops.sample_tokens(to_cuda(xb), top_p=0.1, seed=4)))) == {1, 2, 3}
 
 
 @pytest.mark.gpu
 def test_cuda_out_buffer_and_checks(rng):
     B, V = 4, 100
-    x = cuda(logits_for(rng, B, V, V))
+    x = to_cuda(logits_for(rng, B, V, V))
     out = gptcore.empty([B], "int32", "cuda")
     r = ops.sample_tokens(x, seed=3, out=out)
     np.testing.assert_array_equal(toks(r), toks(out))
@@ -474,7 +452,7 @@ def test_cuda_graph_replay(rng):
     if not hasattr(gptcore.cuda, "Graph"):
         pytest.skip("this gptcore has no gptcore.cuda.Graph")
     B, V, Vp = 3, 1001, 1024
-    x = cuda(logits_for(rng, B, V, Vp))
+    x = to_cuda(logits_for(rng, B, V, Vp))
     kw = dict(vocab_size=V, temperature=0.9, top_k=50, top_p=0.9, frequency_penalty=0.3, seed=5)
     counts = gptcore.zeros([B, V], "int32", "cuda")
     counter = gptcore.zeros([B], "int64", "cuda")

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-_REF_PATH = Path(__file__).resolve().parents[1] / "python" / "gptcore" / "reference.py"
+from tests import helpers
+
+_REF_PATH = Path(__file__).resolve().parents[2] / "python" / "gptcore" / "reference.py"
 _spec = importlib.util.spec_from_file_location("_gptcore_reference_under_test", _REF_PATH)
 ref = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ref)
@@ -45,8 +45,7 @@ class Rand:
 
 @pytest.fixture
 def rand() -> Rand:
-    env = os.environ.get("GPTCORE_TEST_SEED")
-    seed = int(env) if env else secrets.randbits(32)
+    seed = helpers.fresh_seed()
     print(f"rand seed = {seed}")
     return Rand(seed)
 
@@ -57,11 +56,7 @@ def check(name, got, want, rand, tol=FD_TOL, floor=1e-3):
     The floor keeps a legitimately tiny gradient (a GELU tail, say), whose finite-difference
     estimate carries an absolute round-off error near 1e-11, from failing a relative test.
     """
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape} ({rand})"
-    assert np.isfinite(got).all(), f"{name}: non-finite values ({rand})"
-    err = np.linalg.norm(got - want) / max(np.linalg.norm(want), floor)
-    assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.0e} ({rand})"
+    helpers.check(name, got, want, rand, tol, floor=floor)
 
 
 def fd_grad(loss, x, h=1e-5):
