@@ -503,18 +503,18 @@ def test_sample_command_streams_text(tmp_path, model):
     train.save_checkpoint(ckpt, byte_model, None, {"step": 0, "data_meta": {"tokenizer": "byte"}})
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
-    sample.add_sample_subcommand(sub)
+    sample.add_subcommand(sub)
     args = parser.parse_args(["sample", "--checkpoint", os.path.join(tmp_path, "run"), "--prompt",
                               "def ", "--max-new-tokens", "12", "--temperature", "0"])
     buf = io.StringIO()
-    assert sample.sample_command(args, out=buf) == 0
+    assert sample.run(args, out=buf) == 0
     text = buf.getvalue()
     from gptcore.data import ByteTokenizer
 
     expect = complete(byte_model, ByteTokenizer(), "def ", max_new_tokens=12, temperature=0)
     assert text == "def " + expect + "\n"
     with pytest.raises(FileNotFoundError):
-        sample.sample_command(parser.parse_args(["sample", "--checkpoint", os.path.join(tmp_path, "nope")]))
+        sample.run(parser.parse_args(["sample", "--checkpoint", os.path.join(tmp_path, "nope")]))
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------------------
