@@ -158,6 +158,47 @@ def bench_attention(rng, quick, W, R):
     ]
 
 
+def bench_dropout(rng, quick, W, R):
+    """Dropout (forward; backward is the same kernel) on a (B*T, 4C) bf16 activation in GB/s, and
+    attention with attn_pdrop = 0.1 fused in, beside PyTorch's dropout and SDPA with dropout_p."""
+    B, H, T, D = (4 if quick else 16), 12, 1024, 64
+    C = H * D
+    x = gptcore.tensor(rand(rng, B * T, 4 * C), device="cuda", dtype="bfloat16")
+    nbytes = 2 * x.nbytes
+    t = timeit(lambda: ops.dropout_forward(x, 0.1, 1, 2), W, R)
+    tt = None
+    if HAVE_TORCH:
+        xt = to_torch(x)
+        tt = timeit(lambda: F.dropout(xt, 0.1, training=True), W, R)
+    rows = [(f"dropout 0.1 ({B * T}, {4 * C}) bf16", "GB/s", nbytes / t / 1e9,
+             tt and nbytes / tt / 1e9, None, "bytes")]
+    qkv = gptcore.tensor(rand(rng, B, T, 3 * C), device="cuda", dtype="bfloat16")
+    kw = dict(dropout_p=0.1, seed=1, stream=2)
+    flops_f = 4.0 * B * H * T * T * D / 2
+    t = timeit(lambda: ops.attention_forward(qkv, H, **kw), W, R)
+    out, lse = ops.attention_forward(qkv, H, **kw)
+    dout = gptcore.tensor(rand(rng, B, T, C), device="cuda", dtype="bfloat16")
+    tb = timeit(lambda: ops.attention_backward(dout, qkv, out, lse, H, **kw), W, R)
+    tt = ttb = None
+    if HAVE_TORCH:
+        q, k, v = to_torch(qkv).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+        sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, dropout_p=0.1,  # noqa: E731
+                                                              is_causal=True)
+        tt = timeit(lambda: sdpa(q, k, v), W, R)
+        qg, kg, vg = (a.detach().clone().requires_grad_(True) for a in (q, k, v))
+        y = sdpa(qg, kg, vg)
+        g = torch.randn_like(y)
+        ttb = timeit(lambda: torch.autograd.grad(y, (qg, kg, vg), g, retain_graph=True), W, R)
+    flops_b = 2.5 * flops_f
+    rows += [
+        (f"attention dropout 0.1 fwd B{B} H{H} T{T} D{D}", "TFLOP/s", flops_f / t / 1e12,
+         tt and flops_f / tt / 1e12, None, "flops"),
+        ("attention dropout 0.1 bwd, same", "TFLOP/s", flops_b / tb / 1e12,
+         ttb and flops_b / ttb / 1e12, None, "flops"),
+    ]
+    return rows
+
+
 def bench_layernorm(rng, quick, W, R):
     N, C = (4096 if quick else 16384), 768
     x = gptcore.tensor(rand(rng, N, C), device="cuda", dtype="bfloat16")
@@ -327,7 +368,7 @@ def bench_generate(rng, quick, W, R):
     return rows
 
 
-BENCHES = [bench_copy, bench_gemm_peak, bench_linear, bench_attention, bench_layernorm,
+BENCHES = [bench_copy, bench_gemm_peak, bench_linear, bench_attention, bench_dropout, bench_layernorm,
            bench_cross_entropy, bench_adamw, bench_training, bench_sample_tokens, bench_generate]
 
 

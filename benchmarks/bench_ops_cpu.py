@@ -153,6 +153,41 @@ def setup_attention(impl, bt):
     return fn
 
 
+def setup_attention_dropout(impl, bt):
+    """Attention with GPT-2's attn_pdrop = 0.1 fused in (the mask regenerated in backward)."""
+    rng = _rng()
+    qkv, dout = _f32(rng, 1, bt, 3 * C), _f32(rng, 1, bt, C)
+    kw = dict(dropout_p=0.1, seed=1, stream=2)
+    if impl == "gptcore":
+        def fn():
+            out, lse = ops.attention_forward(qkv, N_HEAD, **kw)
+            ops.attention_backward(dout, qkv, out, lse, N_HEAD, **kw)
+    else:
+        qkv, dout = qkv.astype(np.float64), dout.astype(np.float64)
+
+        def fn():
+            out, lse = ref.attention_forward(qkv, N_HEAD, **kw)
+            ref.attention_backward(dout, qkv, out, lse, N_HEAD, **kw)
+    return fn
+
+
+def setup_dropout(impl, bt):
+    """Residual dropout on a (BT, 4C) activation (the MLP's width), forward + backward."""
+    rng = _rng()
+    x, dout = _f32(rng, bt, 4 * C), _f32(rng, bt, 4 * C)
+    if impl == "gptcore":
+        def fn():
+            ops.dropout_forward(x, 0.1, 1, 2)
+            ops.dropout_backward(dout, 0.1, 1, 2)
+    else:
+        x, dout = x.astype(np.float64), dout.astype(np.float64)
+
+        def fn():
+            ref.dropout_forward(x, 0.1, 1, 2)
+            ref.dropout_backward(dout, 0.1, 1, 2)
+    return fn
+
+
 def setup_cross_entropy(impl, bt):
     rng = _rng()
     logits = _f32(rng, bt, VP, scale=2.0)
@@ -177,6 +212,8 @@ OPS = {
     "linear 768->3072 +GELU": (setup_linear_fc_gelu, None),
     "linear 3072->768": (setup_linear_proj, None),
     "attention": (setup_attention, FUSED_TARGET),
+    "attention dropout 0.1": (setup_attention_dropout, None),
+    "dropout 0.1 (BT, 4C)": (setup_dropout, None),
     "cross-entropy": (setup_cross_entropy, FUSED_TARGET),
 }
 

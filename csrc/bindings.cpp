@@ -339,13 +339,21 @@ CuPy or JAX without a copy.
         py::kw_only(), py::arg("pre") = none, py::arg("weight"), py::arg("need_dx") = true,
         py::arg("dweight"), py::arg("dbias") = none, py::arg("dx") = none);
   m.def("attention_forward", &ops::attention_forward, nogil, py::arg("qkv"), py::arg("n_head"),
-        py::arg("window") = none, py::arg("out") = none, py::arg("lse") = none);
+        py::arg("window") = none, py::kw_only(), py::arg("dropout_p") = 0.0, py::arg("seed") = 0,
+        py::arg("stream") = 0, py::arg("out") = none, py::arg("lse") = none);
   m.def("attention_backward", &ops::attention_backward, nogil, py::arg("dout"), py::arg("qkv"),
         py::arg("out"), py::arg("lse"), py::arg("n_head"), py::arg("window") = none,
+        py::kw_only(), py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("stream") = 0,
         py::arg("dqkv") = none);
   m.def("attention_kvcache", &ops::attention_kvcache, nogil, py::arg("qkv"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("pos"), py::kw_only(), py::arg("pos_dev") = none,
         py::arg("n_head"), py::arg("window") = none, py::arg("out") = none);
+  m.def("dropout_forward", &ops::dropout_forward, nogil, py::arg("x"), py::arg("p"),
+        py::arg("seed"), py::arg("stream"), py::kw_only(), py::arg("inplace") = false,
+        py::arg("out") = none);
+  m.def("dropout_backward", &ops::dropout_backward, nogil, py::arg("dout"), py::arg("p"),
+        py::arg("seed"), py::arg("stream"), py::kw_only(), py::arg("inplace") = false,
+        py::arg("out") = none);
   m.def("cross_entropy", &ops::cross_entropy, nogil, py::arg("logits"), py::arg("targets"),
         py::arg("vocab_size") = none, py::arg("ignore_index") = -1, py::arg("with_grad") = false,
         py::arg("grad_scale") = none, py::arg("inplace") = false, py::arg("losses") = none,

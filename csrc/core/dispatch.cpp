@@ -471,23 +471,37 @@ static int check_attention_args(const Tensor& qkv, int64_t n_head,
   return 0;
 }
 
+// A dropout probability: 0 <= p < 1 (NaN fails both comparisons).
+static void check_dropout_p(double p, const char* name) {
+  if (!(p >= 0.0 && p < 1.0)) {
+    std::ostringstream os;
+    os << name << ": expected a dropout probability with 0 <= " << name << " < 1, got " << p;
+    throw ValueError(os.str());
+  }
+}
+
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t n_head,
-                                             std::optional<int64_t> window,
+                                             std::optional<int64_t> window, double dropout_p,
+                                             uint64_t seed, uint64_t stream,
                                              const std::optional<Tensor>& out_buf,
                                              const std::optional<Tensor>& lse_buf) {
   const int w = check_attention_args(qkv, n_head, window);
+  check_dropout_p(dropout_p, "dropout_p");
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   Tensor out = take_out(out_buf, {B, T, C}, qkv.dtype(), qkv.device(), "out");
   Tensor lse = take_out(lse_buf, {B, n_head, T}, DType::float32, qkv.device(), "lse");
   check_disjoint({{&out, "out"}, {&lse, "lse"}}, {{&qkv, "qkv"}});
-  GPTCORE_DISPATCH(qkv.device(), attention_forward(qkv, static_cast<int>(n_head), w, out, lse));
+  GPTCORE_DISPATCH(qkv.device(), attention_forward(qkv, static_cast<int>(n_head), w, dropout_p,
+                                                   seed, stream, out, lse));
   return {out, lse};
 }
 
 Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out,
                           const Tensor& lse, int64_t n_head, std::optional<int64_t> window,
+                          double dropout_p, uint64_t seed, uint64_t stream,
                           const std::optional<Tensor>& dqkv_buf) {
   const int w = check_attention_args(qkv, n_head, window);
+  check_dropout_p(dropout_p, "dropout_p");
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   for (const auto& [t, name] :
        {std::pair<const Tensor*, const char*>{&dout, "dout"}, {&out, "out"}}) {
@@ -503,8 +517,40 @@ Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& o
   check_disjoint({{&dqkv, "out"}},
                  {{&dout, "dout"}, {&qkv, "qkv"}, {&out, "out (forward)"}, {&lse, "lse"}});
   GPTCORE_DISPATCH(qkv.device(),
-                   attention_backward(dout, qkv, out, lse, static_cast<int>(n_head), w, dqkv));
+                   attention_backward(dout, qkv, out, lse, static_cast<int>(n_head), w, dropout_p,
+                                      seed, stream, dqkv));
   return dqkv;
+}
+
+// ---- dropout ------------------------------------------------------------------------------
+
+// Shared by dropout_forward (x, names "x") and dropout_backward (dout): the same kernel.
+static Tensor dropout_named(const Tensor& x, double p, uint64_t seed, uint64_t stream,
+                            bool inplace, const std::optional<Tensor>& out_buf,
+                            const char* x_name) {
+  check_float(x, x_name);
+  check_dropout_p(p, "p");
+  need(!(inplace && out_buf), std::string("out: given together with inplace=True (the result "
+                                          "then overwrites ") + x_name + "); pass one or the other");
+  Tensor out = inplace ? x : take_out(out_buf, x.shape(), x.dtype(), x.device(), "out");
+  if (!inplace) check_disjoint({{&out, "out"}}, {{&x, x_name}});
+  if (x.numel() == 0) return out;
+  if (p == 0.0) {  // the identity: no mask, no kernel
+    if (!inplace) copy_(out, x);
+    return out;
+  }
+  GPTCORE_DISPATCH(x.device(), dropout_apply(x, p, seed, stream, out));
+  return out;
+}
+
+Tensor dropout_forward(const Tensor& x, double p, uint64_t seed, uint64_t stream, bool inplace,
+                       const std::optional<Tensor>& out_buf) {
+  return dropout_named(x, p, seed, stream, inplace, out_buf, "x");
+}
+
+Tensor dropout_backward(const Tensor& dout, double p, uint64_t seed, uint64_t stream,
+                        bool inplace, const std::optional<Tensor>& out_buf) {
+  return dropout_named(dout, p, seed, stream, inplace, out_buf, "dout");
 }
 
 // ---- KV-cache attention (decoding) --------------------------------------------------------

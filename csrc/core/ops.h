@@ -132,13 +132,17 @@ Tensor linear_backward(const Tensor& dout, const Tensor& x, const std::optional<
                        const std::optional<Tensor>& dbias,
                        const std::optional<Tensor>& dx = std::nullopt);
 
-// returns (out, lse)
+// returns (out, lse). dropout_p in [0, 1): attention-probability dropout keyed by (seed, stream)
+// (see backend_ops.inc); backward must get the same dropout_p, seed and stream.
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t n_head,
                                              std::optional<int64_t> window,
+                                             double dropout_p = 0.0, uint64_t seed = 0,
+                                             uint64_t stream = 0,
                                              const std::optional<Tensor>& out = std::nullopt,
                                              const std::optional<Tensor>& lse = std::nullopt);
 Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out,
                           const Tensor& lse, int64_t n_head, std::optional<int64_t> window,
+                          double dropout_p = 0.0, uint64_t seed = 0, uint64_t stream = 0,
                           const std::optional<Tensor>& dqkv = std::nullopt);
 // KV-cache attention for decoding: writes qkv's k, v into k_cache, v_cache (B, H, Tmax, D) at
 // positions pos..pos+Tn-1 (in place), returns out (B, Tn, C).
@@ -148,6 +152,19 @@ Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, in
                          const std::optional<Tensor>& pos_dev, int64_t n_head,
                          std::optional<int64_t> window,
                          const std::optional<Tensor>& out = std::nullopt);
+
+// ---- dropout (csrc/cpu/dropout.cpp, csrc/cuda/dropout.cu) --------------------------------------
+// Counter-based dropout (core/hash.h): nothing is stored, backward regenerates the mask from
+// (p, seed, stream). Element i is x's row-major linear index; x float32 (CPU) or float32/bfloat16
+// (CUDA). p in [0, 1) (ValueError otherwise, NaN included). p == 0 is the identity: in place
+// nothing runs, otherwise x is copied into out. inplace=true writes into x (out must then be
+// absent); otherwise into out when given (x's shape, dtype and device, disjoint from x).
+// returns out = x * mask * scale
+Tensor dropout_forward(const Tensor& x, double p, uint64_t seed, uint64_t stream,
+                       bool inplace = false, const std::optional<Tensor>& out = std::nullopt);
+// returns dx = dout * mask * scale (the forward's mask for the same p, seed, stream)
+Tensor dropout_backward(const Tensor& dout, double p, uint64_t seed, uint64_t stream,
+                        bool inplace = false, const std::optional<Tensor>& out = std::nullopt);
 
 // returns (losses, dlogits) -- dlogits undefined unless with_grad. grad_scale: std::nullopt =
 // 1 / (number of non-ignored targets), only on the CPU (elsewhere it would need a host sync).

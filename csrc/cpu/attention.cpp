@@ -16,11 +16,19 @@
 // block of the result stays in vector registers while the shared dimension runs, so each
 // loaded vector feeds 4 FMAs. K and V are transposed once per head into zero-padded (D, T+64)
 // panels so the score products read keys contiguously.
+//
+// Attention dropout (dropout_p > 0) is fused: the keep bit of probability (b, h, t, s) is
+// regenerated from the counter-based hash of core/hash.h (index ((b*H + h)*T + t)*T + s), never
+// stored. Forward drops and rescales P after the row sums (so lse stays that of the un-dropped
+// softmax) and before O += P V; backward applies the same mask to P for dV and to dP = dO V^T
+// before dS = P * (M*scale*dP - delta). Both kernels are templates on dropout on/off, so with
+// dropout_p == 0 the loops are exactly the dropout-free ones.
 #include <array>
 #include <cstring>
 #include <utility>
 #include <vector>
 
+#include "core/hash.h"
 #include "core/ops.h"
 #include "cpu/common.h"
 
@@ -134,9 +142,9 @@ inline int64_t first_key(int64_t i, int window) {
   return window > 0 ? std::max<int64_t>(0, i - window + 1) : 0;
 }
 
-}  // namespace
-
-void attention_forward(const Tensor& qkv, int n_head, int window, Tensor& out, Tensor& lse) {
+template <bool kDrop>
+void attention_forward_impl(const Tensor& qkv, int n_head, int window, const hash::Dropout& drop,
+                            Tensor& out, Tensor& lse) {
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3, D = C / n_head;
   const int64_t ld = T + kTileK;  // panel width: a full key tile past any start stays inside
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -185,6 +193,12 @@ void attention_forward(const Tensor& qkv, int n_head, int window, Tensor& out, T
               sr[j] = p;
               bl += p;
             }
+            if constexpr (kDrop) {  // after the sum: lse is of the un-dropped probabilities
+              const hash::Dropout d = drop;  // a local copy: the loop vectorises
+              const uint64_t base = static_cast<uint64_t>((bh * T + i) * T + k0);
+#pragma omp simd
+              for (int64_t j = j0; j < j1; ++j) sr[j] = d.keep(base + j) ? sr[j] * d.scale : 0.f;
+            }
             l[r] = l[r] * corr + bl;
             m[r] = m_new;
             float* orow = o.data() + r * D;
@@ -206,8 +220,10 @@ void attention_forward(const Tensor& qkv, int n_head, int window, Tensor& out, T
   }
 }
 
-void attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out,
-                        const Tensor& lse, int n_head, int window, Tensor& dqkv) {
+template <bool kDrop>
+void attention_backward_impl(const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                             const Tensor& lse, int n_head, int window,
+                             const hash::Dropout& drop, Tensor& dqkv) {
   const int64_t B = qkv.size(0), T = qkv.size(1), C3 = qkv.size(2), C = C3 / 3, D = C / n_head;
   const int64_t ld = T + kTileK;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -257,12 +273,25 @@ void attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out
             float* pr = p.data() + r * kTileK;
             float* dsr = ds.data() + r * kTileK;
             const float lse_i = row_lse[i], delta_i = delta[r];
+            if constexpr (kDrop) {  // p -> p * z for dV; dP (dropped) -> z * dP; z = M * scale
+              const hash::Dropout d = drop;  // a local copy: the loop vectorises
+              const uint64_t base = static_cast<uint64_t>((bh * T + i) * T + k0);
 #pragma omp simd
-            for (int64_t j = 0; j < nk; ++j) {
-              const bool visible = j >= j0 && j < j1;
-              const float pj = visible ? fast_exp(pr[j] * scale - lse_i) : 0.f;
-              pr[j] = pj;
-              dsr[j] = pj * (dsr[j] - delta_i) * scale;
+              for (int64_t j = 0; j < nk; ++j) {
+                const bool visible = j >= j0 && j < j1;
+                const float pj = visible ? fast_exp(pr[j] * scale - lse_i) : 0.f;
+                const float z = d.keep(base + j) ? d.scale : 0.f;
+                pr[j] = pj * z;
+                dsr[j] = pj * (dsr[j] * z - delta_i) * scale;
+              }
+            } else {
+#pragma omp simd
+              for (int64_t j = 0; j < nk; ++j) {
+                const bool visible = j >= j0 && j < j1;
+                const float pj = visible ? fast_exp(pr[j] * scale - lse_i) : 0.f;
+                pr[j] = pj;
+                dsr[j] = pj * (dsr[j] - delta_i) * scale;
+              }
             }
           }
           // dV[k0:k0+nk] += P^T dO ;  dK[k0:k0+nk] += dS^T Q ;  dQ += dS K[k0:k0+nk]
@@ -281,6 +310,27 @@ void attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out
       }
     }
   }
+}
+
+}  // namespace
+
+void attention_forward(const Tensor& qkv, int n_head, int window, double dropout_p,
+                       uint64_t seed, uint64_t stream, Tensor& out, Tensor& lse) {
+  if (dropout_p > 0.0)
+    attention_forward_impl<true>(qkv, n_head, window, hash::dropout(dropout_p, seed, stream), out,
+                                 lse);
+  else
+    attention_forward_impl<false>(qkv, n_head, window, hash::Dropout{}, out, lse);
+}
+
+void attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                        const Tensor& lse, int n_head, int window, double dropout_p,
+                        uint64_t seed, uint64_t stream, Tensor& dqkv) {
+  if (dropout_p > 0.0)
+    attention_backward_impl<true>(dout, qkv, out, lse, n_head, window,
+                                  hash::dropout(dropout_p, seed, stream), dqkv);
+  else
+    attention_backward_impl<false>(dout, qkv, out, lse, n_head, window, hash::Dropout{}, dqkv);
 }
 
 }  // namespace cpu

@@ -20,6 +20,7 @@
 #include <functional>
 #include <vector>
 
+#include "core/hash.h"
 #include "core/ops.h"
 #include "cpu/common.h"
 
@@ -32,21 +33,10 @@ constexpr size_t kNucleusBlocks = 256;   // top-p first tries the tokens of this
 constexpr size_t kSortOutright = 4096;   // the mass selection sorts sets up to this size
 
 // ---- the uniform number of a draw ----------------------------------------------------------
-// Three splitmix64 steps over (seed, row, counter); the formula is in core/ops.h and the same
-// bits come out of cuda/sampling.cu and reference.py.
-constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
-
-inline uint64_t mix64(uint64_t x) {
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
+// Three splitmix64 steps over (seed, row, counter) from core/hash.h; the formula is in core/ops.h
+// and the same bits come out of cuda/sampling.cu and reference.py.
 inline double draw_uniform(uint64_t seed, uint64_t row, uint64_t counter) {
-  uint64_t h = mix64(seed + kGamma);
-  h = mix64(h + kGamma * (row + 1));
-  h = mix64(h + kGamma * (counter + 1));
-  return static_cast<double>(h >> 11) * 0x1.0p-53;
+  return static_cast<double>(hash::bits(hash::key(seed, row), counter) >> 11) * 0x1.0p-53;
 }
 
 // ---- arithmetic helpers ----------------------------------------------------------------------

@@ -17,6 +17,14 @@
 //     head dim up to 256): the same tiling with warps, one query (or key) per lane.
 // A window w > 0 restricts query t to keys s with t - w < s <= t (GPT-3's banded layers); the
 // loops skip tiles entirely outside the band.
+//
+// Attention dropout (dropout_p > 0) is fused into every kernel, never stored: the keep bit of
+// probability (b, h, t, s) is regenerated from core/hash.h at index ((b*H + h)*T + t)*T + s
+// (bit-identical to the CPU and the reference). Forward drops and rescales P after the row sum
+// (lse stays that of the un-dropped softmax) and before O += P V; backward uses z = M * scale on
+// P for dV and on dP = dO V^T for dS = P * (z dP - delta), as FlashAttention-2 does. The
+// kernels are templates on dropout on/off: dropout_p == 0 runs the dropout-free instantiations,
+// the very code (and register allocation) of the kernels without dropout.
 #include <cmath>
 #include <initializer_list>
 #include <string>
@@ -74,10 +82,10 @@ struct HeadRows {
 // Forward for 16 queries per block (4 per warp, one key per lane). Queries are rows 0..Tq-1 of
 // q at absolute positions q_pos..q_pos+Tq-1; query t sees keys j <= q_pos + t (and, with a
 // window, j > q_pos + t - window).
-template <typename T, int DPL>
+template <typename T, int DPL, bool DROP>
 __global__ void __launch_bounds__(128)
 attn_fwd_simt(T* out, float* lse, HeadRows<T> qs, HeadRows<T> ks, HeadRows<T> vs, int Tq,
-              int q_pos, int H, int D, int window, float scale) {
+              int q_pos, int H, int D, int window, float scale, hash::Dropout drop) {
   extern __shared__ float sm[];
   const int DS = D + 1;  // padded rows: lanes reading different rows hit different banks
   float* Qs = sm;
@@ -125,8 +133,10 @@ attn_fwd_simt(T* out, float* lse, HeadRows<T> qs, HeadRows<T> ks, HeadRows<T> vs
       if (mt == -INFINITY) continue;  // no visible key in this tile for this query
       const float m_new = fmaxf(m[qi], mt);
       const float corr = __expf(m[qi] - m_new);
-      const float p = ok ? __expf(s - m_new) : 0.f;
+      float p = ok ? __expf(s - m_new) : 0.f;
       l[qi] = l[qi] * corr + warp_sum(p);
+      if constexpr (DROP)  // self-attention only (q_pos == 0, Tq keys): index ((bh*T + t)*T + j)
+        p = drop.keep(uint64_t((int64_t(bh) * Tq + t) * Tq + j)) ? p * drop.scale : 0.f;
 #pragma unroll
       for (int dd = 0; dd < DPL; ++dd) acc[qi][dd] *= corr;
       for (int jj = 0; jj < kSimtK; ++jj) {
@@ -156,10 +166,10 @@ attn_fwd_simt(T* out, float* lse, HeadRows<T> qs, HeadRows<T> ks, HeadRows<T> vs
 }
 
 // dK, dV for 16 keys per block, walking the queries that see them (one query per lane).
-template <typename T, int DPL>
+template <typename T, int DPL, bool DROP>
 __global__ void __launch_bounds__(128)
 attn_bwd_kv_simt(T* dqkv, const T* qkv, const T* dout, const float* lse, const float* delta,
-                 int T_, int H, int D, int window, float scale) {
+                 int T_, int H, int D, int window, float scale, hash::Dropout drop) {
   extern __shared__ float sm[];
   const int DS = D + 1;
   float* Kb = sm;
@@ -213,7 +223,13 @@ attn_bwd_kv_simt(T* dqkv, const T* qkv, const T* dout, const float* lse, const f
           dp = fmaf(dOs[lane * DS + d], Vb[kr * DS + d], dp);
         }
         p = __expf(s * scale - Ls[lane]);
-        ds = p * (dp - Dl[lane]);
+        if constexpr (DROP) {  // z = M * scale on P (for dV) and on dP
+          const float z = drop.keep(uint64_t((int64_t(bh) * T_ + i) * T_ + j)) ? drop.scale : 0.f;
+          ds = p * (dp * z - Dl[lane]);
+          p *= z;
+        } else {
+          ds = p * (dp - Dl[lane]);
+        }
       }
       for (int ii = 0; ii < kSimtK; ++ii) {
         const float pi = __shfl_sync(0xffffffffu, p, ii), dsi = __shfl_sync(0xffffffffu, ds, ii);
@@ -245,10 +261,10 @@ attn_bwd_kv_simt(T* dqkv, const T* qkv, const T* dout, const float* lse, const f
 }
 
 // dQ for 16 queries per block, walking their keys (one key per lane).
-template <typename T, int DPL>
+template <typename T, int DPL, bool DROP>
 __global__ void __launch_bounds__(128)
 attn_bwd_q_simt(T* dqkv, const T* qkv, const T* dout, const float* lse, const float* delta,
-                int T_, int H, int D, int window, float scale) {
+                int T_, int H, int D, int window, float scale, hash::Dropout drop) {
   extern __shared__ float sm[];
   const int DS = D + 1;
   float* Qs = sm;
@@ -298,6 +314,8 @@ attn_bwd_q_simt(T* dqkv, const T* qkv, const T* dout, const float* lse, const fl
           dp = fmaf(dOs[qr * DS + d], Vs[lane * DS + d], dp);
         }
         const float p = __expf(s * scale - L[qi]);
+        if constexpr (DROP)
+          dp *= drop.keep(uint64_t((int64_t(bh) * T_ + t) * T_ + j)) ? drop.scale : 0.f;
         ds = p * (dp - Dl[qi]);
       }
       for (int jj = 0; jj < kSimtK; ++jj) {
@@ -373,9 +391,10 @@ struct FwdTc {
   static constexpr int SMEM = (BQ + 4 * BKV) * SD * 2;
 };
 
-template <int D>
+template <int D, bool DROP>
 __global__ void __launch_bounds__(128)
-attn_fwd_tc(bf16* out, float* lse, const bf16* qkv, int T, int H, int window, float scale_log2) {
+attn_fwd_tc(bf16* out, float* lse, const bf16* qkv, int T, int H, int window, float scale_log2,
+            hash::Dropout drop) {
   using Cfg = FwdTc<D>;
   constexpr int BQ = Cfg::BQ, BKV = Cfg::BKV, SD = Cfg::SD, KD = D / 16, ND = D / 8;
   constexpr int NS = BKV / 8;
@@ -484,6 +503,16 @@ attn_fwd_tc(bf16* out, float* lse, const bf16* qkv, int T, int H, int window, fl
       l[0] += s[nt][0] + s[nt][1];
       l[1] += s[nt][2] + s[nt][3];
     }
+    if constexpr (DROP) {  // after the row sums: lse stays that of the un-dropped softmax
+#pragma unroll
+      for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int q = e < 2 ? r_lo : r_hi, k = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+          const uint64_t idx = uint64_t((int64_t(bh) * T + q) * T + k);
+          s[nt][e] = drop.keep(idx) ? s[nt][e] * drop.scale : 0.f;
+        }
+    }
     // O += P V
 #pragma unroll
     for (int kb2 = 0; kb2 < BKV / 16; ++kb2) {
@@ -530,10 +559,11 @@ struct BwdKvTc {
 };
 
 // dK, dV of 64 keys per block (16 per warp), walking the query tiles that see them.
-template <int D>
+template <int D, bool DROP>
 __global__ void __launch_bounds__(128)
 attn_bwd_kv_tc(bf16* dqkv, const bf16* qkv, const bf16* dout, const float* lse,
-               const float* delta, int T, int H, int window, float scale, float scale_log2) {
+               const float* delta, int T, int H, int window, float scale, float scale_log2,
+               hash::Dropout drop) {
   using Cfg = BwdKvTc<D>;
   constexpr int BQ = Cfg::BQ, BKV = Cfg::BKV, SD = Cfg::SD, KD = D / 16, ND = D / 8;
   constexpr int NS = BQ / 8;
@@ -618,8 +648,15 @@ attn_bwd_kv_tc(bf16* dqkv, const bf16* qkv, const bf16* dout, const float* lse,
         const int qi = nt * 8 + (lane & 3) * 2 + (e & 1);
         const int k = e < 2 ? kr_lo : kr_hi;
         const float p = visible(q0 + qi, k, T, window) ? exp2f(st[nt][e] * scale_log2 - L[qi]) : 0.f;
-        st[nt][e] = p;
-        dpt[nt][e] = p * (dpt[nt][e] - Dl[qi]);
+        if constexpr (DROP) {  // z = M * scale on P^T (for dV) and on dP^T
+          const uint64_t idx = uint64_t((int64_t(bh) * T + q0 + qi) * T + k);
+          const float z = drop.keep(idx) ? drop.scale : 0.f;
+          st[nt][e] = p * z;
+          dpt[nt][e] = p * (dpt[nt][e] * z - Dl[qi]);
+        } else {
+          st[nt][e] = p;
+          dpt[nt][e] = p * (dpt[nt][e] - Dl[qi]);
+        }
       }
     // dV += P^T dO, dK += dS^T Q
 #pragma unroll
@@ -665,10 +702,11 @@ struct BwdQTc {
 };
 
 // dQ of 64 queries per block (16 per warp), walking their key tiles.
-template <int D>
+template <int D, bool DROP>
 __global__ void __launch_bounds__(128)
 attn_bwd_q_tc(bf16* dqkv, const bf16* qkv, const bf16* dout, const float* lse,
-              const float* delta, int T, int H, int window, float scale, float scale_log2) {
+              const float* delta, int T, int H, int window, float scale, float scale_log2,
+              hash::Dropout drop) {
   using Cfg = BwdQTc<D>;
   constexpr int BQ = Cfg::BQ, BKV = Cfg::BKV, SD = Cfg::SD, KD = D / 16, ND = D / 8;
   constexpr int NS = BKV / 8;
@@ -747,7 +785,10 @@ attn_bwd_q_tc(bf16* dqkv, const bf16* qkv, const bf16* dout, const float* lse,
       for (int e = 0; e < 4; ++e) {
         const int q = e < 2 ? r_lo : r_hi, k = k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
         const float p = visible(q, k, T, window) ? exp2f(s[nt][e] * scale_log2 - L[e >> 1]) : 0.f;
-        s[nt][e] = p * (dp[nt][e] - Dl[e >> 1]);
+        float dpe = dp[nt][e];
+        if constexpr (DROP)
+          dpe *= drop.keep(uint64_t((int64_t(bh) * T + q) * T + k)) ? drop.scale : 0.f;
+        s[nt][e] = p * (dpe - Dl[e >> 1]);
       }
 #pragma unroll
     for (int kb2 = 0; kb2 < BKV / 16; ++kb2) {
@@ -818,87 +859,113 @@ int simt_dpl(int D) {
                    " is larger than the 256 the CUDA attention kernels support");
 }
 
+// Dropout settings of one call: `on` false runs the dropout-free paths.
+struct Drop {
+  bool on = false;
+  hash::Dropout mask{};
+};
+
 template <typename T, int DPL>
 void fwd_simt(T* out, float* lse, HeadRows<T> q, HeadRows<T> k, HeadRows<T> v, int B, int Tq,
-              int q_pos, int H, int D, int window) {
+              int q_pos, int H, int D, int window, const Drop& dr) {
   const size_t smem = size_t(kSimtQ + 2 * kSimtK) * (D + 1) * sizeof(float);
-  auto kern = attn_fwd_simt<T, DPL>;
+  auto kern = dr.on ? attn_fwd_simt<T, DPL, true> : attn_fwd_simt<T, DPL, false>;
   set_smem(kern, smem, "attn_fwd_simt (shared memory limit)");
   kern<<<dim3(ceil_div(Tq, kSimtQ), B * H), 128, smem, stream()>>>(
-      out, lse, q, k, v, Tq, q_pos, H, D, window, 1.0f / std::sqrt(static_cast<float>(D)));
+      out, lse, q, k, v, Tq, q_pos, H, D, window, 1.0f / std::sqrt(static_cast<float>(D)),
+      dr.mask);
   GPTCORE_CHECK_LAUNCH("attn_fwd_simt");
 }
 
 template <typename T>
 void fwd_simt_any(T* out, float* lse, HeadRows<T> q, HeadRows<T> k, HeadRows<T> v, int B,
-                  int Tq, int q_pos, int H, int D, int window) {
+                  int Tq, int q_pos, int H, int D, int window, const Drop& dr) {
   switch (simt_dpl(D)) {
-    case 1: fwd_simt<T, 1>(out, lse, q, k, v, B, Tq, q_pos, H, D, window); break;
-    case 2: fwd_simt<T, 2>(out, lse, q, k, v, B, Tq, q_pos, H, D, window); break;
-    case 4: fwd_simt<T, 4>(out, lse, q, k, v, B, Tq, q_pos, H, D, window); break;
-    default: fwd_simt<T, 8>(out, lse, q, k, v, B, Tq, q_pos, H, D, window); break;
+    case 1: fwd_simt<T, 1>(out, lse, q, k, v, B, Tq, q_pos, H, D, window, dr); break;
+    case 2: fwd_simt<T, 2>(out, lse, q, k, v, B, Tq, q_pos, H, D, window, dr); break;
+    case 4: fwd_simt<T, 4>(out, lse, q, k, v, B, Tq, q_pos, H, D, window, dr); break;
+    default: fwd_simt<T, 8>(out, lse, q, k, v, B, Tq, q_pos, H, D, window, dr); break;
   }
 }
 
 template <typename T, int DPL>
 void bwd_simt(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const float* lse,
-              const float* delta, const Shape& s, int window) {
+              const float* delta, const Shape& s, int window, const Drop& dr) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.D));
   const size_t smem_kv = (size_t(2 * kSimtQ + 2 * kSimtK) * (s.D + 1) + 2 * kSimtK) * sizeof(float);
-  auto kv = attn_bwd_kv_simt<T, DPL>;
+  auto kv = dr.on ? attn_bwd_kv_simt<T, DPL, true> : attn_bwd_kv_simt<T, DPL, false>;
   set_smem(kv, smem_kv, "attn_bwd_kv_simt (shared memory limit)");
   kv<<<dim3(ceil_div(s.T, kSimtQ), s.B * s.H), 128, smem_kv, stream()>>>(
-      dqkv.data<T>(), qkv.data<T>(), dout.data<T>(), lse, delta, s.T, s.H, s.D, window, scale);
+      dqkv.data<T>(), qkv.data<T>(), dout.data<T>(), lse, delta, s.T, s.H, s.D, window, scale,
+      dr.mask);
   GPTCORE_CHECK_LAUNCH("attn_bwd_kv_simt");
   const size_t smem_q = size_t(2 * kSimtQ + 2 * kSimtK) * (s.D + 1) * sizeof(float);
-  auto q = attn_bwd_q_simt<T, DPL>;
+  auto q = dr.on ? attn_bwd_q_simt<T, DPL, true> : attn_bwd_q_simt<T, DPL, false>;
   set_smem(q, smem_q, "attn_bwd_q_simt (shared memory limit)");
   q<<<dim3(ceil_div(s.T, kSimtQ), s.B * s.H), 128, smem_q, stream()>>>(
-      dqkv.data<T>(), qkv.data<T>(), dout.data<T>(), lse, delta, s.T, s.H, s.D, window, scale);
+      dqkv.data<T>(), qkv.data<T>(), dout.data<T>(), lse, delta, s.T, s.H, s.D, window, scale,
+      dr.mask);
   GPTCORE_CHECK_LAUNCH("attn_bwd_q_simt");
 }
 
-template <int D>
-void fwd_tc(Tensor& out, Tensor& lse, const Tensor& qkv, const Shape& s, int window) {
+template <int D, bool DROP>
+void fwd_tc(Tensor& out, Tensor& lse, const Tensor& qkv, const Shape& s, int window,
+            const Drop& dr) {
   using Cfg = FwdTc<D>;
-  auto k = attn_fwd_tc<D>;
+  auto k = attn_fwd_tc<D, DROP>;
   set_smem(k, Cfg::SMEM, "attn_fwd_tc (shared memory limit)");
   const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(D));
   k<<<dim3(ceil_div(s.T, Cfg::BQ), s.B * s.H), 128, Cfg::SMEM, stream()>>>(
-      out.data<bf16>(), lse.data<float>(), qkv.data<bf16>(), s.T, s.H, window, scale_log2);
+      out.data<bf16>(), lse.data<float>(), qkv.data<bf16>(), s.T, s.H, window, scale_log2,
+      dr.mask);
   GPTCORE_CHECK_LAUNCH("attn_fwd_tc");
 }
 
-template <int D>
+template <int D, bool DROP>
 void bwd_tc(Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const float* lse,
-            const float* delta, const Shape& s, int window) {
+            const float* delta, const Shape& s, int window, const Drop& dr) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float scale_log2 = kLog2e * scale;
-  auto kv = attn_bwd_kv_tc<D>;
+  auto kv = attn_bwd_kv_tc<D, DROP>;
   set_smem(kv, BwdKvTc<D>::SMEM, "attn_bwd_kv_tc (shared memory limit)");
   kv<<<dim3(ceil_div(s.T, BwdKvTc<D>::BKV), s.B * s.H), 128, BwdKvTc<D>::SMEM, stream()>>>(
       dqkv.data<bf16>(), qkv.data<bf16>(), dout.data<bf16>(), lse, delta, s.T, s.H, window, scale,
-      scale_log2);
+      scale_log2, dr.mask);
   GPTCORE_CHECK_LAUNCH("attn_bwd_kv_tc");
-  auto q = attn_bwd_q_tc<D>;
+  auto q = attn_bwd_q_tc<D, DROP>;
   set_smem(q, BwdQTc<D>::SMEM, "attn_bwd_q_tc (shared memory limit)");
   q<<<dim3(ceil_div(s.T, BwdQTc<D>::BQ), s.B * s.H), 128, BwdQTc<D>::SMEM, stream()>>>(
       dqkv.data<bf16>(), qkv.data<bf16>(), dout.data<bf16>(), lse, delta, s.T, s.H, window, scale,
-      scale_log2);
+      scale_log2, dr.mask);
   GPTCORE_CHECK_LAUNCH("attn_bwd_q_tc");
+}
+
+// The dropout settings of a call (dropout_p == 0: off).
+Drop drop_of(double dropout_p, uint64_t seed, uint64_t drop_stream) {
+  Drop d;
+  d.on = dropout_p > 0.0;
+  if (d.on) d.mask = hash::dropout(dropout_p, seed, drop_stream);
+  return d;
 }
 
 }  // namespace
 
-void attention_forward(const Tensor& qkv, int n_head, int window, Tensor& out, Tensor& lse) {
+void attention_forward(const Tensor& qkv, int n_head, int window, double dropout_p,
+                       uint64_t seed, uint64_t drop_stream, Tensor& out, Tensor& lse) {
   DeviceGuard guard(qkv.device().index);
+  const Drop dr = drop_of(dropout_p, seed, drop_stream);
   const Shape s = shape_of(qkv, n_head);
   if (s.B * int64_t(s.H) > 65535)
     throw ValueError("qkv: batch * n_head = " + std::to_string(s.B * int64_t(s.H)) +
                      " exceeds the 65535 the CUDA attention grid allows");
   if (use_tensor_cores(qkv, s, {qkv.raw(), out.raw()})) {
-    if (s.D == 64) fwd_tc<64>(out, lse, qkv, s, window);
-    else fwd_tc<128>(out, lse, qkv, s, window);
+    if (dr.on) {
+      if (s.D == 64) fwd_tc<64, true>(out, lse, qkv, s, window, dr);
+      else fwd_tc<128, true>(out, lse, qkv, s, window, dr);
+    } else {
+      if (s.D == 64) fwd_tc<64, false>(out, lse, qkv, s, window, dr);
+      else fwd_tc<128, false>(out, lse, qkv, s, window, dr);
+    }
     return;
   }
   GPTCORE_FLOAT_TYPES(qkv.dtype(), "qkv", {
@@ -907,13 +974,15 @@ void attention_forward(const Tensor& qkv, int n_head, int window, Tensor& out, T
     const HeadRows<scalar_t> q{base, bs, s.D, C3}, k{base + s.C, bs, s.D, C3},
         v{base + 2 * s.C, bs, s.D, C3};
     fwd_simt_any<scalar_t>(out.data<scalar_t>(), lse.data<float>(), q, k, v, s.B, s.T, 0, s.H,
-                           s.D, window);
+                           s.D, window, dr);
   });
 }
 
 void attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out,
-                        const Tensor& lse, int n_head, int window, Tensor& dqkv) {
+                        const Tensor& lse, int n_head, int window, double dropout_p,
+                        uint64_t seed, uint64_t drop_stream, Tensor& dqkv) {
   DeviceGuard guard(qkv.device().index);
+  const Drop dr = drop_of(dropout_p, seed, drop_stream);
   const Shape s = shape_of(qkv, n_head);
   if (s.B * int64_t(s.H) > 65535)
     throw ValueError("qkv: batch * n_head = " + std::to_string(s.B * int64_t(s.H)) +
@@ -928,18 +997,25 @@ void attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& out
     GPTCORE_CHECK_LAUNCH("attn_delta_kernel");
   });
   if (tc) {
-    if (s.D == 64) bwd_tc<64>(dqkv, dout, qkv, lse.data<float>(), delta.as<float>(), s, window);
-    else bwd_tc<128>(dqkv, dout, qkv, lse.data<float>(), delta.as<float>(), s, window);
+    const float* L = lse.data<float>();
+    const float* Dl = delta.as<float>();
+    if (dr.on) {
+      if (s.D == 64) bwd_tc<64, true>(dqkv, dout, qkv, L, Dl, s, window, dr);
+      else bwd_tc<128, true>(dqkv, dout, qkv, L, Dl, s, window, dr);
+    } else {
+      if (s.D == 64) bwd_tc<64, false>(dqkv, dout, qkv, L, Dl, s, window, dr);
+      else bwd_tc<128, false>(dqkv, dout, qkv, L, Dl, s, window, dr);
+    }
     return;
   }
   GPTCORE_FLOAT_TYPES(qkv.dtype(), "qkv", {
     const float* L = lse.data<float>();
     const float* Dl = delta.as<float>();
     switch (dpl) {
-      case 1: bwd_simt<scalar_t, 1>(dqkv, dout, qkv, L, Dl, s, window); break;
-      case 2: bwd_simt<scalar_t, 2>(dqkv, dout, qkv, L, Dl, s, window); break;
-      case 4: bwd_simt<scalar_t, 4>(dqkv, dout, qkv, L, Dl, s, window); break;
-      default: bwd_simt<scalar_t, 8>(dqkv, dout, qkv, L, Dl, s, window); break;
+      case 1: bwd_simt<scalar_t, 1>(dqkv, dout, qkv, L, Dl, s, window, dr); break;
+      case 2: bwd_simt<scalar_t, 2>(dqkv, dout, qkv, L, Dl, s, window, dr); break;
+      case 4: bwd_simt<scalar_t, 4>(dqkv, dout, qkv, L, Dl, s, window, dr); break;
+      default: bwd_simt<scalar_t, 8>(dqkv, dout, qkv, L, Dl, s, window, dr); break;
     }
   });
 }

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <string>
 
+#include "core/hash.h"
 #include "core/ops.h"
 #include "core/tensor.h"
 
@@ -177,10 +178,7 @@ __device__ __forceinline__ float gelu_grad_f(float x) {
 // A counter-based hash (splitmix64 finaliser): the same (seed, counter) gives the same bits on
 // every run, whatever the launch shape.
 __device__ __forceinline__ uint32_t hash_u32(uint64_t seed, uint64_t counter) {
-  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (counter + 1);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return static_cast<uint32_t>((z ^ (z >> 31)) >> 16);
+  return static_cast<uint32_t>(hash::mix64(seed + hash::kGamma * (counter + 1)) >> 16);
 }
 
 // fp32 -> bf16 with stochastic rounding: add 16 random bits below the kept mantissa and

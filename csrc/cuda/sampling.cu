@@ -32,21 +32,10 @@ namespace {
 constexpr int kBins = 256;  // radix digit of 8 bits
 
 // ---- the uniform number of a draw ----------------------------------------------------------
-// Three splitmix64 steps over (seed, row, counter); the formula is in core/ops.h, and the same
-// bits come out of cpu/sampling.cpp and reference.py.
-constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
-
-__device__ __forceinline__ uint64_t mix64(uint64_t x) {
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
+// Three splitmix64 steps over (seed, row, counter) from core/hash.h; the formula is in core/ops.h,
+// and the same bits come out of cpu/sampling.cpp and reference.py.
 __device__ __forceinline__ double draw_uniform(uint64_t seed, uint64_t row, uint64_t counter) {
-  uint64_t h = mix64(seed + kGamma);
-  h = mix64(h + kGamma * (row + 1));
-  h = mix64(h + kGamma * (counter + 1));
-  return static_cast<double>(h >> 11) * 0x1.0p-53;
+  return static_cast<double>(hash::bits(hash::key(seed, row), counter) >> 11) * 0x1.0p-53;
 }
 
 // ---- float helpers -----------------------------------------------------------------------------

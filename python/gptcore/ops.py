@@ -51,6 +51,8 @@ __all__ = [
     "attention_forward",
     "attention_backward",
     "attention_kvcache",
+    "dropout_forward",
+    "dropout_backward",
     "cross_entropy_forward",
     "cross_entropy_forward_backward",
     "adamw_step",
@@ -229,7 +231,25 @@ def linear_backward(dout, x, *, pre=None, weight, need_dx: bool = True, dweight,
 # ---- attention ------------------------------------------------------------------------------
 
 
-def attention_forward(qkv, n_head: int, window: Optional[int] = None, *, out=None):
+def _u64(v, name: str) -> int:
+    """A seed or stream: an int in [0, 2**64)."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    v = v.__index__()
+    if not 0 <= v < 2 ** 64:
+        raise ValueError(f"{name}: expected an int in [0, 2**64), got {v}")
+    return v
+
+
+def _prob(v, name: str) -> float:
+    """A dropout probability as a float; its range (0 <= p < 1, not NaN) is checked by the op."""
+    if isinstance(v, (bool, str, bytes)) or not hasattr(v, "__float__"):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+    return float(v)
+
+
+def attention_forward(qkv, n_head: int, window: Optional[int] = None, *, dropout_p: float = 0.0,
+                      seed: int = 0, stream: int = 0, out=None):
     """Causal multi-head self-attention, flash-style (no (T, T) buffer).
 
     qkv (B, T, 3C) packed as [q | k | v] along the last axis, each split into n_head heads of
@@ -237,20 +257,37 @@ def attention_forward(qkv, n_head: int, window: Optional[int] = None, *, out=Non
     positions (t - w < s <= t): GPT-3's locally banded layers. Scores are scaled by 1/sqrt(D).
     Returns ``(out, lse)``: out (B, T, C) with heads concatenated, and lse (B, n_head, T)
     float32, each row's log-sum-exp of scaled scores, the only thing backward keeps.
+
+    ``dropout_p`` in [0, 1): dropout on the attention probabilities (GPT-1/GPT-2's attn_pdrop),
+    fused into the kernel: ``out = (P * M / (1 - p)) V`` with the keep mask M of
+    :func:`dropout_forward`'s generator keyed by ``(seed, stream)``, probability (b, h, t, s)
+    being element ``((b*H + h)*T + t)*T + s``. ``lse`` stays that of the un-dropped softmax. No
+    mask is stored: :func:`attention_backward` regenerates it from the same ``dropout_p``,
+    ``seed`` and ``stream``. ``dropout_p=0`` runs the dropout-free kernels.
     """
+    o, lse = _outs(out, ["out", "lse"])
     return tuple(_C.attention_forward(as_tensor(qkv, "qkv"), int(n_head),
                                       None if window is None else int(window),
-                                      *_outs(out, ["out", "lse"])))
+                                      dropout_p=_prob(dropout_p, "dropout_p"),
+                                      seed=_u64(seed, "seed"), stream=_u64(stream, "stream"),
+                                      out=o, lse=lse))
 
 
 def attention_backward(dout, qkv, out, lse, n_head: int, window: Optional[int] = None, *,
+                       dropout_p: float = 0.0, seed: int = 0, stream: int = 0,
                        dqkv=None) -> Tensor:
     """Backward of :func:`attention_forward`. Returns dqkv (B, T, 3C), written into the
-    ``dqkv`` buffer when given (named so because ``out`` is the forward output here)."""
+    ``dqkv`` buffer when given (named so because ``out`` is the forward output here).
+
+    ``dropout_p``, ``seed`` and ``stream`` must be the forward's: the mask is regenerated
+    (FlashAttention-2's backward: ``dP = M/(1-p) * (dO V^T)``, ``dS = P * (dP - rowsum(dO * O))``).
+    """
     return _C.attention_backward(as_tensor(dout, "dout"), as_tensor(qkv, "qkv"),
                                  as_tensor(out, "out"), as_tensor(lse, "lse"), int(n_head),
                                  None if window is None else int(window),
-                                 None if dqkv is None else _out(dqkv, "dqkv"))
+                                 dropout_p=_prob(dropout_p, "dropout_p"), seed=_u64(seed, "seed"),
+                                 stream=_u64(stream, "stream"),
+                                 dqkv=None if dqkv is None else _out(dqkv, "dqkv"))
 
 
 def attention_kvcache(qkv, k_cache, v_cache, pos, n_head: int,
@@ -280,6 +317,41 @@ def attention_kvcache(qkv, k_cache, v_cache, pos, n_head: int,
                                 as_tensor(v_cache, "v_cache"), p, pos_dev=p_dev,
                                 n_head=int(n_head), window=None if window is None else int(window),
                                 out=_outs(out, ["out"])[0])
+
+
+# ---- dropout --------------------------------------------------------------------------------
+
+
+def dropout_forward(x, p: float, seed: int, stream: int, *, inplace: bool = False, out=None) -> Tensor:
+    """Dropout from a counter-based generator: ``out = x * mask / (1 - p)``, nothing stored.
+
+    Element i of x (its row-major linear index) is kept iff ``(bits >> 32) >= floor(p * 2**32)``
+    with ``bits = mix(key + G * (i + 1))`` and ``key = mix(mix(seed + G) + G * (stream + 1))``
+    (splitmix64's finaliser, G = 0x9E3779B97F4A7C15; ``csrc/core/hash.h``). Kept elements are
+    multiplied by ``float32(1 / (1 - p))``, dropped ones become 0. The same ``(p, seed, stream)``
+    gives the same mask on every backend (:func:`gptcore.reference.dropout_mask`), so
+    :func:`dropout_backward` regenerates it. Use a distinct ``stream`` per dropout site (layer,
+    embd/attn/resid) and a fresh ``seed`` (or stream) per step.
+
+    x: float32 (CPU) or float32/bfloat16 (CUDA), any shape. ``p`` in [0, 1) (ValueError
+    otherwise, NaN included); ``p == 0`` is the identity (in place nothing runs; otherwise x is
+    copied). ``seed``, ``stream``: ints in [0, 2**64). ``inplace=True`` overwrites x (a gptcore
+    Tensor or writable array) and returns it; otherwise the result goes into ``out`` when given.
+    """
+    pf, s, st = _prob(p, "p"), _u64(seed, "seed"), _u64(stream, "stream")
+    xt = _out(x, "x") if inplace else as_tensor(x, "x")
+    return _C.dropout_forward(xt, pf, s, st, inplace=bool(inplace), out=_outs(out, ["out"])[0])
+
+
+def dropout_backward(dout, p: float, seed: int, stream: int, *, inplace: bool = False,
+                     out=None) -> Tensor:
+    """Backward of :func:`dropout_forward`: ``dx = dout * mask / (1 - p)`` with the forward's
+    mask, regenerated from the same ``p``, ``seed`` and ``stream`` (and dout's shape: the element
+    index is the row-major linear index). ``out`` and ``inplace`` (overwrite dout) as in the
+    forward."""
+    pf, s, st = _prob(p, "p"), _u64(seed, "seed"), _u64(stream, "stream")
+    dt = _out(dout, "dout") if inplace else as_tensor(dout, "dout")
+    return _C.dropout_backward(dt, pf, s, st, inplace=bool(inplace), out=_outs(out, ["out"])[0])
 
 
 # ---- cross-entropy --------------------------------------------------------------------------

@@ -41,6 +41,9 @@ __all__ = [
     "attention_forward",
     "attention_backward",
     "attention_kvcache",
+    "dropout_mask",
+    "dropout_forward",
+    "dropout_backward",
     "cross_entropy_forward",
     "cross_entropy_backward",
     "cross_entropy_forward_backward",
@@ -261,6 +264,97 @@ def linear_backward(dout, x, *, pre=None, weight, has_bias: bool = True):
     return dx, dweight, dbias
 
 
+# ---- the counter-based generator and dropout ------------------------------------------------
+# splitmix64's finaliser over 64-bit counters, bit for bit the generator of csrc/core/hash.h
+# (shared by the CPU and CUDA kernels). All arithmetic is uint64 modulo 2**64; signed counters
+# enter as their two's complement bits.
+#   key(seed, stream) = mix(mix(seed + G) + G * (stream + 1))
+#   bits(key, i)      = mix(key + G * (i + 1))
+
+_SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_SPLITMIX_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_SPLITMIX_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    x = x ^ (x >> np.uint64(30))
+    x = x * _SPLITMIX_M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _SPLITMIX_M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _u64(a) -> np.ndarray:
+    """Integers (int64 or uint64, arrays or scalars) as their uint64 bits."""
+    a = np.asarray(a)
+    if a.dtype == np.uint64:
+        return a
+    if a.dtype.kind == "u" or (a.dtype.kind == "O"):
+        return a.astype(np.uint64)
+    return np.ascontiguousarray(a, dtype=np.int64).view(np.uint64)
+
+
+def _hash_key(seed, stream) -> np.ndarray:
+    """key(seed, stream) (broadcast over array arguments)."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2**64, as intended
+        h = _mix64(np.asarray(np.uint64(int(seed))) + _SPLITMIX_GAMMA)
+        return _mix64(h + _SPLITMIX_GAMMA * (_u64(stream) + np.uint64(1)))
+
+
+def _hash_bits(key, counters) -> np.ndarray:
+    """bits(key, i) for each counter i."""
+    with np.errstate(over="ignore"):
+        return _mix64(_u64(key) + _SPLITMIX_GAMMA * (_u64(counters) + np.uint64(1)))
+
+
+def _check_dropout_args(p, seed, stream, name: str) -> float:
+    p = float(p)
+    if not (0.0 <= p < 1.0):  # NaN fails too
+        raise ValueError(f"{name}: expected a dropout probability with 0 <= {name} < 1, got {p}")
+    for v, n in ((seed, "seed"), (stream, "stream")):
+        if not 0 <= int(v) < 2 ** 64:
+            raise ValueError(f"{n}: expected an int in [0, 2**64), got {v}")
+    return p
+
+
+def _dropout_keep(index, p: float, seed: int, stream: int) -> np.ndarray:
+    """Keep bits (bool) of the elements with the given linear indices (int64 array)."""
+    thr = np.uint64(math.floor(p * 2.0 ** 32))  # exact: a power-of-two product
+    bits = _hash_bits(_hash_key(seed, stream), index)
+    return (bits >> np.uint64(32)) >= thr
+
+
+def _dropout_scale(p: float) -> float:
+    """The kernels' scale: float32(1 / (1 - p)), as a float64 (exactly representable)."""
+    return float(np.float32(1.0 / (1.0 - p)))
+
+
+def dropout_mask(shape, p: float, seed: int, stream: int) -> np.ndarray:
+    """The keep-mask (bool array of ``shape``) of dropout with probability p under (seed, stream).
+
+    Element i (the row-major linear index) is kept iff ``(bits(key, i) >> 32) >= floor(p * 2**32)``
+    with ``key = key(seed, stream)``. ``p == 0`` keeps everything.
+    """
+    p = _check_dropout_args(p, seed, stream, "p")
+    shape = (int(shape),) if np.isscalar(shape) else tuple(int(n) for n in shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    return _dropout_keep(np.arange(n, dtype=np.int64), p, seed, stream).reshape(shape)
+
+
+def dropout_forward(x, p: float, seed: int, stream: int) -> np.ndarray:
+    """``x * mask * float32(1 / (1 - p))`` in float64; dropped elements are 0 (even inf/NaN)."""
+    x = _f64(x, "x")
+    keep = dropout_mask(x.shape, p, seed, stream)
+    return np.where(keep, x * _dropout_scale(float(p)), 0.0)
+
+
+def dropout_backward(dout, p: float, seed: int, stream: int) -> np.ndarray:
+    """``dout * mask * float32(1 / (1 - p))``: the forward's mask, regenerated."""
+    dout = _f64(dout, "dout")
+    keep = dropout_mask(dout.shape, p, seed, stream)
+    return np.where(keep, dout * _dropout_scale(float(p)), 0.0)
+
+
 # ---- attention ------------------------------------------------------------------------------
 
 
@@ -299,7 +393,20 @@ def _attention_probs(q_h, k_h, allowed, scale, lse_h=None):
     return np.exp(scores - lse_h[..., None]), lse_h
 
 
-def attention_forward(qkv, n_head: int, window: Optional[int] = None):
+def _attention_dropout(B: int, H: int, T: int, h: int, p: float, seed: int, stream: int):
+    """z = mask * scale (B, T, T) for head h: probability (b, h, t, s) is element
+    ((b*H + h)*T + t)*T + s of the generator; None when p == 0."""
+    if p == 0.0:
+        return None
+    b = np.arange(B, dtype=np.int64)[:, None, None]
+    t = np.arange(T, dtype=np.int64)[None, :, None]
+    s = np.arange(T, dtype=np.int64)[None, None, :]
+    keep = _dropout_keep(((b * H + h) * T + t) * T + s, p, seed, stream)
+    return np.where(keep, _dropout_scale(p), 0.0)
+
+
+def attention_forward(qkv, n_head: int, window: Optional[int] = None, *, dropout_p: float = 0.0,
+                      seed: int = 0, stream: int = 0):
     """Causal multi-head self-attention.
 
     qkv (B, T, 3C) packed as [q | k | v]; head h uses columns h*D:(h+1)*D of each third,
@@ -307,7 +414,12 @@ def attention_forward(qkv, n_head: int, window: Optional[int] = None):
     t - w < s <= t (None or 0: dense causal). Scores are scaled by 1/sqrt(D).
     Returns ``(out, lse)``: out (B, T, C) with heads concatenated; lse (B, n_head, T), the
     natural-log log-sum-exp of each row of scaled, masked scores.
+
+    ``dropout_p > 0``: ``out = (P * Z) V`` with ``Z = mask * float32(1/(1-p))``, the mask of
+    probability (b, h, t, s) being :func:`dropout_mask`'s element ``((b*H + h)*T + t)*T + s``
+    under (seed, stream). lse is of the un-dropped softmax.
     """
+    p_drop = _check_dropout_args(dropout_p, seed, stream, "dropout_p")
     qkv = _f64(qkv, "qkv")
     q, k, v, C, D = _split_heads(qkv, int(n_head))
     B, H, T, _ = q.shape
@@ -317,17 +429,22 @@ def attention_forward(qkv, n_head: int, window: Optional[int] = None):
     lse = np.empty((B, H, T))
     for h in range(H):  # one (B, T, T) score matrix at a time
         p, lse[:, h] = _attention_probs(q[:, h], k[:, h], allowed, scale)
-        out[:, h] = p @ v[:, h]
+        z = _attention_dropout(B, H, T, h, p_drop, seed, stream)
+        out[:, h] = (p if z is None else p * z) @ v[:, h]
     return out.transpose(0, 2, 1, 3).reshape(B, T, C), lse
 
 
-def attention_backward(dout, qkv, out, lse, n_head: int, window: Optional[int] = None):
+def attention_backward(dout, qkv, out, lse, n_head: int, window: Optional[int] = None, *,
+                       dropout_p: float = 0.0, seed: int = 0, stream: int = 0):
     """Backward of :func:`attention_forward`, from the saved ``out`` and ``lse``.
 
     dout, out (B, T, C); qkv (B, T, 3C); lse (B, n_head, T). Returns dqkv (B, T, 3C).
     The probabilities are rebuilt as ``exp(score - lse)``; with ``delta = rowsum(dout * out)``
-    the score gradient is ``p * (dout @ v^T - delta)``.
+    the score gradient is ``p * (dout @ v^T - delta)``. With dropout (the forward's dropout_p,
+    seed, stream) the mask is regenerated: ``dv = (p * z)^T dout`` and the score gradient is
+    ``p * (z * (dout @ v^T) - delta)``.
     """
+    p_drop = _check_dropout_args(dropout_p, seed, stream, "dropout_p")
     qkv, dout, out, lse = _f64(qkv, "qkv"), _f64(dout, "dout"), _f64(out, "out"), _f64(lse, "lse")
     q, k, v, C, D = _split_heads(qkv, int(n_head))
     B, H, T, _ = q.shape
@@ -341,8 +458,13 @@ def attention_backward(dout, qkv, out, lse, n_head: int, window: Optional[int] =
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
     for h in range(H):
         p, _ = _attention_probs(q[:, h], k[:, h], allowed, scale, lse[:, h])
-        dv[:, h] = p.transpose(0, 2, 1) @ do[:, h]
+        z = _attention_dropout(B, H, T, h, p_drop, seed, stream)
         dp = do[:, h] @ v[:, h].transpose(0, 2, 1)
+        if z is not None:
+            dv[:, h] = (p * z).transpose(0, 2, 1) @ do[:, h]
+            dp = dp * z
+        else:
+            dv[:, h] = p.transpose(0, 2, 1) @ do[:, h]
         ds = p * (dp - delta[:, h, :, None]) * scale  # gradient of the unscaled q.k
         dq[:, h] = ds @ k[:, h]
         dk[:, h] = ds.transpose(0, 2, 1) @ q[:, h]
@@ -504,20 +626,9 @@ def attention_kvcache(qkv, k_cache, v_cache, pos: int, n_head: int,
 
 
 # ---- sampling -------------------------------------------------------------------------------
-# The uniform number of a draw: three splitmix64 steps over (seed, row, counter), the same bits
-# as csrc/cpu/sampling.cpp and csrc/cuda/sampling.cu (the formula is in csrc/core/ops.h).
-
-_SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_SPLITMIX_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_SPLITMIX_M2 = np.uint64(0x94D049BB133111EB)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> np.uint64(30))
-    x = x * _SPLITMIX_M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _SPLITMIX_M2
-    return x ^ (x >> np.uint64(31))
+# The uniform number of a draw: three splitmix64 steps over (seed, row, counter) (the generator
+# above), the same bits as csrc/cpu/sampling.cpp and csrc/cuda/sampling.cu (the formula is in
+# csrc/core/ops.h).
 
 
 def _sample_uniform(seed: int, rows, counters) -> np.ndarray:
@@ -525,11 +636,7 @@ def _sample_uniform(seed: int, rows, counters) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64)
     counters = np.asarray(counters, dtype=np.int64)
     rows, counters = np.broadcast_arrays(rows, counters)
-    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2**64, as intended
-        h = np.full(rows.shape, int(seed), dtype=np.uint64)
-        h = _mix64(h + _SPLITMIX_GAMMA)
-        h = _mix64(h + _SPLITMIX_GAMMA * (np.ascontiguousarray(rows).view(np.uint64) + np.uint64(1)))
-        h = _mix64(h + _SPLITMIX_GAMMA * (np.ascontiguousarray(counters).view(np.uint64) + np.uint64(1)))
+    h = _hash_bits(_hash_key(seed, rows), counters)
     return (h >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 

@@ -42,6 +42,8 @@ BINDINGS = {
     "attention_backward": dict(c="attention_backward"),
     "attention_kvcache": dict(c="attention_kvcache", expand={"pos": ["pos", "pos_dev"],
                                                              "out": ["out"]}),
+    "dropout_forward": dict(c="dropout_forward"),
+    "dropout_backward": dict(c="dropout_backward"),
     "cross_entropy_forward": dict(c="cross_entropy", expand={"out": ["losses"]},
                                   fixed={"with_grad", "grad_scale", "inplace", "dlogits"}),
     "cross_entropy_forward_backward": dict(c="cross_entropy",
@@ -71,6 +73,9 @@ REFERENCE = {
     "attention_forward": dict(omit=OUT),
     "attention_backward": dict(omit={"dqkv"}),
     "attention_kvcache": dict(omit=OUT),
+    # pure: no in-place variant
+    "dropout_forward": dict(omit={"inplace"} | OUT),
+    "dropout_backward": dict(omit={"inplace"} | OUT),
     "cross_entropy_forward": dict(omit=OUT),
     "cross_entropy_forward_backward": dict(omit={"inplace"} | OUT),
     # float64 has no master weights and no stochastic rounding (seed)

@@ -646,8 +646,8 @@ class GPT:
                 res_in = ws.x0 if i == 0 else A["res"]
                 dres_mid = ln_back(dln2, A["res_mid"], h + ".ln_2", A["m2"], A["r2"],
                                    out=grab(dres, dln2), dresidual=dres)
-                datt = lin_back(resid_drop_back(dres_mid, i, _SITE_RESID_ATTN), A["att"],
-                                h + ".attn.c_proj", grab(dres_mid))
+                dproj = resid_drop_back(dres_mid, i, _SITE_RESID_ATTN)  # its own buffer with dropout
+                datt = lin_back(dproj, A["att"], h + ".attn.c_proj", grab(dres_mid, dproj))
                 attn_back(datt, A, i)
                 dln1 = lin_back(dqkv, A["ln1"], h + ".attn.c_attn", grab(dres_mid))
                 dres = ln_back(dln1, res_in, h + ".ln_1", A["m1"], A["r1"],
@@ -666,8 +666,8 @@ class GPT:
             dn1 = lin_back(dfc, A["n1"], h + ".mlp.c_fc", grab(ds2), pre=A["fc_pre"])
             # n1 fed both c_fc and the residual of s2
             ds1 = self._ln_back_sum(ds2, dn1, A["s1"], h + ".ln_1", A["m1"], A["r1"], grab)
-            datt = lin_back(resid_drop_back(ds1, i, _SITE_RESID_ATTN), A["att"],
-                            h + ".attn.c_proj", grab(ds1))
+            dproj = resid_drop_back(ds1, i, _SITE_RESID_ATTN)  # its own buffer with dropout
+            datt = lin_back(dproj, A["att"], h + ".attn.c_proj", grab(ds1, dproj))
             attn_back(datt, A, i)
             dx_in = lin_back(dqkv, x_in, h + ".attn.c_attn", grab(ds1))
             g_a, g_b = ds1, dx_in  # x fed both c_attn and the residual of s1
