@@ -155,10 +155,14 @@ def run_cfg(corpus, out, **kw):
     return TrainConfig(**base)
 
 
-def test_resume_equals_uninterrupted(corpus, tmp_path):
-    full = train(run_cfg(corpus, tmp_path / "a", grad_accum=2))
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_equals_uninterrupted(corpus, tmp_path, dropout):
+    """With dropout too: the masks of a resumed run continue from the saved dropout step."""
+    drop = {"model_overrides": dict(embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout)}
+    full = train(run_cfg(corpus, tmp_path / "a", grad_accum=2, **drop))
     assert len(full["losses"]) == 8 and not full["stopped_early"]
-    part = train(run_cfg(corpus, tmp_path / "b", grad_accum=2, stop_after=5))
+    assert full["model"].config.resid_pdrop == dropout
+    part = train(run_cfg(corpus, tmp_path / "b", grad_accum=2, stop_after=5, **drop))
     assert part["stopped_early"] and len(part["losses"]) == 5
     rest = train(run_cfg(corpus, tmp_path / "b", resume=True))
     assert rest["steps"] == 8

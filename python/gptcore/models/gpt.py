@@ -628,10 +628,10 @@ class GPT:
             ops.attention_backward(datt, A["qkv"], A["att"], A["lse"], H, cfg.attn_window[i],
                                    dqkv=dqkv, **kw)
 
-        def embedding_back(g):
+        def embedding_back(g, *live):  # live: gradient buffers still to be read
             if step is not None and cfg.embd_pdrop > 0:
                 g = ops.dropout_backward(g, cfg.embd_pdrop, self.seed,
-                                         self._stream(step, cfg.n_layer, 0), out=grab(g))
+                                         self._stream(step, cfg.n_layer, 0), out=grab(g, *live))
             if g.dtype != "float32":  # gradients are float32 buffers; embedding wants dout alike
                 g = g.to(dtype="float32")
             ops.embedding_backward(g, ws.idx, G["wte"], G["wpe"])
@@ -671,7 +671,7 @@ class GPT:
             attn_back(datt, A, i)
             dx_in = lin_back(dqkv, x_in, h + ".attn.c_attn", grab(ds1))
             g_a, g_b = ds1, dx_in  # x fed both c_attn and the residual of s1
-        embedding_back(g_a)
+        embedding_back(g_a, g_b)
         embedding_back(g_b)
 
     def _ln_back_sum(self, g_a, g_b, x, prefix, mean, rstd, grab):

@@ -17,24 +17,12 @@ import pytest
 import gptcore
 from gptcore import ops
 
-ref = pytest.importorskip("gptcore.reference")
+from gptcore import reference as ref
+from tests.helpers import check, f64
 
 TOL = 1e-5
 M64 = (1 << 64) - 1
 G = 0x9E3779B97F4A7C15
-
-
-def f64(x):
-    return np.asarray(x, dtype=np.float64)
-
-
-def check(name, got, want, rng, tol=TOL):
-    got, want = f64(got), f64(want)
-    assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape} ({rng})"
-    assert np.isfinite(got).all(), f"{name}: non-finite values ({rng})"
-    denom = np.linalg.norm(want)
-    err = np.linalg.norm(got - want) / (denom if denom > 0 else 1.0)
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.0e} ({rng})"
 
 
 def scale_of(p):
@@ -393,46 +381,3 @@ def test_cuda_attention_dropout_matches_cpu_mask(rng):
     cpu = ops.attention_forward(qkv, H, None, **kw)[0].numpy()
     gpu = ops.attention_forward(_dev(qkv), H, None, **kw)[0].numpy()
     check("cuda vs cpu attention (dropout)", gpu, cpu, rng)
-
-
-# ---- the model's dropout (ops wired by gptcore.models.gpt) --------------------------------------
-
-
-@pytest.mark.parametrize("prenorm", [True, False])
-def test_model_dropout_gradient_matches_finite_differences(prenorm):
-    """A GPT training with embd/attn/resid dropout: the masks of one dropout step are a fixed
-    function of (seed, step), so backward (which regenerates them) must equal central
-    differences of the loss at that step."""
-    from gptcore.models import GPT, GPTConfig
-
-    rng = np.random.default_rng(1)
-    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=64, prenorm=prenorm,
-                    embd_pdrop=0.2, attn_pdrop=0.3, resid_pdrop=0.25)
-    model = GPT(cfg).train()
-    x, y = rng.integers(0, 64, size=(2, 9)), rng.integers(0, 64, size=(2, 9))
-
-    def loss_at(step):
-        model.dropout_step = step
-        return float(model.forward(x, y, grad=False))
-
-    assert loss_at(5) == loss_at(5) != loss_at(6)  # same step, same masks; another step, others
-    model.zero_grad()
-    model.dropout_step = 5
-    model.forward(x, y)
-    model.backward()
-    params, grads = model.parameters(), model.grads()
-    got, num = [], []
-    for name in ["wte", "h.0.attn.c_attn.weight", "h.1.attn.c_proj.weight", "h.1.mlp.c_fc.weight"]:
-        P, G = params[name].numpy(), grads[name].numpy()
-        for _ in range(6):
-            ix = tuple(int(rng.integers(0, n)) for n in P.shape)
-            old, eps = P[ix], 1e-2
-            P[ix] = old + eps
-            lp = loss_at(5)
-            P[ix] = old - eps
-            lm = loss_at(5)
-            P[ix] = old
-            got.append(G[ix])
-            num.append((lp - lm) / (2 * eps))
-    got, num = np.array(got, np.float64), np.array(num)
-    assert np.linalg.norm(got - num) / np.linalg.norm(num) < 2e-2, (got, num)
