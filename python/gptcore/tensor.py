@@ -114,6 +114,32 @@ def tensor(data, device: str = "cpu", dtype=None) -> Tensor:
     return host.to(device=device, dtype=want or host.dtype)
 
 
+def upload(arr: np.ndarray, device: str = "cpu", dtype="float32") -> Tensor:
+    """A fresh gptcore-allocated tensor (aligned, owned by gptcore) on ``device`` holding the
+    float values of ``arr`` as ``dtype`` (what parameters are made of)."""
+    host = _C.from_numpy(np.ascontiguousarray(arr, dtype=np.float32), "arr")
+    if device == "cpu" and _dtype_name(dtype) == "float32":
+        out = empty(list(host.shape), "float32", "cpu")
+        out.copy_(host)
+        return out
+    return host.to(device=device, dtype=_dtype_name(dtype))
+
+
+def float_input(x, name: str, device: str, dtype) -> Tensor:
+    """``x`` (a Tensor, or anything ``np.asarray`` takes holding floating values) as a ``dtype``
+    tensor on ``device``, copied only when it is not one already."""
+    if isinstance(x, Tensor):
+        t = x
+    else:
+        arr = np.asarray(x)
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise TypeError(f"{name}: expected floating-point values, got {arr.dtype}")
+        t = _C.from_numpy(np.ascontiguousarray(arr, dtype=np.float32), name)
+    if t.device != device or t.dtype != _dtype_name(dtype):
+        t = t.to(device=device, dtype=_dtype_name(dtype))
+    return t
+
+
 def empty(shape: Sequence[int], dtype="float32", device: str = "cpu") -> Tensor:
     """An uninitialised Tensor."""
     return _C.empty(list(shape), _dtype_name(dtype), device)

@@ -48,7 +48,7 @@ import numpy as np
 
 from .. import cuda as _cuda
 from .. import ops
-from ..tensor import Tensor, _dtype_name, empty, from_numpy, zeros
+from ..tensor import Tensor, _dtype_name, empty, float_input, from_numpy, upload, zeros
 from . import schema
 from .config import GPTConfig
 
@@ -81,16 +81,6 @@ def _check_dtype(dtype, device: str) -> str:
     if name == "bfloat16" and device == "cpu":
         raise TypeError("dtype: bfloat16 models run on CUDA; the CPU kernels compute in float32")
     return name
-
-
-def _upload(arr: np.ndarray, device: str, dtype: str) -> Tensor:
-    """A fresh gptcore-allocated tensor on ``device`` holding ``arr`` (float32) as ``dtype``."""
-    host = from_numpy(np.ascontiguousarray(arr, dtype=np.float32), "param")
-    if device == "cpu" and dtype == "float32":
-        out = empty(list(arr.shape), "float32", "cpu")
-        out.copy_(host)
-        return out
-    return host.to(device=device, dtype=dtype)
 
 
 # Dropout sites inside one forward. The generator's stream for a site is
@@ -162,7 +152,7 @@ class GPT:
                 arr *= np.float32(std)
             if p.name == "wte":
                 arr[cfg.vocab_size:] = 0.0  # padding rows: never indexed, never a real logit
-            self._params[p.name] = _upload(arr, self.device, self.dtype)
+            self._params[p.name] = upload(arr, self.device, self.dtype)
             self._grads[p.name] = zeros(list(shape), "float32", self.device)
 
     def add_head(self, head) -> None:
@@ -280,7 +270,7 @@ class GPT:
                     arr[V:] = 0.0
             staged[name] = arr
         for name, arr in staged.items():  # all validated: now write
-            params[name].copy_(_upload(arr, self.device, self.dtype))
+            params[name].copy_(upload(arr, self.device, self.dtype))
 
     # ---- input checks -------------------------------------------------------------------
 
@@ -533,7 +523,7 @@ class GPT:
         if B == 1:  # the last row of a (T, C) view, on the device
             last = x.view([T, C]).narrow(T - 1, 1)
         else:  # (B, C): one row per sequence, gathered through the host
-            last = _upload(np.ascontiguousarray(np.asarray(x.numpy())[:, -1, :]), self.device, self.dtype)
+            last = upload(np.ascontiguousarray(np.asarray(x.numpy())[:, -1, :]), self.device, self.dtype)
         out, _ = ops.linear_forward(last, self._params["wte"], None)
         return self._logits_numpy(out)
 
@@ -583,17 +573,9 @@ class GPT:
 
     def _check_dh(self, dh, ws) -> Tensor:
         want = (ws.B, ws.T, self.config.n_embd)
-        if isinstance(dh, Tensor):
-            t = dh
-        else:
-            arr = np.asarray(dh)
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise TypeError(f"dh: expected floating-point values, got {arr.dtype}")
-            t = from_numpy(np.ascontiguousarray(arr, dtype=np.float32), "dh")
+        t = float_input(dh, "dh", self.device, self.dtype)
         if tuple(t.shape) != want:
             raise ValueError(f"dh: expected shape {want} (like the hidden states), got {tuple(t.shape)}")
-        if t.device != self.device or t.dtype != self.dtype:
-            t = t.to(device=self.device, dtype=self.dtype)
         return t
 
     def _trunk_backward(self, ws: "_Workspace", dh: Tensor, grab) -> None:
@@ -703,7 +685,7 @@ def _add_into(dst: Tensor, src: Tensor) -> None:
         d += np.asarray(src.numpy())
         return
     total = np.asarray(dst.numpy(), np.float32) + np.asarray(src.numpy(), np.float32)
-    dst.copy_(_upload(total, dst.device, dst.dtype))
+    dst.copy_(upload(total, dst.device, dst.dtype))
 
 
 class _Workspace:

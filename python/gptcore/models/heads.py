@@ -28,7 +28,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import ops
-from ..tensor import Tensor, from_numpy, zeros
+from ..tensor import Tensor, float_input, upload, zeros
 
 __all__ = ["LinearHead", "gather_rows", "scatter_rows", "softmax_cross_entropy", "mse_loss"]
 
@@ -60,7 +60,7 @@ class LinearHead:
         self.device, self.dtype = device, dtype
         rng = np.random.default_rng(self.seed)
         w = (rng.standard_normal((self.n_out, self.n_embd), dtype=np.float32) * np.float32(init_std))
-        self._params: Dict[str, Tensor] = {"weight": _place(w, device, dtype)}
+        self._params: Dict[str, Tensor] = {"weight": upload(w, device, dtype)}
         self._grads: Dict[str, Tensor] = {"weight": zeros([self.n_out, self.n_embd], "float32", device)}
         if bias:
             self._params["bias"] = zeros([self.n_out], dtype, device)
@@ -112,9 +112,7 @@ class LinearHead:
         if d.shape != (x.shape[0], self.n_out):
             raise ValueError(f"dout: expected shape {(x.shape[0], self.n_out)}, got {d.shape}")
         self._saved = None
-        d_t = from_numpy(d, "dout")
-        if self.device != "cpu" or self.dtype != "float32":
-            d_t = d_t.to(device=self.device, dtype=self.dtype)
+        d_t = float_input(d, "dout", self.device, self.dtype)
         dx = ops.linear_backward(d_t, x, weight=self._params["weight"],
                                  dweight=self._grads["weight"], dbias=self._grads.get("bias"))
         if step is not None:
@@ -126,23 +124,10 @@ class LinearHead:
         return {"kind": "linear", "n_out": self.n_out, "bias": "bias" in self._params}
 
 
-def _place(arr: np.ndarray, device: str, dtype: str) -> Tensor:
-    t = from_numpy(np.ascontiguousarray(arr, dtype=np.float32), "param")
-    return t.to(device=device, dtype=dtype)
-
-
 def _rows_tensor(rows, C: int, device: str, dtype: str) -> Tensor:
-    if isinstance(rows, Tensor):
-        t = rows
-    else:
-        arr = np.asarray(rows)
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise TypeError(f"rows: expected floating-point values, got {arr.dtype}")
-        t = from_numpy(np.ascontiguousarray(arr, dtype=np.float32), "rows")
+    t = float_input(rows, "rows", device, dtype)
     if t.ndim != 2 or t.shape[1] != C:
         raise ValueError(f"rows: expected shape (N, {C}), got {tuple(t.shape)}")
-    if t.device != device or t.dtype != dtype:
-        t = t.to(device=device, dtype=dtype)
     return t
 
 
