@@ -609,3 +609,33 @@ def test_one_forward_serves_training_and_cached_decoding(rng):
         got = [dec.forward(idx[:, :3])]
         got += [dec.forward(idx[:, t:t + 1]) for t in range(3, 8)]
         assert rel_err(np.stack(got, 1), full[:, 2:]) < 1e-5
+
+
+def test_lm_head_token_logprobs_and_their_gradient(rng):
+    """LMHead on the trunk's hidden states: per-token log-probs equal log-softmax of the model's
+    logits, and back-propagating -1/n per valid token equals the mean LM loss's gradient."""
+    from gptcore.models.heads import LMHead
+
+    cfg = tiny_config()
+    model = GPT(cfg)
+    model.load_state_dict(random_state(model, rng))
+    idx = rng.integers(0, cfg.vocab_size, (3, 7))
+    targets = rng.integers(0, cfg.vocab_size, (3, 7))
+    targets[1, :3] = -1
+    logits = model(idx).astype(np.float64)
+    logsm = logits - logits.max(-1, keepdims=True)
+    logsm -= np.log(np.exp(logsm).sum(-1, keepdims=True))
+    want = np.where(targets >= 0, np.take_along_axis(logsm, np.maximum(targets, 0)[..., None], -1)[..., 0], 0)
+    lm = LMHead(model)
+    got = lm.token_logprobs(model.hidden_states(idx), targets)
+    assert got.shape == (3, 7) and rel_err(got, want) < 1e-5
+    valid = targets >= 0
+    model.backward(dh=lm.backward(np.where(valid, -1.0 / valid.sum(), 0.0)))
+    via_head = {k: np.array(g.numpy()) for k, g in model.grads().items()}
+    model.zero_grad()
+    model.forward(idx, targets)
+    model.backward()
+    for name, g in model.grads().items():
+        assert rel_err(via_head[name], g.numpy()) < 1e-5, name
+    with pytest.raises(RuntimeError, match="token_logprobs first"):
+        lm.backward(np.zeros((3, 7)))

@@ -10,6 +10,8 @@ and in checkpoints once attached with ``model.add_head``), and returns the gradi
   one score per choice for multiple choice.
 * The LM head is the model's own (tied to the token embedding, with the fused cross-entropy):
   ``model.forward(idx, targets, loss_scale=lam)`` adds ``lam * LM loss`` to a combined loss.
+  :class:`LMHead` is the same head seen from outside, for losses made of per-token
+  log-probabilities (scoring a continuation, preference losses).
 
 Losses on head outputs are small host computations (:func:`softmax_cross_entropy`,
 :func:`mse_loss`), each returning the loss and its gradient.
@@ -28,9 +30,9 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import ops
-from ..tensor import Tensor, float_input, upload, zeros
+from ..tensor import Tensor, float_input, from_numpy, upload, zeros
 
-__all__ = ["LinearHead", "gather_rows", "scatter_rows", "softmax_cross_entropy", "mse_loss"]
+__all__ = ["LinearHead", "LMHead", "gather_rows", "scatter_rows", "softmax_cross_entropy", "mse_loss"]
 
 # the dropout stream of a head is (step << 12) | _HEAD_SITE, apart from the trunk's sites
 _HEAD_SITE = 4095
@@ -122,6 +124,79 @@ class LinearHead:
     def spec(self) -> Dict[str, object]:
         """What a checkpoint records to rebuild the head (dropout is a training setting)."""
         return {"kind": "linear", "n_out": self.n_out, "bias": "bias" in self._params}
+
+
+class LMHead:
+    """The model's tied LM head as a head: ``logits = h @ wte.T`` over the real vocabulary.
+
+    It owns no parameters (``wte`` is the trunk's, and its gradient lands in the model's
+    ``wte`` gradient). Plain LM training should call ``model.forward(idx, targets)``, where the
+    same head runs with the fused cross-entropy writing the gradient in place; this object is
+    for losses built from per-token log-probabilities:
+
+        >>> lm = LMHead(model)
+        >>> h = model.hidden_states(ids)
+        >>> logp = lm.token_logprobs(h, targets)          # (B, T), 0 where targets < 0
+        >>> model.backward(dh=lm.backward(dloss_dlogp))   # any per-token weights
+    """
+
+    name = "lm_head"
+
+    def __init__(self, model):
+        if not hasattr(model, "hidden_states") or "wte" not in model.parameters():
+            raise TypeError(f"model: expected a gptcore.GPT, got {type(model).__name__}")
+        self.model = model
+        self._saved = None
+
+    def token_logprobs(self, h, targets) -> np.ndarray:
+        """log p(targets[b, t] | the sequence up to t) for hidden states h (B, T, C) and integer
+        targets (B, T): float32 (B, T), 0 where a target is negative (ignored). Keeps the softmax
+        gradient for :meth:`backward` (in the (B*T, padded vocab) logits buffer)."""
+        model = self.model
+        V, C = model.config.vocab_size, model.config.n_embd
+        h_t = float_input(h, "h", model.device, model.dtype)
+        if h_t.ndim != 3 or h_t.shape[2] != C:
+            raise ValueError(f"h: expected hidden states (B, T, {C}), got {tuple(h_t.shape)}")
+        B, T = h_t.shape[0], h_t.shape[1]
+        tgt = np.asarray(targets)
+        if tgt.dtype == np.bool_ or not np.issubdtype(tgt.dtype, np.integer) or tgt.shape != (B, T):
+            raise ValueError(f"targets: expected integer ids of shape {(B, T)}, got {tgt.dtype} {tgt.shape}")
+        if tgt.size and tgt.max() >= V:
+            raise ValueError(f"targets: id {int(tgt.max())} is outside the vocabulary [0, {V})")
+        tgt = np.where(tgt < 0, -1, tgt).astype(np.int32)
+        tgt_t = from_numpy(np.ascontiguousarray(tgt.reshape(-1)), "targets")
+        if model.device != "cpu":
+            tgt_t = tgt_t.to(device=model.device)
+        h2 = h_t.view([B * T, C])
+        logits, _ = ops.linear_forward(h2, model.parameters()["wte"], None)
+        # dlogits = softmax - onehot (grad_scale 1) overwrites the logits: d(-logp)/dlogits
+        losses, _ = ops.cross_entropy_forward_backward(logits, tgt_t, V, -1, grad_scale=1.0,
+                                                       inplace=True)
+        self._saved = (h2, logits, (B, T))
+        return -np.asarray(losses.numpy(), dtype=np.float32).reshape(B, T)
+
+    def backward(self, dlogprobs) -> Tensor:
+        """Gradient (B, T) of the loss on the last :meth:`token_logprobs` -> gradient on the
+        hidden states (B, T, C) (a Tensor for ``model.backward(dh=...)``); accumulates the
+        model's ``wte`` gradient. Ignored positions get none."""
+        if self._saved is None:
+            raise RuntimeError("lm_head.backward: call token_logprobs first (once per call)")
+        h2, dlogits, (B, T) = self._saved
+        w = np.asarray(dlogprobs, dtype=np.float32)
+        if w.shape != (B, T):
+            raise ValueError(f"dlogprobs: expected shape {(B, T)}, got {w.shape}")
+        self._saved = None
+        # d(sum w * logp)/dlogits = -w * (softmax - onehot): scale each row of the kept gradient
+        # (on the host: there is no row-scaling op, so CUDA takes a round trip here)
+        if dlogits.device == "cpu":
+            np.asarray(dlogits.numpy())[...] *= -w.reshape(-1, 1)
+        else:
+            scaled = np.asarray(dlogits.numpy(), np.float32) * -w.reshape(-1, 1)
+            dlogits.copy_(upload(scaled, dlogits.device, dlogits.dtype))
+        model = self.model
+        dh = ops.linear_backward(dlogits, h2, weight=model.parameters()["wte"],
+                                 dweight=model.grads()["wte"])
+        return dh.view([B, T, model.config.n_embd])
 
 
 def _rows_tensor(rows, C: int, device: str, dtype: str) -> Tensor:
