@@ -315,7 +315,9 @@ CuPy or JAX without a copy.
   auto nogil = py::call_guard<py::gil_scoped_release>();
   const auto none = py::none();
   m.def("embedding_forward", &ops::embedding_forward, nogil, py::arg("idx"), py::arg("wte"),
-        py::arg("wpe"), py::arg("pos") = 0, py::arg("pos_dev") = none, py::arg("out") = none);
+        py::arg("wpe"), py::arg("pos") = 0, py::arg("pos_dev") = none, py::kw_only(),
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("stream") = 0,
+        py::arg("out") = none);
   m.def("embedding_backward", &ops::embedding_backward, nogil, py::arg("dout"), py::arg("idx"),
         py::arg("dwte"), py::arg("dwpe"));
   m.def("layernorm_forward", &ops::layernorm_forward, nogil, py::arg("x"), py::arg("weight"),
@@ -326,6 +328,7 @@ CuPy or JAX without a copy.
         py::arg("weight"), py::arg("dweight"), py::arg("dbias"), py::arg("dx") = none);
   m.def("residual_layernorm_forward", &ops::residual_layernorm_forward, nogil, py::arg("x"),
         py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps") = 1e-5,
+        py::kw_only(), py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("stream") = 0,
         py::arg("sum") = none, py::arg("out") = none, py::arg("mean") = none,
         py::arg("rstd") = none);
   m.def("residual_layernorm_backward", &ops::residual_layernorm_backward, nogil,

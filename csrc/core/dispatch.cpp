@@ -192,6 +192,15 @@ static void check_embedding_args(const Tensor& idx, const Tensor& wte, const Ten
 // A decode position passed as a tensor (so that a captured CUDA graph reads its current value):
 // one int32 element on the op's device. Returns the value when the host can read it (CPU);
 // reading a CUDA value would wait for the device, so there the kernels guard the range.
+// A dropout probability: 0 <= p < 1 (NaN fails both comparisons).
+static void check_dropout_p(double p, const char* name) {
+  if (!(p >= 0.0 && p < 1.0)) {
+    std::ostringstream os;
+    os << name << ": expected a dropout probability with 0 <= " << name << " < 1, got " << p;
+    throw ValueError(os.str());
+  }
+}
+
 static std::optional<int64_t> check_pos_tensor(const Tensor& p, const Tensor& ref,
                                                const char* ref_name) {
   need_defined(p, "pos");
@@ -207,9 +216,10 @@ static std::optional<int64_t> check_pos_tensor(const Tensor& p, const Tensor& re
 }
 
 Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, int64_t pos,
-                         const std::optional<Tensor>& pos_dev,
-                         const std::optional<Tensor>& out_buf) {
+                         const std::optional<Tensor>& pos_dev, double dropout_p, uint64_t seed,
+                         uint64_t stream, const std::optional<Tensor>& out_buf) {
   check_embedding_args(idx, wte, wpe);
+  check_dropout_p(dropout_p, "dropout_p");
   const int64_t T = idx.size(1), P = wpe.size(0);
   const std::optional<int64_t> p = pos_dev ? check_pos_tensor(*pos_dev, idx, "idx") : pos;
   if (p) {
@@ -220,7 +230,8 @@ Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe
   Tensor out = take_out(out_buf, {idx.size(0), T, wte.size(1)}, wte.dtype(), wte.device(), "out");
   const Tensor pt = pos_dev ? *pos_dev : Tensor();
   check_disjoint({{&out, "out"}}, {{&idx, "idx"}, {&wte, "wte"}, {&wpe, "wpe"}, {&pt, "pos"}});
-  GPTCORE_DISPATCH(idx.device(), embedding_forward(idx, wte, wpe, pos, pt, out));
+  GPTCORE_DISPATCH(idx.device(),
+                   embedding_forward(idx, wte, wpe, pos, pt, dropout_p, seed, stream, out));
   return out;
 }
 
@@ -344,10 +355,12 @@ static Tensor layernorm_backward_named(const Tensor& dout, const Tensor& x, cons
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> residual_layernorm_forward(
     const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias, float eps,
-    const std::optional<Tensor>& sum_buf, const std::optional<Tensor>& out_buf,
-    const std::optional<Tensor>& mean_buf, const std::optional<Tensor>& rstd_buf) {
+    double dropout_p, uint64_t seed, uint64_t stream, const std::optional<Tensor>& sum_buf,
+    const std::optional<Tensor>& out_buf, const std::optional<Tensor>& mean_buf,
+    const std::optional<Tensor>& rstd_buf) {
   check_ln_params(x, weight, bias);
   check_eps(eps);
+  check_dropout_p(dropout_p, "dropout_p");
   check_float(residual, "residual");
   check_shape(residual, "residual", x.shape());
   check_same_device(x, residual, "x", "residual");
@@ -359,7 +372,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> residual_layernorm_forward(
   check_disjoint({{&sum, "sum"}, {&out, "out"}, {&mean, "mean"}, {&rstd, "rstd"}},
                  {{&x, "x"}, {&residual, "residual"}, {&weight, "weight"}, {&bias, "bias"}});
   GPTCORE_DISPATCH(x.device(),
-                   residual_layernorm_forward(x, residual, weight, bias, eps, sum, out, mean, rstd));
+                   residual_layernorm_forward(x, residual, weight, bias, eps, dropout_p, seed,
+                                              stream, sum, out, mean, rstd));
   return {sum, out, mean, rstd};
 }
 
@@ -469,15 +483,6 @@ static int check_attention_args(const Tensor& qkv, int64_t n_head,
     return static_cast<int>(std::min<int64_t>(*window, qkv.size(1)));
   }
   return 0;
-}
-
-// A dropout probability: 0 <= p < 1 (NaN fails both comparisons).
-static void check_dropout_p(double p, const char* name) {
-  if (!(p >= 0.0 && p < 1.0)) {
-    std::ostringstream os;
-    os << name << ": expected a dropout probability with 0 <= " << name << " < 1, got " << p;
-    throw ValueError(os.str());
-  }
 }
 
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& qkv, int64_t n_head,

@@ -93,8 +93,11 @@ namespace ops {
 // op writes into them.
 // Positions pos..pos+T-1 (pos_dev: a 1-element int32 tensor on idx's device holding pos instead;
 // on the CPU it is read and checked, on CUDA the kernel reads it, see backend_ops.inc).
+// dropout_p in [0, 1): embedding dropout fused into the same pass, keyed by (seed, stream) exactly
+// as dropout_forward on the result (see backend_ops.inc).
 Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, int64_t pos = 0,
                          const std::optional<Tensor>& pos_dev = std::nullopt,
+                         double dropout_p = 0.0, uint64_t seed = 0, uint64_t stream = 0,
                          const std::optional<Tensor>& out = std::nullopt);
 void embedding_backward(const Tensor& dout, const Tensor& idx, Tensor& dwte, Tensor& dwpe);
 
@@ -108,9 +111,12 @@ Tensor layernorm_backward(const Tensor& dout, const Tensor& x, const Tensor& mea
                           const Tensor& rstd, const std::optional<Tensor>& dresidual,
                           const Tensor& weight, Tensor& dweight, Tensor& dbias,
                           const std::optional<Tensor>& dx = std::nullopt);
-// returns (sum, out, mean, rstd)
+// returns (sum, out, mean, rstd): sum = dropout(x) + residual, out = LN(sum). dropout_p in [0, 1):
+// residual dropout on x with dropout_forward's mask for (dropout_p, seed, stream) (backward:
+// dropout_backward with the same three on the gradient of sum).
 std::tuple<Tensor, Tensor, Tensor, Tensor> residual_layernorm_forward(
     const Tensor& x, const Tensor& residual, const Tensor& weight, const Tensor& bias, float eps,
+    double dropout_p = 0.0, uint64_t seed = 0, uint64_t stream = 0,
     const std::optional<Tensor>& sum = std::nullopt, const std::optional<Tensor>& out = std::nullopt,
     const std::optional<Tensor>& mean = std::nullopt, const std::optional<Tensor>& rstd = std::nullopt);
 // The same layout as layernorm_backward, with the forward's sum in x's place and dsum (the

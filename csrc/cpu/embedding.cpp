@@ -1,26 +1,47 @@
 // Token + position embedding on the CPU: a gather and its scatter-add.
 #include <cstring>
 
+#include "core/hash.h"
 #include "core/ops.h"
 #include "cpu/common.h"
 
 namespace gptcore {
 namespace cpu {
 
+// With embedding dropout (dropout_p > 0) each row's sum goes through the dropout mask
+// (core/hash.h, element bt*C + c) before it is stored: the same values as dropout_forward on the
+// plain result, without a second pass over out.
 void embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, int64_t pos,
-                       const Tensor& pos_dev, Tensor& out) {
+                       const Tensor& pos_dev, double dropout_p, uint64_t seed, uint64_t stream,
+                       Tensor& out) {
   const int64_t B = idx.size(0), T = idx.size(1), C = wte.size(1);
   const float* te = wte.data<float>();
   // positions start at p (dispatch has checked 0 <= p and p + T <= wpe rows)
   const int64_t p0 = pos_dev.defined() ? pos_dev.data<int32_t>()[0] : pos;
   const float* pe = wpe.data<float>() + p0 * C;
   float* o = out.data<float>();
+  if (dropout_p == 0.0) {
+#pragma omp parallel for schedule(static)
+    for (int64_t bt = 0; bt < B * T; ++bt) {
+      const float* a = te + index_at(idx, bt) * C;
+      const float* p = pe + (bt % T) * C;
+      float* y = o + bt * C;
+      for (int64_t c = 0; c < C; ++c) y[c] = a[c] + p[c];
+    }
+    return;
+  }
+  const hash::Dropout d = hash::dropout(dropout_p, seed, stream);
 #pragma omp parallel for schedule(static)
   for (int64_t bt = 0; bt < B * T; ++bt) {
     const float* a = te + index_at(idx, bt) * C;
     const float* p = pe + (bt % T) * C;
     float* y = o + bt * C;
-    for (int64_t c = 0; c < C; ++c) y[c] = a[c] + p[c];
+    const uint64_t base = static_cast<uint64_t>(bt * C);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = a[c] + p[c];
+      y[c] = d.keep(base + static_cast<uint64_t>(c)) ? v * d.scale : 0.0f;
+    }
   }
 }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "core/hash.h"
 #include "core/ops.h"
 #include "cpu/common.h"
 
@@ -46,19 +47,42 @@ void layernorm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias
   for (int64_t i = 0; i < N; ++i) normalize_row(xp + i * C, y + i * C, w, b, C, eps, mu + i, rs + i);
 }
 
+// With residual dropout (dropout_p > 0) the add reads x through the dropout mask (core/hash.h,
+// element i*C + c), in the same row pass: one mix64 per element instead of a separate
+// read-modify-write of x. The kept value x * scale is formed first and then added (the select
+// between them keeps the compiler from contracting the two into an FMA), so sum is bitwise
+// dropout_forward's value plus residual. dropout_p == 0 takes the original loop.
 void residual_layernorm_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
-                                const Tensor& bias, float eps, Tensor& sum, Tensor& out,
-                                Tensor& mean, Tensor& rstd) {
+                                const Tensor& bias, float eps, double dropout_p, uint64_t seed,
+                                uint64_t stream, Tensor& sum, Tensor& out, Tensor& mean,
+                                Tensor& rstd) {
   const int64_t C = x.size(-1), N = x.numel() / C;
   const float *xp = x.data<float>(), *rp = residual.data<float>();
   const float *w = weight.data<float>(), *b = bias.data<float>();
   float *sp = sum.data<float>(), *y = out.data<float>();
   float *mu = mean.data<float>(), *rs = rstd.data<float>();
+  if (dropout_p == 0.0) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; ++i) {
+      float* srow = sp + i * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) srow[c] = xp[i * C + c] + rp[i * C + c];
+      normalize_row(srow, y + i * C, w, b, C, eps, mu + i, rs + i);
+    }
+    return;
+  }
+  const hash::Dropout d = hash::dropout(dropout_p, seed, stream);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < N; ++i) {
     float* srow = sp + i * C;
+    const float* xrow = xp + i * C;
+    const float* rrow = rp + i * C;
+    const uint64_t base = static_cast<uint64_t>(i * C);
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) srow[c] = xp[i * C + c] + rp[i * C + c];
+    for (int64_t c = 0; c < C; ++c) {
+      const float xd = d.keep(base + static_cast<uint64_t>(c)) ? xrow[c] * d.scale : 0.0f;
+      srow[c] = xd + rrow[c];
+    }
     normalize_row(srow, y + i * C, w, b, C, eps, mu + i, rs + i);
   }
 }

@@ -5,6 +5,10 @@
 // The first position p is an argument, or is read from device memory (pos_dev) by every thread,
 // so that a decode step captured in a CUDA graph embeds at the position current at replay. The
 // host cannot check a device p; a p with p < 0 or p + T > wpe rows makes every row NaN.
+// Embedding dropout (the DROP instantiations, only when dropout_p > 0) is applied to the sum in
+// registers before the store, with the mask of core/hash.h over out's element index: the sum is
+// rounded to T first, so the result is bitwise embedding then dropout_forward, one pass instead
+// of two. NaN rows (a bad id or device p) stay NaN.
 //
 // Backward: dwpe[t] += sum_b dout[b,t] is a plain column sum in b order. dwte is a scatter-add
 // with repeated ids, where float atomics would make the result depend on timing. Instead the
@@ -21,11 +25,12 @@ namespace gptcore {
 namespace cuda {
 namespace {
 
-template <typename T, bool VEC>
+template <typename T, bool VEC, bool DROP = false>
 __global__ void embedding_forward_kernel(T* __restrict__ out, const void* idx, bool idx64,
                                          const T* __restrict__ wte, const T* __restrict__ wpe,
                                          const int32_t* pos_dev, int64_t pos, int64_t N,
-                                         int64_t T_, int64_t C, int64_t V, int64_t n_pos) {
+                                         int64_t T_, int64_t C, int64_t V, int64_t n_pos,
+                                         hash::Dropout drop = {}) {
   constexpr int P = VEC ? Pack<T>::N : 1;
   const int64_t per_row = C / P;
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
@@ -44,10 +49,22 @@ __global__ void embedding_forward_kernel(T* __restrict__ out, const void* idx, b
     const Pack<T> a = Pack<T>::load(wte + id * C + c), b = Pack<T>::load(wpe + t * C + c);
     Pack<T> r;
 #pragma unroll
-    for (int e = 0; e < P; ++e) r.set(e, a.f(e) + b.f(e));
+    for (int e = 0; e < P; ++e) {
+      if constexpr (DROP) {
+        const float v = to_f(from_f<T>(a.f(e) + b.f(e)));  // what the unfused op stores
+        r.set(e, drop.keep(uint64_t(bt * C + c + e)) ? v * drop.scale : 0.f);
+      } else {
+        r.set(e, a.f(e) + b.f(e));
+      }
+    }
     r.store(o);
   } else {
-    o[0] = from_f<T>(to_f(wte[id * C + c]) + to_f(wpe[t * C + c]));
+    if constexpr (DROP) {
+      const float v = to_f(from_f<T>(to_f(wte[id * C + c]) + to_f(wpe[t * C + c])));
+      o[0] = from_f<T>(drop.keep(uint64_t(bt * C + c)) ? v * drop.scale : 0.f);
+    } else {
+      o[0] = from_f<T>(to_f(wte[id * C + c]) + to_f(wpe[t * C + c]));
+    }
   }
 }
 
@@ -166,7 +183,7 @@ embedding_dwte_kernel(T* dwte, const T* dout, Buckets bk, const void* idx, bool 
 
 template <typename T>
 void forward_impl(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe,
-                  int64_t pos, const int32_t* pos_dev) {
+                  int64_t pos, const int32_t* pos_dev, const hash::Dropout* drop) {
   const int64_t B = idx.size(0), T_ = idx.size(1), C = wte.size(1), V = wte.size(0);
   const int64_t N = B * T_;
   constexpr int P = Pack<T>::N;
@@ -176,6 +193,18 @@ void forward_impl(Tensor& out, const Tensor& idx, const Tensor& wte, const Tenso
   if (work == 0) return;  // C == 0 (dispatch allows an empty width): a 0-block launch is an error
   const unsigned blocks = ceil_div(work, 256);
   const int64_t n_pos = wpe.size(0);
+  if (drop) {  // embedding dropout fused
+    if (vec)
+      embedding_forward_kernel<T, true, true><<<blocks, 256, 0, stream()>>>(
+          out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos, N, T_, C, V,
+          n_pos, *drop);
+    else
+      embedding_forward_kernel<T, false, true><<<blocks, 256, 0, stream()>>>(
+          out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos, N, T_, C, V,
+          n_pos, *drop);
+    GPTCORE_CHECK_LAUNCH("embedding_forward_kernel (dropout)");
+    return;
+  }
   if (vec)
     embedding_forward_kernel<T, true><<<blocks, 256, 0, stream()>>>(
         out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos, N, T_, C, V,
@@ -228,10 +257,14 @@ void backward_impl(Tensor& dwte, Tensor& dwpe, const Tensor& dout, const Tensor&
 }  // namespace
 
 void embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, int64_t pos,
-                       const Tensor& pos_dev, Tensor& out) {
+                       const Tensor& pos_dev, double dropout_p, uint64_t seed, uint64_t stream_id,
+                       Tensor& out) {
   DeviceGuard guard(idx.device().index);
   const int32_t* p = pos_dev.defined() ? pos_dev.data<int32_t>() : nullptr;
-  GPTCORE_FLOAT_TYPES(wte.dtype(), "wte", forward_impl<scalar_t>(out, idx, wte, wpe, pos, p));
+  const hash::Dropout d = hash::dropout(dropout_p, seed, stream_id);
+  const hash::Dropout* drop = dropout_p > 0.0 ? &d : nullptr;
+  GPTCORE_FLOAT_TYPES(wte.dtype(), "wte",
+                      forward_impl<scalar_t>(out, idx, wte, wpe, pos, p, drop));
 }
 
 void embedding_backward(const Tensor& dout, const Tensor& idx, Tensor& dwte, Tensor& dwpe) {

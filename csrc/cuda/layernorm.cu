@@ -10,6 +10,11 @@
 // partial rows in block order: deterministic, no float atomics.
 // Generic path (any C, any alignment): the same arithmetic with scalar loads, re-reading the row
 // from L1/L2, and a separate column-reduction kernel for dweight and dbias.
+// Residual dropout (the DROP instantiations, only when dropout_p > 0): the fused add reads x
+// through the counter-based mask of core/hash.h (element row*C + c), one mix64 per element in
+// registers, instead of a separate dropout pass over x in memory. The kept value x * scale is
+// rounded to T before the add, as dropout_forward would have stored it, so sum is bitwise the
+// unfused pair's. DROP = false is the dropout-free kernel, unchanged.
 #include <algorithm>
 #include <initializer_list>
 
@@ -23,12 +28,19 @@ constexpr int kWarps = 8;            // warps (rows in flight) per block
 constexpr int kBwdMaxBlocks = 512;   // partial rows of dweight/dbias
 
 // ---- forward, fast path ---------------------------------------------------------------------
-template <typename T, int MAXP>
+// x * scale where dropout keeps element i (rounded to T, as dropout_forward stores it), else 0.
+template <typename T>
+__device__ __forceinline__ float dropped(float x, const hash::Dropout& d, uint64_t i) {
+  return d.keep(i) ? to_f(from_f<T>(x * d.scale)) : 0.f;
+}
+
+template <typename T, int MAXP, bool DROP = false>
 __global__ void __launch_bounds__(kWarps * 32)
 layernorm_forward_kernel(T* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd,
                          const T* __restrict__ x, const T* __restrict__ residual,
                          T* __restrict__ sum, const T* __restrict__ weight,
-                         const T* __restrict__ bias, int64_t N, int C, float eps) {
+                         const T* __restrict__ bias, int64_t N, int C, float eps,
+                         hash::Dropout drop = {}) {
   constexpr int P = Pack<T>::N;
   const int lane = threadIdx.x & 31;
   const int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
@@ -45,7 +57,12 @@ layernorm_forward_kernel(T* __restrict__ out, float* __restrict__ mean, float* _
       if (residual) {  // fused residual add; the rounded sum is what is normalised and saved
         const Pack<T> r = Pack<T>::load_cs(residual + base + pk * P);
 #pragma unroll
-        for (int e = 0; e < P; ++e) xv[i].set(e, xv[i].f(e) + r.f(e));
+        for (int e = 0; e < P; ++e) {
+          if constexpr (DROP)
+            xv[i].set(e, dropped<T>(xv[i].f(e), drop, uint64_t(base + pk * P + e)) + r.f(e));
+          else
+            xv[i].set(e, xv[i].f(e) + r.f(e));
+        }
         xv[i].store(sum + base + pk * P);
       }
 #pragma unroll
@@ -83,17 +100,22 @@ layernorm_forward_kernel(T* __restrict__ out, float* __restrict__ mean, float* _
 }
 
 // ---- forward, generic path ------------------------------------------------------------------
-template <typename T>
+template <typename T, bool DROP = false>
 __global__ void __launch_bounds__(kWarps * 32)
 layernorm_forward_generic(T* out, float* mean, float* rstd, const T* x, const T* residual, T* sum,
-                          const T* weight, const T* bias, int64_t N, int C, float eps) {
+                          const T* weight, const T* bias, int64_t N, int C, float eps,
+                          hash::Dropout drop = {}) {
   const int lane = threadIdx.x & 31;
   const int64_t row = blockIdx.x * int64_t(kWarps) + (threadIdx.x >> 5);
   if (row >= N) return;
   const int64_t base = row * C;
   const T* src = x + base;
   if (residual) {  // write the sum first, then normalise what was written
-    for (int c = lane; c < C; c += 32) sum[base + c] = from_f<T>(to_f(x[base + c]) + to_f(residual[base + c]));
+    for (int c = lane; c < C; c += 32) {
+      float xc = to_f(x[base + c]);
+      if constexpr (DROP) xc = dropped<T>(xc, drop, uint64_t(base + c));
+      sum[base + c] = from_f<T>(xc + to_f(residual[base + c]));
+    }
     __syncwarp();
     src = sum + base;
   }
@@ -282,9 +304,11 @@ int fast_packs(int C, std::initializer_list<const void*> ptrs) {
   return 0;
 }
 
+// drop: residual dropout on x (only with a residual), the DROP kernels; else the plain ones.
 template <typename T>
 void forward_impl(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x, const T* residual,
-                  T* sum, const Tensor& weight, const Tensor& bias, float eps) {
+                  T* sum, const Tensor& weight, const Tensor& bias, float eps,
+                  const hash::Dropout* drop = nullptr) {
   const int C = static_cast<int>(x.size(-1));
   const int64_t N = x.numel() / C;
   const unsigned blocks = ceil_div(N, kWarps);
@@ -295,6 +319,22 @@ void forward_impl(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x, cons
 #define GPTCORE_LN_FWD(MP)                                                                      \
   layernorm_forward_kernel<T, MP><<<blocks, kWarps * 32, 0, stream()>>>(o, mu, rs, xp, residual, \
                                                                         sum, w, b, N, C, eps)
+#define GPTCORE_LN_FWD_DROP(MP)                                                               \
+  layernorm_forward_kernel<T, MP, true><<<blocks, kWarps * 32, 0, stream()>>>(                \
+      o, mu, rs, xp, residual, sum, w, b, N, C, eps, *drop)
+  if (drop) {
+    switch (mp) {
+      case 1: GPTCORE_LN_FWD_DROP(1); break;
+      case 2: GPTCORE_LN_FWD_DROP(2); break;
+      case 4: GPTCORE_LN_FWD_DROP(4); break;
+      case 8: GPTCORE_LN_FWD_DROP(8); break;
+      default:
+        layernorm_forward_generic<T, true><<<blocks, kWarps * 32, 0, stream()>>>(
+            o, mu, rs, xp, residual, sum, w, b, N, C, eps, *drop);
+    }
+    GPTCORE_CHECK_LAUNCH("layernorm_forward_kernel (residual dropout)");
+    return;
+  }
   switch (mp) {
     case 1: GPTCORE_LN_FWD(1); break;
     case 2: GPTCORE_LN_FWD(2); break;
@@ -304,6 +344,7 @@ void forward_impl(Tensor& out, Tensor& mean, Tensor& rstd, const Tensor& x, cons
       layernorm_forward_generic<T><<<blocks, kWarps * 32, 0, stream()>>>(o, mu, rs, xp, residual,
                                                                          sum, w, b, N, C, eps);
   }
+#undef GPTCORE_LN_FWD_DROP
 #undef GPTCORE_LN_FWD
   GPTCORE_CHECK_LAUNCH("layernorm_forward_kernel");
 }
@@ -363,12 +404,15 @@ void layernorm_forward(const Tensor& x, const Tensor& weight, const Tensor& bias
 }
 
 void residual_layernorm_forward(const Tensor& x, const Tensor& residual, const Tensor& weight,
-                                const Tensor& bias, float eps, Tensor& sum, Tensor& out,
-                                Tensor& mean, Tensor& rstd) {
+                                const Tensor& bias, float eps, double dropout_p, uint64_t seed,
+                                uint64_t stream_id, Tensor& sum, Tensor& out, Tensor& mean,
+                                Tensor& rstd) {
   DeviceGuard guard(x.device().index);
+  const hash::Dropout d = hash::dropout(dropout_p, seed, stream_id);
+  const hash::Dropout* drop = dropout_p > 0.0 ? &d : nullptr;
   GPTCORE_FLOAT_TYPES(x.dtype(), "x",
                       forward_impl<scalar_t>(out, mean, rstd, x, residual.data<scalar_t>(),
-                                             sum.data<scalar_t>(), weight, bias, eps));
+                                             sum.data<scalar_t>(), weight, bias, eps, drop));
 }
 
 void layernorm_backward(const Tensor& dout, const Tensor& x, const Tensor& mean,

@@ -90,6 +90,23 @@ def _pos(pos):
     return 0, as_tensor(pos, "pos")
 
 
+def _u64(v, name: str) -> int:
+    """A seed or stream: an int in [0, 2**64)."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    v = v.__index__()
+    if not 0 <= v < 2 ** 64:
+        raise ValueError(f"{name}: expected an int in [0, 2**64), got {v}")
+    return v
+
+
+def _prob(v, name: str) -> float:
+    """A dropout probability as a float; its range (0 <= p < 1, not NaN) is checked by the op."""
+    if isinstance(v, (bool, str, bytes)) or not hasattr(v, "__float__"):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+    return float(v)
+
+
 def _outs(out, names: Sequence[str]) -> list:
     """out= normalised to one checked buffer (or None) per returned tensor."""
     n = len(names)
@@ -108,8 +125,9 @@ def _outs(out, names: Sequence[str]) -> list:
 # ---- embedding ------------------------------------------------------------------------------
 
 
-def embedding_forward(idx, wte, wpe, pos=None, *, out=None) -> Tensor:
-    """Token + position embedding.
+def embedding_forward(idx, wte, wpe, pos=None, *, dropout_p: float = 0.0, seed: int = 0,
+                      stream: int = 0, out=None) -> Tensor:
+    """Token + position embedding, with embedding dropout fused.
 
     idx (B, T) int32/int64 token ids in [0, V); wte (V, C); wpe (maxT, C). The tokens sit at
     positions ``p .. p+T-1``: ``pos=None`` means p = 0, an int is p, and a 1-element int32
@@ -118,10 +136,17 @@ def embedding_forward(idx, wte, wpe, pos=None, *, out=None) -> Tensor:
     ``out[b, t] = wte[idx[b, t]] + wpe[p + t]``. ``p + T <= maxT`` is checked (ValueError)
     whenever the host can see p; a CUDA tensor's value is only seen by the kernel, which writes
     NaN rows for an out-of-range p instead of reading outside wpe.
+
+    ``dropout_p`` in [0, 1): embedding dropout (GPT-1/GPT-2's embd_pdrop) in the same pass, equal
+    bit for bit to ``dropout_forward(embedding_forward(...), dropout_p, seed, stream)`` (the mask
+    over out's row-major index; see :func:`dropout_forward`), so :func:`dropout_backward` with
+    the same three regenerates it. ``dropout_p=0`` runs the dropout-free kernel.
     """
     p, p_dev = _pos(pos)
     return _C.embedding_forward(as_tensor(idx, "idx"), as_tensor(wte, "wte"), as_tensor(wpe, "wpe"),
-                                p, p_dev, *_outs(out, ["out"]))
+                                p, p_dev, dropout_p=_prob(dropout_p, "dropout_p"),
+                                seed=_u64(seed, "seed"), stream=_u64(stream, "stream"),
+                                out=_outs(out, ["out"])[0])
 
 
 def embedding_backward(dout, idx, dwte, dwpe) -> None:
@@ -166,14 +191,26 @@ def layernorm_backward(dout, x, mean, rstd, *, dresidual=None, weight, dweight, 
                                  dx=_outs(out, ["dx"])[0])
 
 
-def residual_layernorm_forward(x, residual, weight, bias, eps: float = 1e-5, *, out=None):
-    """Fused residual add + LayerNorm: ``sum = x + residual; out = LayerNorm(sum)``.
+def residual_layernorm_forward(x, residual, weight, bias, eps: float = 1e-5, *,
+                               dropout_p: float = 0.0, seed: int = 0, stream: int = 0, out=None):
+    """Fused (dropout +) residual add + LayerNorm: ``sum = dropout(x) + residual;
+    out = LayerNorm(sum)``.
 
     x, residual (..., C); weight, bias (C,). Returns ``(sum, out, mean, rstd)``.
+
+    ``dropout_p`` in [0, 1): residual dropout (GPT-1/GPT-2's resid_pdrop) on x, read through
+    the mask of :func:`dropout_forward` for the same ``(dropout_p, seed, stream)`` over x's
+    row-major index, so ``sum`` equals ``dropout_forward(x, dropout_p, seed, stream) + residual``
+    (bit for bit) without a separate pass over x. Backward: the gradient of x is
+    ``dropout_backward(dsum_total, dropout_p, seed, stream)``. ``dropout_p=0`` runs the
+    dropout-free kernel.
     """
+    s, o, m, r = _outs(out, ["sum", "out", "mean", "rstd"])
     return tuple(_C.residual_layernorm_forward(as_tensor(x, "x"), as_tensor(residual, "residual"),
                                                as_tensor(weight, "weight"), as_tensor(bias, "bias"),
-                                               float(eps), *_outs(out, ["sum", "out", "mean", "rstd"])))
+                                               float(eps), dropout_p=_prob(dropout_p, "dropout_p"),
+                                               seed=_u64(seed, "seed"), stream=_u64(stream, "stream"),
+                                               sum=s, out=o, mean=m, rstd=r))
 
 
 def residual_layernorm_backward(dout, sum, mean, rstd, *, dsum=None, weight, dweight, dbias,
@@ -229,23 +266,6 @@ def linear_backward(dout, x, *, pre=None, weight, need_dx: bool = True, dweight,
 
 
 # ---- attention ------------------------------------------------------------------------------
-
-
-def _u64(v, name: str) -> int:
-    """A seed or stream: an int in [0, 2**64)."""
-    if isinstance(v, bool) or not hasattr(v, "__index__"):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-    v = v.__index__()
-    if not 0 <= v < 2 ** 64:
-        raise ValueError(f"{name}: expected an int in [0, 2**64), got {v}")
-    return v
-
-
-def _prob(v, name: str) -> float:
-    """A dropout probability as a float; its range (0 <= p < 1, not NaN) is checked by the op."""
-    if isinstance(v, (bool, str, bytes)) or not hasattr(v, "__float__"):
-        raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
-    return float(v)
 
 
 def attention_forward(qkv, n_head: int, window: Optional[int] = None, *, dropout_p: float = 0.0,

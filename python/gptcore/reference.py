@@ -106,13 +106,16 @@ def _check_idx(idx: np.ndarray, vocab_size: int, max_positions: int) -> None:
         raise ValueError(f"idx: token ids must lie in [0, {vocab_size})")
 
 
-def embedding_forward(idx, wte, wpe, pos: Optional[int] = None) -> np.ndarray:
-    """Token + position embedding.
+def embedding_forward(idx, wte, wpe, pos: Optional[int] = None, *, dropout_p: float = 0.0,
+                      seed: int = 0, stream: int = 0) -> np.ndarray:
+    """Token + position embedding, then embedding dropout.
 
     idx (B, T) integer ids in [0, V); wte (V, C); wpe (maxT, C). The tokens sit at positions
     ``pos .. pos+T-1`` (``pos=None`` means 0), which must lie below maxT.
-    Returns out (B, T, C) with ``out[b, t] = wte[idx[b, t]] + wpe[pos + t]``.
+    Returns out (B, T, C) with ``out[b, t] = wte[idx[b, t]] + wpe[pos + t]``, passed through
+    :func:`dropout_forward` with ``(dropout_p, seed, stream)`` when ``dropout_p > 0``.
     """
+    dropout_p = _check_dropout_args(dropout_p, seed, stream, "dropout_p")
     idx, wte, wpe = _index(idx, "idx"), _f64(wte, "wte"), _f64(wpe, "wpe")
     if wte.ndim != 2 or wpe.ndim != 2 or wpe.shape[1] != wte.shape[1]:
         raise ValueError(f"wte, wpe: expected (V, C) and (maxT, C), got {wte.shape} and {wpe.shape}")
@@ -121,7 +124,8 @@ def embedding_forward(idx, wte, wpe, pos: Optional[int] = None) -> np.ndarray:
     p = 0 if pos is None else int(pos)
     if p < 0 or p + T > wpe.shape[0]:
         raise ValueError(f"pos: need 0 <= pos and pos + {T} <= {wpe.shape[0]}, got pos={p}")
-    return wte[idx] + wpe[p:p + T]
+    out = wte[idx] + wpe[p:p + T]
+    return dropout_forward(out, dropout_p, seed, stream) if dropout_p > 0 else out
 
 
 def embedding_backward(dout, idx, vocab_size: int, max_positions: int):
@@ -196,13 +200,19 @@ def layernorm_backward(dout, x, mean, rstd, *, dresidual=None, weight):
     return dx, dweight, dbias
 
 
-def residual_layernorm_forward(x, residual, weight, bias, eps: float = 1e-5):
-    """Residual add then LayerNorm: ``sum = x + residual; out = LayerNorm(sum)``.
+def residual_layernorm_forward(x, residual, weight, bias, eps: float = 1e-5, *,
+                               dropout_p: float = 0.0, seed: int = 0, stream: int = 0):
+    """Dropout, residual add, then LayerNorm: ``sum = dropout(x) + residual;
+    out = LayerNorm(sum)``, dropout being :func:`dropout_forward` with ``(dropout_p, seed,
+    stream)`` (nothing when ``dropout_p == 0``).
 
     x, residual (..., C); weight, bias (C,). Returns ``(sum, out, mean, rstd)``.
     """
+    dropout_p = _check_dropout_args(dropout_p, seed, stream, "dropout_p")
     x, residual = _f64(x, "x"), _f64(residual, "residual")
     _same_shape(residual, x.shape, "residual")
+    if dropout_p > 0:
+        x = dropout_forward(x, dropout_p, seed, stream)
     s = x + residual
     out, mean, rstd = layernorm_forward(s, weight, bias, eps)
     return s, out, mean, rstd

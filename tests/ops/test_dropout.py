@@ -1,5 +1,6 @@
 """Dropout: the counter-based generator (csrc/core/hash.h), the dropout op and the dropout fused
-into attention, on the CPU (and CUDA, ``gpu`` marker) against the float64 NumPy reference.
+into attention, into the residual add + LayerNorm and into the embedding, on the CPU (and CUDA,
+``gpu`` marker) against the float64 NumPy reference.
 
 The mask is a pure function of (p, seed, stream, element index), so it is compared bit for bit:
 CPU and CUDA against ``reference.dropout_mask``, the reference against an independent
@@ -18,7 +19,7 @@ import gptcore
 from gptcore import ops
 
 from gptcore import reference as ref
-from tests.helpers import check, f64
+from tests.helpers import BACKENDS, check, f64, host
 
 TOL = 1e-5
 M64 = (1 << 64) - 1
@@ -307,6 +308,166 @@ def test_attention_dropout_reference_gradient(window):
         num.flat[i] = (loss(a) - loss(b)) / (2 * eps)
     err = np.linalg.norm(dqkv - num) / np.linalg.norm(num)
     assert err < 1e-7, err
+
+
+# ---- dropout fused into residual + LayerNorm and into the embedding ----------------------------
+# Written once over the backends (CPU; CUDA float32 and bfloat16 with the gpu marker). The fused
+# forms must draw dropout_forward's mask exactly: their results are compared bit for bit with the
+# unfused pair (dropout_forward, then the dropout-free op), and with the reference by tolerance.
+
+FUSED_LN_SHAPES = [(1, 1), (1, 8), (37, 8), (3, 7, 8), (5, 37), (129, 33), (2, 65, 768),
+                   (2, 9, 768), (3, 1600)]
+
+
+def _seed_stream(rng):
+    return int(rng.integers(0, 2 ** 63)) * 2 + 1, int(rng.integers(0, 1000))
+
+
+@pytest.fixture
+def _poison(monkeypatch):
+    monkeypatch.setenv("GPTCORE_POISON_ALLOC", "1")
+
+
+@pytest.mark.usefixtures("_poison")
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("shape", FUSED_LN_SHAPES)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_residual_layernorm_dropout(rng, be, shape, p):
+    C = shape[-1]
+    seed, stream = _seed_stream(rng)
+    kw = dict(dropout_p=p, seed=seed, stream=stream)
+    x, r = be.rounded(rng.randn(*shape)), be.rounded(rng.randn(*shape))
+    w, b = be.rounded(rng.randn(C)), be.rounded(rng.randn(C))
+    s, out, mean, rstd = ops.residual_layernorm_forward(be.put(x), be.put(r), be.put(w), be.put(b),
+                                                        1e-5, **kw)
+    # sum = x * mask * scale + residual: the explicit formula, and the reference
+    mask = ref.dropout_mask(shape, p, seed, stream)
+    explicit = np.where(mask, x * float(scale_of(p)), 0.0) + r
+    s_r, out_r, mean_r, rstd_r = ref.residual_layernorm_forward(x, r, w, b, 1e-5, **kw)
+    np.testing.assert_array_equal(s_r, explicit)
+    check("fused dropout sum", host(s), explicit, rng, be.tol / 2)  # bf16: two roundings
+    check("fused dropout out", host(out), out_r, rng, be.tol)
+    # the kernel normalises the stored (rounded) sum, as backward will see it
+    out_s, mean_s, rstd_s = ref.layernorm_forward(host(s), w, b, 1e-5)
+    check("fused dropout out (of sum)", host(out), out_s, rng, be.tol)
+    check("fused dropout mean", host(mean), mean_s, rng)
+    check("fused dropout rstd", host(rstd), rstd_s, rng)
+    # bit for bit the unfused pair: dropout_forward, then the dropout-free op
+    xd = ops.dropout_forward(be.put(x), p, seed, stream)
+    unfused = ops.residual_layernorm_forward(xd, be.put(r), be.put(w), be.put(b), 1e-5)
+    for name, got, want in zip(("sum", "out", "mean", "rstd"), (s, out, mean, rstd), unfused):
+        np.testing.assert_array_equal(host(got), host(want), err_msg=f"{name} ({rng})")
+
+
+@pytest.mark.usefixtures("_poison")
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (3, 5, 768), (129, 65)])
+@pytest.mark.parametrize("seed, stream", SEEDS)
+def test_residual_layernorm_dropout_mask_is_dropout_forwards(rng, be, shape, seed, stream):
+    """With a zero residual the fused sum is exactly dropout_forward(x): the same mask, the same
+    scaled values, for the same (p, seed, stream)."""
+    p = 0.3
+    x = be.rounded(rng.uniform(1.0, 2.0, size=shape))  # never 0: kept <=> nonzero
+    C = shape[-1]
+    s = ops.residual_layernorm_forward(be.put(x), be.put(np.zeros(shape)), be.put(np.ones(C)),
+                                       be.put(np.zeros(C)), dropout_p=p, seed=seed, stream=stream)[0]
+    d = ops.dropout_forward(be.put(x), p, seed, stream)
+    np.testing.assert_array_equal(host(s), host(d))
+    np.testing.assert_array_equal(host(s) != 0, ref.dropout_mask(shape, p, seed, stream))
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("shape", [(37, 8), (2, 9, 768), (5, 37)])
+def test_residual_layernorm_dropout_zero_is_unfused(rng, be, shape):
+    C = shape[-1]
+    args = [be.put(a) for a in (rng.randn(*shape), rng.randn(*shape), rng.randn(C), rng.randn(C))]
+    plain = ops.residual_layernorm_forward(*args, 1e-5)
+    zero = ops.residual_layernorm_forward(*args, 1e-5, dropout_p=0.0, seed=5, stream=7)
+    for got, want in zip(zero, plain):
+        np.testing.assert_array_equal(host(got), host(want))
+    x, r, w, b = (host(a) for a in args)
+    for got, want in zip(ref.residual_layernorm_forward(x, r, w, b, dropout_p=0.0, seed=5, stream=7),
+                         ref.residual_layernorm_forward(x, r, w, b)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_residual_layernorm_dropout_independent_of_thread_count(rng):
+    x, r = rng.randn(513, 257), rng.randn(513, 257)
+    w, b = rng.randn(257), rng.randn(257)
+    n0 = gptcore.get_num_threads()
+    try:
+        gptcore.set_num_threads(1)
+        one = ops.residual_layernorm_forward(x, r, w, b, dropout_p=0.3, seed=9, stream=1)[0].numpy()
+        gptcore.set_num_threads(max(2, n0))
+        many = ops.residual_layernorm_forward(x, r, w, b, dropout_p=0.3, seed=9, stream=1)[0].numpy()
+    finally:
+        gptcore.set_num_threads(n0)
+    np.testing.assert_array_equal(one, many)
+
+
+EMB_CASES = [  # B, T, C, pos ("dev": a 1-element int32 tensor holding 3)
+    (1, 1, 1, None), (2, 37, 65, 3), (3, 17, 768, 0), (2, 5, 13, "dev"), (1, 9, 64, "dev")]
+
+
+@pytest.mark.usefixtures("_poison")
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("B, T, C, pos", EMB_CASES)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_embedding_dropout(rng, be, B, T, C, pos, p):
+    V, maxT = 11, T + 5
+    seed, stream = _seed_stream(rng)
+    kw = dict(dropout_p=p, seed=seed, stream=stream)
+    idx = rng.integers(0, V, (B, T)).astype(np.int32)
+    wte, wpe = be.rounded(rng.randn(V, C)), be.rounded(rng.randn(maxT, C))
+    p0 = 3 if pos == "dev" else pos
+    pos_arg = be.put(np.array([3], np.int32)) if pos == "dev" else pos
+    args = (be.put(idx), be.put(wte), be.put(wpe), pos_arg)
+    out = ops.embedding_forward(*args, **kw)
+    plain = ops.embedding_forward(*args)
+    # bit for bit dropout_forward of the plain embedding (the same mask, the same rounding)
+    np.testing.assert_array_equal(host(out), host(ops.dropout_forward(plain, p, seed, stream)))
+    # against the reference, and the explicit formula
+    want = ref.embedding_forward(idx, wte, wpe, p0, **kw)
+    check("fused embedding dropout", host(out), want, rng, be.tol / 2)  # bf16: two roundings
+    s = 0 if p0 is None else p0
+    mask = ref.dropout_mask((B, T, C), p, seed, stream)
+    np.testing.assert_array_equal(
+        want, np.where(mask, (wte[idx] + wpe[s:s + T]) * float(scale_of(p)), 0.0))
+    # p = 0: the dropout-free kernel, bit for bit
+    zero = ops.embedding_forward(*args, dropout_p=0.0, seed=seed, stream=stream)
+    np.testing.assert_array_equal(host(zero), host(plain))
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, -0.1, float("nan"), float("inf")])
+def test_fused_bad_p(p):
+    x, w, b = np.ones((2, 4), np.float32), np.ones(4, np.float32), np.zeros(4, np.float32)
+    idx, wte, wpe = np.zeros((1, 2), np.int32), np.ones((3, 4), np.float32), np.ones((2, 4), np.float32)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.residual_layernorm_forward(x, x, w, b, dropout_p=p)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ref.residual_layernorm_forward(x, x, w, b, dropout_p=p)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ops.embedding_forward(idx, wte, wpe, dropout_p=p)
+    with pytest.raises(ValueError, match="dropout_p"):
+        ref.embedding_forward(idx, wte, wpe, dropout_p=p)
+
+
+def test_fused_bad_seed_and_stream():
+    x, w, b = np.ones((2, 4), np.float32), np.ones(4, np.float32), np.zeros(4, np.float32)
+    idx, wte, wpe = np.zeros((1, 2), np.int32), np.ones((3, 4), np.float32), np.ones((2, 4), np.float32)
+    for call in (lambda dropout_p=0.1, **k: ops.residual_layernorm_forward(x, x, w, b,
+                                                                           dropout_p=dropout_p, **k),
+                 lambda dropout_p=0.1, **k: ops.embedding_forward(idx, wte, wpe,
+                                                                  dropout_p=dropout_p, **k)):
+        with pytest.raises(ValueError, match="seed"):
+            call(seed=-1)
+        with pytest.raises(ValueError, match="stream"):
+            call(stream=2 ** 64)
+        with pytest.raises(TypeError, match="seed"):
+            call(seed=1.5)
+        with pytest.raises(TypeError, match="dropout_p"):
+            call(dropout_p="0.1")
+        call(seed=2 ** 64 - 1, stream=2 ** 64 - 1)  # the full range is accepted
 
 
 # ---- CUDA -----------------------------------------------------------------------------------

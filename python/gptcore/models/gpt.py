@@ -26,8 +26,12 @@ losses are built outside the trunk.
 Dropout (``embd_pdrop``, ``attn_pdrop``, ``resid_pdrop``) runs in training mode only
 (:meth:`GPT.train` / :meth:`GPT.eval`). Masks come from a counter-based generator keyed by
 (seed, step, layer, site, element) (see :func:`gptcore.ops.dropout_forward`), so backward
-regenerates them instead of storing them; attention-probability dropout lives inside the
-attention kernels. With every probability 0 (or in eval mode) no dropout op runs at all.
+regenerates them instead of storing them. Every forward mask is fused into a kernel that already
+touches the data: embedding dropout into ``embedding_forward``, residual dropout on each
+sub-block's output into the ``residual_layernorm_forward`` that adds it to the stream, and
+attention-probability dropout into the attention kernels; backward applies the regenerated masks
+with ``dropout_backward`` (and inside attention's backward). With every probability 0 (or in
+eval mode) the dropout-free kernels run.
 
 Parameters live on ``device`` in ``dtype`` (float32, or bfloat16 on CUDA). Their gradients are
 always float32 (the ops accumulate parameter gradients in float32 on CUDA), so an optimiser can
@@ -371,20 +375,17 @@ class GPT:
         cfg, P = self.config, self._params
         eps, H = cfg.ln_eps, cfg.n_head
         step = ws.drop_step  # None: no dropout in this pass
-        x0 = ops.embedding_forward(idx_t, P["wte"], P["wpe"], pos=pos, out=ws.x0)
+        embd_kw = {}  # embedding dropout, fused into the embedding kernel
         if step is not None and cfg.embd_pdrop > 0:
-            ops.dropout_forward(x0, cfg.embd_pdrop, self.seed,
-                                self._stream(step, cfg.n_layer, 0), inplace=True)
-        scratch = ws.scratch  # each sub-block's output, consumed by the next residual add
+            embd_kw = dict(dropout_p=cfg.embd_pdrop, seed=self.seed,
+                           stream=self._stream(step, cfg.n_layer, 0))
+        x0 = ops.embedding_forward(idx_t, P["wte"], P["wpe"], pos=pos, out=ws.x0, **embd_kw)
+        # Each sub-block's output, consumed (through its residual dropout) by the next residual add.
+        scratch = ws.scratch
 
         def lin(x, prefix, out, gelu=False):
             return ops.linear_forward(x, P[prefix + ".weight"], P.get(prefix + ".bias"),
                                       gelu=gelu, out=out)
-
-        def resid_dropout(i, site):  # on the sub-block output before its residual add
-            if step is not None and cfg.resid_pdrop > 0:
-                ops.dropout_forward(scratch, cfg.resid_pdrop, self.seed,
-                                    self._stream(step, i, site), inplace=True)
 
         def attend(A, i, x_in):  # attention sub-block: its output lands in scratch
             h = f"h.{i}.attn"
@@ -399,18 +400,21 @@ class GPT:
                 ops.attention_kvcache(A["qkv"], cache.k[i], cache.v[i], pos, H, cfg.attn_window[i],
                                       out=A["att"])
             lin(A["att"], h + ".c_proj", scratch)
-            resid_dropout(i, _SITE_RESID_ATTN)
 
         def mlp(A, i, x_in):  # MLP sub-block: its output lands in scratch
             h = f"h.{i}.mlp"
             lin(x_in, h + ".c_fc", (A["fc"], A["fc_pre"]), gelu=True)
             lin(A["fc"], h + ".c_proj", scratch)
-            resid_dropout(i, _SITE_RESID_MLP)
 
-        def res_ln(x, residual, prefix, A, names):  # sum = x + residual; out = LN(sum)
+        def res_ln(x, residual, prefix, A, names, drop):
+            """sum = dropout(x) + residual; out = LN(sum). x is a sub-block output (scratch) and
+            drop = (layer, site) names its residual-dropout stream."""
+            kw = {}
+            if step is not None and cfg.resid_pdrop > 0:
+                kw = dict(dropout_p=cfg.resid_pdrop, seed=self.seed, stream=self._stream(step, *drop))
             ops.residual_layernorm_forward(x, residual, P[prefix + ".weight"],
                                            self._ln_bias(prefix + ".bias"), eps,
-                                           out=tuple(A[n] for n in names))
+                                           out=tuple(A[n] for n in names), **kw)
 
         F = ws.final
         if cfg.prenorm:  # GPT-2/3: each residual add fused with the next LayerNorm
@@ -419,23 +423,27 @@ class GPT:
                 if i == 0:  # the residual stream entering block 0 is the embedding
                     ops.layernorm_forward(x0, P[h + ".ln_1.weight"], self._ln_bias(h + ".ln_1.bias"),
                                           eps, out=(A["ln1"], A["m1"], A["r1"]))
-                else:
-                    res_ln(scratch, ws.layer(i - 1)["res_mid"], h + ".ln_1", A, ("res", "ln1", "m1", "r1"))
+                else:  # the previous layer's MLP output joins the stream here
+                    res_ln(scratch, ws.layer(i - 1)["res_mid"], h + ".ln_1", A,
+                           ("res", "ln1", "m1", "r1"), (i - 1, _SITE_RESID_MLP))
                 attend(A, i, A["ln1"])
-                res_ln(scratch, x0 if i == 0 else A["res"], h + ".ln_2", A, ("res_mid", "ln2", "m2", "r2"))
+                res_ln(scratch, x0 if i == 0 else A["res"], h + ".ln_2", A,
+                       ("res_mid", "ln2", "m2", "r2"), (i, _SITE_RESID_ATTN))
                 mlp(A, i, A["ln2"])
             if not final_ln:
                 return None
-            res_ln(scratch, ws.layer(cfg.n_layer - 1)["res_mid"], "ln_f", F, ("res", "x", "m", "r"))
+            L = cfg.n_layer - 1  # the last MLP output joins the stream at ln_f
+            res_ln(scratch, ws.layer(L)["res_mid"], "ln_f", F, ("res", "x", "m", "r"),
+                   (L, _SITE_RESID_MLP))
             return F["x"]
         # GPT-1: x = LN(x + attn(x)); x = LN(x + mlp(x)); no final LN
         x = x0
         for i in range(cfg.n_layer):
             A, h = ws.layer(i), f"h.{i}"
             attend(A, i, x)
-            res_ln(scratch, x, h + ".ln_1", A, ("s1", "n1", "m1", "r1"))
+            res_ln(scratch, x, h + ".ln_1", A, ("s1", "n1", "m1", "r1"), (i, _SITE_RESID_ATTN))
             mlp(A, i, A["n1"])
-            res_ln(scratch, A["n1"], h + ".ln_2", A, ("s2", "out", "m2", "r2"))
+            res_ln(scratch, A["n1"], h + ".ln_2", A, ("s2", "out", "m2", "r2"), (i, _SITE_RESID_MLP))
             x = A["out"]
         F["x"] = x
         return x
