@@ -358,8 +358,13 @@ class GPT:
         c = self.config
         return self.training and (c.embd_pdrop > 0 or c.attn_pdrop > 0 or c.resid_pdrop > 0)
 
-    def _stream(self, step: int, layer: int, site: int) -> int:
-        return (step << _STREAM_LAYER_BITS) | (layer * 4 + site)
+    def _dropout_kw(self, step: Optional[int], p: float, layer: int, site: int) -> dict:
+        """The dropout keywords of one site of the forward run at dropout ``step`` (none when
+        that forward had no dropout or the site's probability is 0)."""
+        if step is None or p == 0:
+            return {}
+        return dict(dropout_p=p, seed=self.seed,
+                    stream=(step << _STREAM_LAYER_BITS) | (layer * 4 + site))
 
     def _trunk_forward(self, idx_t: Tensor, ws: "_Workspace", cache=None, pos=None,
                        final_ln: bool = True) -> Tensor:
@@ -375,11 +380,9 @@ class GPT:
         cfg, P = self.config, self._params
         eps, H = cfg.ln_eps, cfg.n_head
         step = ws.drop_step  # None: no dropout in this pass
-        embd_kw = {}  # embedding dropout, fused into the embedding kernel
-        if step is not None and cfg.embd_pdrop > 0:
-            embd_kw = dict(dropout_p=cfg.embd_pdrop, seed=self.seed,
-                           stream=self._stream(step, cfg.n_layer, 0))
-        x0 = ops.embedding_forward(idx_t, P["wte"], P["wpe"], pos=pos, out=ws.x0, **embd_kw)
+        # embedding dropout, fused into the embedding kernel
+        x0 = ops.embedding_forward(idx_t, P["wte"], P["wpe"], pos=pos, out=ws.x0,
+                                   **self._dropout_kw(step, cfg.embd_pdrop, cfg.n_layer, 0))
         # Each sub-block's output, consumed (through its residual dropout) by the next residual add.
         scratch = ws.scratch
 
@@ -391,11 +394,8 @@ class GPT:
             h = f"h.{i}.attn"
             lin(x_in, h + ".c_attn", A["qkv"])
             if cache is None:
-                kw = {}
-                if step is not None and cfg.attn_pdrop > 0:
-                    kw = dict(dropout_p=cfg.attn_pdrop, seed=self.seed,
-                              stream=self._stream(step, i, _SITE_ATTN))
-                ops.attention_forward(A["qkv"], H, cfg.attn_window[i], out=(A["att"], A["lse"]), **kw)
+                ops.attention_forward(A["qkv"], H, cfg.attn_window[i], out=(A["att"], A["lse"]),
+                                      **self._dropout_kw(step, cfg.attn_pdrop, i, _SITE_ATTN))
             else:
                 ops.attention_kvcache(A["qkv"], cache.k[i], cache.v[i], pos, H, cfg.attn_window[i],
                                       out=A["att"])
@@ -409,12 +409,10 @@ class GPT:
         def res_ln(x, residual, prefix, A, names, drop):
             """sum = dropout(x) + residual; out = LN(sum). x is a sub-block output (scratch) and
             drop = (layer, site) names its residual-dropout stream."""
-            kw = {}
-            if step is not None and cfg.resid_pdrop > 0:
-                kw = dict(dropout_p=cfg.resid_pdrop, seed=self.seed, stream=self._stream(step, *drop))
             ops.residual_layernorm_forward(x, residual, P[prefix + ".weight"],
                                            self._ln_bias(prefix + ".bias"), eps,
-                                           out=tuple(A[n] for n in names), **kw)
+                                           out=tuple([A[n] for n in names]),
+                                           **self._dropout_kw(step, cfg.resid_pdrop, *drop))
 
         F = ws.final
         if cfg.prenorm:  # GPT-2/3: each residual add fused with the next LayerNorm
@@ -604,24 +602,21 @@ class GPT:
                                           weight=P[prefix + ".weight"], dweight=G[prefix + ".weight"],
                                           dbias=self._dln_bias(prefix + ".bias"), out=out)
 
-        def resid_drop_back(g, i, site, *live):  # gradient into a sub-block's (dropped) output
-            if step is None or cfg.resid_pdrop == 0:
+        def drop_back(g, p, layer, site, *live):  # g through one site's mask (regenerated)
+            kw = self._dropout_kw(step, p, layer, site)  # live: buffers still to be read
+            if not kw:
                 return g
-            return ops.dropout_backward(g, cfg.resid_pdrop, self.seed, self._stream(step, i, site),
-                                        out=grab(g, *live))
+            return ops.dropout_backward(g, p, kw["seed"], kw["stream"], out=grab(g, *live))
+
+        def resid_drop_back(g, i, site, *live):  # gradient into a sub-block's (dropped) output
+            return drop_back(g, cfg.resid_pdrop, i, site, *live)
 
         def attn_back(datt, A, i):
-            kw = {}
-            if step is not None and cfg.attn_pdrop > 0:
-                kw = dict(dropout_p=cfg.attn_pdrop, seed=self.seed,
-                          stream=self._stream(step, i, _SITE_ATTN))
             ops.attention_backward(datt, A["qkv"], A["att"], A["lse"], H, cfg.attn_window[i],
-                                   dqkv=dqkv, **kw)
+                                   dqkv=dqkv, **self._dropout_kw(step, cfg.attn_pdrop, i, _SITE_ATTN))
 
-        def embedding_back(g, *live):  # live: gradient buffers still to be read
-            if step is not None and cfg.embd_pdrop > 0:
-                g = ops.dropout_backward(g, cfg.embd_pdrop, self.seed,
-                                         self._stream(step, cfg.n_layer, 0), out=grab(g, *live))
+        def embedding_back(g, *live):
+            g = drop_back(g, cfg.embd_pdrop, cfg.n_layer, 0, *live)
             if g.dtype != "float32":  # gradients are float32 buffers; embedding wants dout alike
                 g = g.to(dtype="float32")
             ops.embedding_backward(g, ws.idx, G["wte"], G["wpe"])
