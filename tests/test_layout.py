@@ -134,3 +134,32 @@ def test_import_gptcore_loads_each_module_once():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.strip()) > 5
+
+
+def test_every_internal_import_resolves():
+    """Imports inside functions run only when called, so a module moved without updating them
+    fails late (or, behind an ``except ImportError``, silently). Each must name a module or an
+    attribute that exists."""
+    import importlib
+
+    bad = []
+    for path in PKG.rglob("*.py"):
+        mod = _module_name(path)
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or (node.level == 0 and not (
+                    node.module or "").startswith("gptcore")):
+                continue
+            base = _resolve(mod, is_pkg, node.level, node.module or "")
+            try:
+                target = importlib.import_module(base)
+            except ImportError as e:
+                bad.append(f"{path.name}:{node.lineno}: {base} ({e})")
+                continue
+            for alias in node.names:
+                if not hasattr(target, alias.name):
+                    try:
+                        importlib.import_module(f"{base}.{alias.name}")
+                    except ImportError:
+                        bad.append(f"{path.name}:{node.lineno}: {base}.{alias.name}")
+    assert not bad, "imports that do not resolve: " + "; ".join(bad)

@@ -10,6 +10,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from .._fileio import write_atomic as _atomic_write_bytes
+from ..tokenizer import Tokenizer
 from .shards import META_NAME, write_shard
 
 # ---- tokenizers -------------------------------------------------------------------------
@@ -67,10 +68,8 @@ def get_tokenizer(name: str = "auto"):
         return ByteTokenizer()
     if name in ("gpt2", "auto"):
         try:
-            from .tokenizer import Tokenizer  # issue 5
-
             return _GPT2Adapter(Tokenizer.gpt2())
-        except (ImportError, AttributeError, OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, ValueError) as e:  # GPT-2's vocabulary files are missing
             if name == "gpt2":
                 raise ValueError(f"tokenizer: 'gpt2' is not available here ({e})") from None
             return ByteTokenizer()
