@@ -6,7 +6,7 @@ token costs: the model forward for one position over the KV cache and the LM hea
 choice of the next token (greedy argmax here, on the host for both). Throughput is
 batch * steps / time, the median over rounds, in tokens per second.
 
-* ``gptcore``: :class:`gptcore.sample.Decoder`, the forward that ``gptcore.generate`` runs.
+* ``gptcore``: :class:`gptcore.models.kvcache.Decoder`, the forward that ``gptcore.generate`` runs.
 * ``gptcore generate()``: the whole ``generate`` call (prefill + steps + sampling controls),
   end to end, tokens / s over the generated tokens.
 * ``torch``: the same weights in a plain PyTorch loop -- ``F.layer_norm``, ``F.linear``,

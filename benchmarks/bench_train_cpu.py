@@ -71,7 +71,7 @@ def profile(preset: str, batch: int, seq: int, steps: int) -> None:
     times = collections.defaultdict(float)
     calls = collections.Counter()
 
-    class Timed:  # stands in for gptcore.ops inside model.py and optim.py
+    class Timed:  # stands in for gptcore.ops inside models/gpt.py and optim.py
         pass
 
     timed = Timed()

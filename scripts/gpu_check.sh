@@ -87,10 +87,10 @@ test_rc=${PIPESTATUS[0]}
 if [ -n "$SANITIZE" ]; then
   step "compute-sanitizer"
   if command -v compute-sanitizer >/dev/null; then
-    SEL="test_linear_forward and (130 or 1536 or 768) or test_attention_forward or test_cached_logits_cuda or test_cuda_graph_decode or cuda_matches_reference"
+    SEL="test_linear and cuda-float32 and (130 or 1536 or 768) or test_attention and cuda-float32 or test_cuda_attention_dropout or test_cached_logits_cuda or test_cuda_graph_decode or cuda_matches_reference"
     for tool in memcheck racecheck; do
       GPTCORE_POISON_ALLOC=1 GPTCORE_CUDA_GRAPHS=0 compute-sanitizer --tool $tool --error-exitcode 9 \
-        "$PY" -m pytest -m gpu tests/test_cuda_ops.py tests/test_sample.py tests/test_sampling_op.py \
+        "$PY" -m pytest -m gpu tests/ops/test_ops.py tests/ops/test_dropout.py tests/generate/test_sample.py tests/ops/test_sampling_op.py \
         -q -p no:cacheprovider -x -k "$SEL" >"$OUT/sanitize-$tool.log" 2>&1
       echo "$tool: exit $? ($(grep -cE 'Invalid|Race|ERROR SUMMARY: [1-9]' "$OUT/sanitize-$tool.log") error lines; log $OUT/sanitize-$tool.log)"
     done

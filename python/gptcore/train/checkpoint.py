@@ -10,11 +10,12 @@ from .. import io as gckpt
 from ..models.config import GPTConfig
 from ..models.gpt import GPT
 from ..optim import AdamW
+from ..tokenizer import Tokenizer
 
 # ---- checkpoints ----------------------------------------------------------------------------
 
 CHECKPOINT_NAME = "checkpoint"
-# The native format `gptcore train` wrote before it used gptcore.checkpoint's directories. It is
+# The native format `gptcore train` wrote before it used gptcore.io's directories. It is
 # only read (so that run directories made by earlier versions still resume and sample), never
 # written.
 _NATIVE_V1_FILES = ("config.json", "model.npz", "optim.npz", "state.json")
@@ -24,10 +25,6 @@ def _saveable_tokenizer(tok):
     """The run's tokenizer as one whose files a checkpoint can hold (GPT-2's BPE: a
     gptcore.Tokenizer), or None for the byte-level tokenizer, which has no vocabulary files; a
     byte-level checkpoint is known by the tokenizer name its trainer state keeps (data_meta)."""
-    try:
-        from ..tokenizer import Tokenizer
-    except ImportError:
-        return None
     for candidate in (tok, getattr(tok, "_tok", None)):  # data._GPT2Adapter wraps a Tokenizer
         if isinstance(candidate, Tokenizer):
             return candidate
@@ -36,7 +33,7 @@ def _saveable_tokenizer(tok):
 
 def save_checkpoint(path: str, model: GPT, optimizer: Optional[AdamW], state: Dict[str, Any],
                     tokenizer=None) -> None:
-    """Write a training checkpoint with :func:`gptcore.checkpoint.save_pretrained`: the weights in
+    """Write a training checkpoint with :func:`gptcore.io.save_pretrained`: the weights in
     transformers' GPT-2/GPT-1 layout, optimizer.safetensors, trainer_state.json holding ``state``,
     and ``tokenizer``'s files when one is given (a gptcore.Tokenizer).
 
@@ -48,7 +45,7 @@ def save_checkpoint(path: str, model: GPT, optimizer: Optional[AdamW], state: Di
         raise TypeError(f"state: expected a dict, got {type(state).__name__}")
     gckpt.save_pretrained(model, path, optimizer=optimizer, tokenizer=tokenizer,
                           step=state.get("step"), state=state)
-    # (gptcore.checkpoint drops an old native checkpoint's model.npz/optim.npz/state.json when it
+    # (gptcore.io drops an old native checkpoint's model.npz/optim.npz/state.json when it
     # replaces that directory, so a rewritten run holds only the new layout.)
 
 
@@ -63,7 +60,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     """Read a training checkpoint: ``{"config": GPTConfig, "model": {name: array}, "optim": dict
     for AdamW.load_state_dict (None if none was saved), "state": {...}, "path": str}``.
 
-    Reads gptcore.checkpoint's directories (those :func:`save_checkpoint` writes) and the old
+    Reads gptcore.io's directories (those :func:`save_checkpoint` writes) and the old
     native format. A directory with weights only (no trainer_state.json), missing or damaged
     files raise FileNotFoundError / ValueError naming the file.
     """

@@ -8,7 +8,7 @@ A run writes into ``out``: ``log.jsonl`` (one JSON object per step and per evalu
 continues from that checkpoint exactly: the same batches, the same updates, the same losses
 as a run that was never interrupted. Ctrl-C stops at the next step boundary and checkpoints.
 
-The checkpoint is gptcore's checkpoint directory (:mod:`gptcore.checkpoint`): a transformers
+The checkpoint is gptcore's checkpoint directory (:mod:`gptcore.io`): a transformers
 GPT-2 (or GPT-1) directory, config.json + model.safetensors, that ``transformers``,
 ``gptcore sample`` and ``gptcore convert`` open as it is, plus optimizer.safetensors and
 trainer_state.json (step, data-loader position, the run's settings) for ``resume``, and the
@@ -124,7 +124,7 @@ def generate(model: GPT, prompt_ids: Sequence[int], max_new_tokens: int, tempera
              top_k: Optional[int] = None, seed: int = 0, stop_token: Optional[int] = None) -> List[int]:
     """Sample tokens after ``prompt_ids`` (temperature, top-k), recomputing the whole context.
 
-    Simple and exact but O(T^2) per token: the KV-cache sampler lives in gptcore.sample.
+    Simple and exact but O(T^2) per token: the KV-cache sampler lives in gptcore.generate.
     """
     rng = np.random.default_rng(seed)
     ids = [int(i) for i in prompt_ids]
