@@ -515,6 +515,15 @@ def test_sample_command_streams_text(tmp_path, model):
     assert text == "def " + expect + "\n"
     with pytest.raises(FileNotFoundError):
         sample.run(parser.parse_args(["sample", "--checkpoint", os.path.join(tmp_path, "nope")]))
+    # without --max-new-tokens the default (200) is cut to what the context holds after the
+    # prompt (this model has fewer positions than 200), as the README's plain command expects
+    assert byte_model.config.block_size < 200
+    buf = io.StringIO()
+    sample.run(parser.parse_args(["sample", "--checkpoint", os.path.join(tmp_path, "run"),
+                                  "--prompt", "def ", "--temperature", "0"]), out=buf)
+    full = complete(byte_model, ByteTokenizer(), "def ", temperature=0,
+                    max_new_tokens=byte_model.config.block_size - 4)
+    assert buf.getvalue() == "def " + full + "\n"
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------------------

@@ -109,8 +109,9 @@ def add_subcommand(subparsers) -> None:
                "--stop '\\n\\n'\n")
     s.add_argument("--checkpoint", required=True, metavar="DIR", help="model to sample from")
     s.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    s.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
-                   help="tokens to generate at most (default 200)")
+    s.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                   help="tokens to generate at most (default 200, or what fits in the model's "
+                        "context after the prompt)")
     s.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="independent completions of the prompt (default 1)")
     s.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
@@ -146,7 +147,11 @@ def run(args, out=None) -> int:
     model, tok = load_for_sampling(args.checkpoint, device=args.device, dtype=dtype,
                                    tokenizer=args.tokenizer)
     stop = [_unescape(s) for s in args.stop] if args.stop else None
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    max_new = args.max_new_tokens
+    if max_new is None:  # the default never asks for more than the context holds
+        prompt_len = max(len(tok.encode(args.prompt)), 1)  # an empty prompt is one end-of-text
+        max_new = max(1, min(200, model.config.block_size - prompt_len))
+    kw = dict(max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, frequency_penalty=args.frequency_penalty,
               presence_penalty=args.presence_penalty, logit_bias=_parse_bias(args.logit_bias),
               stop=stop, stream=True)
