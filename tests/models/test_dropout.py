@@ -125,6 +125,8 @@ def test_dropout_probabilities_are_checked_and_saved(tmp_path):
         tiny(attn_pdrop=1.0)
     with pytest.raises(ValueError, match="resid_pdrop"):
         tiny(resid_pdrop=-0.1)
+    with pytest.raises(ValueError, match="n_layer: 1024 layers exceed the 1023"):
+        GPT(GPTConfig(n_layer=1024, n_head=1, n_embd=4, block_size=4, vocab_size=8))
     model = GPT(tiny(**P_ALL))
     model.save_pretrained(tmp_path / "m")
     back = GPT.from_pretrained(tmp_path / "m")

@@ -117,6 +117,10 @@ class GPT:
             raise TypeError(f"config: expected a GPTConfig, got {type(config).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        if config.n_layer * 4 + 3 >= 1 << _STREAM_LAYER_BITS:  # dropout streams (see above)
+            most = ((1 << _STREAM_LAYER_BITS) - 4) // 4
+            raise ValueError(f"config.n_layer: {config.n_layer} layers exceed the {most} that "
+                             "dropout's generator streams address")
         self.config = config
         self.device = _check_device(device)
         self.dtype = _check_dtype(dtype, self.device)
