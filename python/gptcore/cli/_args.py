@@ -1,37 +1,31 @@
-"""Argument types shared by the subcommands."""
+"""Argument types shared by the subcommands (argparse ``type=`` callables)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 
 __all__ = ["positive_int", "nonneg_int", "nonneg_float"]
 
 
-def positive_int(text: str) -> int:
+def _parse(text: str, cast, kind: str, low: float, wanted: str):
+    """``cast(text)``, refused with argparse's error unless it is finite and >= ``low``."""
     try:
-        v = int(text)
+        v = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+    if not (math.isfinite(v) and v >= low):
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text}")
     return v
+
+
+def positive_int(text: str) -> int:
+    return _parse(text, int, "an integer", 1, "an integer >= 1")
 
 
 def nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
+    return _parse(text, int, "an integer", 0, "an integer >= 0")
 
 
 def nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return v
+    return _parse(text, float, "a number", 0.0, "a finite number >= 0")
