@@ -107,6 +107,16 @@ def _prob(v, name: str) -> float:
     return float(v)
 
 
+def _dropout(p, seed, stream) -> dict:
+    """The dropout keywords for a _C call, checked; none at all on the common path (p, seed and
+    stream plain zeros), which then costs no checks."""
+    if type(p) in (int, float) and type(seed) is int and type(stream) is int and \
+            p == 0 and seed == 0 and stream == 0:
+        return {}
+    return dict(dropout_p=_prob(p, "dropout_p"), seed=_u64(seed, "seed"),
+                stream=_u64(stream, "stream"))
+
+
 def _outs(out, names: Sequence[str]) -> list:
     """out= normalised to one checked buffer (or None) per returned tensor."""
     n = len(names)
@@ -144,8 +154,7 @@ def embedding_forward(idx, wte, wpe, pos=None, *, dropout_p: float = 0.0, seed: 
     """
     p, p_dev = _pos(pos)
     return _C.embedding_forward(as_tensor(idx, "idx"), as_tensor(wte, "wte"), as_tensor(wpe, "wpe"),
-                                p, p_dev, dropout_p=_prob(dropout_p, "dropout_p"),
-                                seed=_u64(seed, "seed"), stream=_u64(stream, "stream"),
+                                p, p_dev, **_dropout(dropout_p, seed, stream),
                                 out=_outs(out, ["out"])[0])
 
 
@@ -208,8 +217,7 @@ def residual_layernorm_forward(x, residual, weight, bias, eps: float = 1e-5, *,
     s, o, m, r = _outs(out, ["sum", "out", "mean", "rstd"])
     return tuple(_C.residual_layernorm_forward(as_tensor(x, "x"), as_tensor(residual, "residual"),
                                                as_tensor(weight, "weight"), as_tensor(bias, "bias"),
-                                               float(eps), dropout_p=_prob(dropout_p, "dropout_p"),
-                                               seed=_u64(seed, "seed"), stream=_u64(stream, "stream"),
+                                               float(eps), **_dropout(dropout_p, seed, stream),
                                                sum=s, out=o, mean=m, rstd=r))
 
 
@@ -288,8 +296,7 @@ def attention_forward(qkv, n_head: int, window: Optional[int] = None, *, dropout
     o, lse = _outs(out, ["out", "lse"])
     return tuple(_C.attention_forward(as_tensor(qkv, "qkv"), int(n_head),
                                       None if window is None else int(window),
-                                      dropout_p=_prob(dropout_p, "dropout_p"),
-                                      seed=_u64(seed, "seed"), stream=_u64(stream, "stream"),
+                                      **_dropout(dropout_p, seed, stream),
                                       out=o, lse=lse))
 
 
@@ -305,8 +312,7 @@ def attention_backward(dout, qkv, out, lse, n_head: int, window: Optional[int] =
     return _C.attention_backward(as_tensor(dout, "dout"), as_tensor(qkv, "qkv"),
                                  as_tensor(out, "out"), as_tensor(lse, "lse"), int(n_head),
                                  None if window is None else int(window),
-                                 dropout_p=_prob(dropout_p, "dropout_p"), seed=_u64(seed, "seed"),
-                                 stream=_u64(stream, "stream"),
+                                 **_dropout(dropout_p, seed, stream),
                                  dqkv=None if dqkv is None else _out(dqkv, "dqkv"))
 
 
