@@ -639,3 +639,32 @@ def test_lm_head_token_logprobs_and_their_gradient(rng):
         assert rel_err(via_head[name], g.numpy()) < 1e-5, name
     with pytest.raises(RuntimeError, match="token_logprobs first"):
         lm.backward(np.zeros((3, 7)))
+
+
+def test_concurrent_calls_from_threads_each_get_their_own_answer(rng):
+    """The model's workspaces are shared: calls from several threads take turns on its lock
+    (the ops release the GIL, so without it they would overwrite each other's activations)."""
+    import threading
+
+    cfg = tiny_config(n_layer=3, n_embd=32, n_head=4, block_size=16)
+    model = GPT(cfg)
+    inputs = [rng.integers(0, cfg.vocab_size, (2, 16)) for _ in range(4)]
+    want = [model(x) for x in inputs]
+    got, errors = {}, []
+
+    def worker(k):
+        try:
+            for _ in range(15):
+                out = model(inputs[k])
+                if not np.array_equal(out, want[k]):
+                    errors.append(k)
+            got[k] = True
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(got) == 4 and not errors, errors

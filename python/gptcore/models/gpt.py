@@ -45,7 +45,9 @@ keep their workspaces (a training shape and an evaluation shape); others are rel
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -87,6 +89,17 @@ def _check_dtype(dtype, device: str) -> str:
     return name
 
 
+def _exclusive(method):
+    """Runs a method that reads or writes the model's shared state (workspaces, parameters,
+    gradients) under the model's lock: calls from several threads take turns instead of
+    overwriting each other's activations."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 # Dropout sites inside one forward. The generator's stream for a site is
 # (step << 12) | (layer * 4 + site), with the embedding as layer n_layer (so up to 1023 layers).
 _SITE_ATTN, _SITE_RESID_ATTN, _SITE_RESID_MLP = 0, 1, 2
@@ -109,6 +122,13 @@ class GPT:
 
     A new model is in training mode (dropout active when the config asks for it); models
     loaded with :meth:`from_pretrained` start in evaluation mode, as transformers' do.
+
+    Threads: the methods that use the shared activation workspaces, parameters or gradients
+    (forward, logits, hidden_states, backward, load_state_dict, zero_grad) take turns on a
+    per-model lock, so concurrent ``model(idx)`` calls each get their own right answer. A
+    pending backward belongs to the latest forward (whichever thread ran it): a thread that
+    trains should hold its own lock across forward and backward. Decoders (generation) have
+    their own buffers and only read the parameters.
     """
 
     def __init__(self, config: GPTConfig, device: str = "cpu", dtype="float32", seed: int = 0,
@@ -122,6 +142,7 @@ class GPT:
             raise ValueError(f"config.n_layer: {config.n_layer} layers exceed the {most} that "
                              "dropout's generator streams address")
         self.config = config
+        self._lock = threading.RLock()  # see _exclusive
         self.device = _check_device(device)
         self.dtype = _check_dtype(dtype, self.device)
         self.seed = int(seed)
@@ -217,6 +238,7 @@ class GPT:
         """Parameter count without the vocabulary padding (as the papers count), heads excluded."""
         return self.config.num_parameters()
 
+    @_exclusive
     def zero_grad(self) -> None:
         for g in self.grads().values():
             g.zero_()
@@ -243,6 +265,7 @@ class GPT:
             out[name] = arr
         return out
 
+    @_exclusive
     def load_state_dict(self, state: Dict[str, np.ndarray], strict: bool = True) -> None:
         """Copy parameters in from NumPy arrays (or anything np.asarray takes).
 
@@ -465,6 +488,7 @@ class GPT:
             ops.linear_forward(h, self._params["wte"], None, out=ws.logits())
         return ws
 
+    @_exclusive
     def hidden_states(self, idx) -> Tensor:
         """The final hidden states (B, T, C) of (B, T) ids: the trunk's output, what every head
         reads (after GPT-2's final LayerNorm; GPT-1's last block output).
@@ -476,6 +500,7 @@ class GPT:
         self._acts = ws
         return ws.final["x"]
 
+    @_exclusive
     def forward(self, idx, targets=None, *, loss_scale: float = 1.0, grad: bool = True):
         """Run the model with its LM head.
 
@@ -520,6 +545,7 @@ class GPT:
         """``model(idx)``: float32 NumPy logits (B, T, vocab_size) for (B, T) token ids."""
         return self.logits(idx)
 
+    @_exclusive
     def logits(self, idx, last_only: bool = False) -> np.ndarray:
         """float32 NumPy logits (B, T, vocab_size), or (B, vocab_size) with ``last_only``.
 
@@ -547,6 +573,7 @@ class GPT:
 
     # ---- backward -----------------------------------------------------------------------
 
+    @_exclusive
     def backward(self, dh=None) -> None:
         """Accumulate parameter gradients into ``grads()`` from the pending forward.
 
