@@ -524,6 +524,12 @@ def test_sample_command_streams_text(tmp_path, model):
     full = complete(byte_model, ByteTokenizer(), "def ", temperature=0,
                     max_new_tokens=byte_model.config.block_size - 4)
     assert buf.getvalue() == "def " + full + "\n"
+    # an explicit length that does not fit is refused before anything is printed
+    buf = io.StringIO()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sample.run(parser.parse_args(["sample", "--checkpoint", os.path.join(tmp_path, "run"),
+                                      "--prompt", "def ", "--max-new-tokens", "1000"]), out=buf)
+    assert buf.getvalue() == ""
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------------------

@@ -159,9 +159,11 @@ def run(args, out=None) -> int:
         seed = None if args.seed is None else args.seed + n
         if args.num_samples > 1:
             out.write(f"---- sample {n + 1} ----\n")
-        out.write(args.prompt)
+        pieces = iter(complete(model, tok, args.prompt, seed=seed, **kw))
+        first = next(pieces, "")  # bad settings raise here, before anything is printed
+        out.write(args.prompt + first)
         out.flush()
-        for piece in complete(model, tok, args.prompt, seed=seed, **kw):
+        for piece in pieces:
             out.write(piece)
             out.flush()
         out.write("\n")
