@@ -668,3 +668,29 @@ def test_concurrent_calls_from_threads_each_get_their_own_answer(rng):
     for t in threads:
         t.join(timeout=120)
     assert len(got) == 4 and not errors, errors
+
+
+def test_load_weights_into_a_model_with_a_new_head(tmp_path, rng):
+    """A pre-trained trunk loads under a freshly attached task head (the head keeps its values);
+    dropout settings are not architecture; a file's head the model lacks is refused untouched."""
+    from gptcore.io import CheckpointError, load_weights
+    from gptcore.models.heads import LinearHead
+
+    cfg = tiny_config()
+    trunk = GPT(cfg, seed=1)
+    trunk.save_pretrained(tmp_path / "trunk")
+    model = GPT(cfg.replace(resid_pdrop=0.1, attn_pdrop=0.1), seed=2)
+    head = LinearHead(cfg.n_embd, 3, name="score", seed=3)
+    model.add_head(head)
+    before = np.array(head.parameters()["weight"].numpy())
+    load_weights(model, tmp_path / "trunk")
+    for name, arr in trunk.state_dict().items():
+        assert np.array_equal(model.state_dict()[name], arr), name
+    assert np.array_equal(head.parameters()["weight"].numpy(), before)
+    model.save_pretrained(tmp_path / "with_head")
+    plain = GPT(cfg, seed=4)
+    snapshot = plain.state_dict()
+    with pytest.raises(CheckpointError, match="score"):
+        load_weights(plain, tmp_path / "with_head")
+    for name, arr in snapshot.items():  # nothing was written
+        assert np.array_equal(plain.state_dict()[name], arr), name

@@ -211,11 +211,13 @@ def _build_model(cfg: GPTConfig, state: Mapping[str, np.ndarray], device: str, d
 
 
 def _copy_weights(model, state: Mapping[str, np.ndarray]) -> None:
-    """Copy validated gptcore-named arrays into ``model``'s parameters."""
+    """Copy validated gptcore-named arrays into ``model``'s parameters (those ``state`` has)."""
     from ..tensor import from_numpy
     V = model.config.vocab_size
     direct, staged = [], []
     for name, p in model.parameters().items():
+        if name not in state:  # a head the file does not hold
+            continue
         dst = _host_view(p)
         if dst is None:
             staged.append((name, p))
@@ -447,18 +449,34 @@ def load_pretrained(path: PathLike, device: str = "cpu", dtype: str = "float32")
     return _build_model(cfg, state, device, dtype)
 
 
+# GPTConfig fields that are training settings, not the shape of the weights
+_NOT_ARCHITECTURE = ("embd_pdrop", "attn_pdrop", "resid_pdrop")
+
+
 def load_weights(model, path: PathLike) -> None:
     """Load a checkpoint's weights (any format :func:`load_pretrained` reads) into an existing
-    GPT whose config matches it. Everything is validated before the first parameter changes.
-    (An AdamW built on a bfloat16 model keeps fp32 master weights: call its sync_master() after.)"""
+    GPT whose architecture matches it (dropout probabilities may differ). Heads the file holds
+    must be attached to the model; heads the model has and the file lacks keep their values
+    (a new task head on a pre-trained trunk). Everything is validated before the first
+    parameter changes. (An AdamW built on a bfloat16 model keeps fp32 master weights: call its
+    sync_master() after.)"""
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, GPTConfig) or not hasattr(model, "parameters"):
         raise TypeError(f"model: expected a gptcore.GPT, got {type(model).__name__}")
     saved, state, _ = read_weights(path)
-    if saved != cfg:
-        diff = [f"{k}: checkpoint {v!r}, model {getattr(cfg, k)!r}"
-                for k, v in saved.to_dict().items() if getattr(cfg, k) != v]
+    diff = [f"{k}: checkpoint {v!r}, model {getattr(cfg, k)!r}"
+            for k, v in saved.to_dict().items() if getattr(cfg, k) != v and k not in _NOT_ARCHITECTURE]
+    if diff:
         raise CheckpointError(f"{_p(path)!r} does not fit this model ({'; '.join(diff)})")
+    params = model.parameters()
+    unattached = sorted(k for k in state if k not in params)
+    if unattached:
+        raise CheckpointError(f"{_p(path)!r} holds head tensors {unattached} that this model has no "
+                              "head for (attach the head with model.add_head first)")
+    for name in state:
+        if tuple(params[name].shape) != tuple(np.shape(state[name])) and name != "wte":
+            raise CheckpointError(f"{_p(path)!r}: tensor {name!r} has shape {tuple(np.shape(state[name]))}, "
+                                  f"the model's is {tuple(params[name].shape)}")
     _copy_weights(model, state)
 
 
