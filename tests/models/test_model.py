@@ -584,6 +584,13 @@ def test_head_saved_and_loaded_with_the_model(tmp_path, rng):
     assert list(back.heads) == ["value"] and set(back.heads["value"].parameters()) == {"weight"}
     for name, arr in model.state_dict().items():
         assert np.array_equal(back.state_dict()[name], arr), name
+    # convert keeps it; a stray tensor in a state to write is refused, not dropped
+    from gptcore.io import CheckpointError, convert, write_weights
+    convert(tmp_path / "m", tmp_path / "m2")
+    again = GPT.from_pretrained(tmp_path / "m2")
+    assert np.array_equal(again.state_dict()["value.weight"], model.state_dict()["value.weight"])
+    with pytest.raises(CheckpointError, match="neither"):
+        write_weights(tmp_path / "m3", cfg, {**model.state_dict(), "stray": np.zeros(3, np.float32)})
     # a head tensor the config does not declare is refused, as any foreign tensor
     import json
     cfg_path = tmp_path / "m" / "config.json"

@@ -269,10 +269,25 @@ def _check_state(cfg: GPTConfig, state: Mapping[str, Any], where: str) -> None:
             raise CheckpointError(f"{where}: tensor {k!r} has shape {got}, expected {want}")
 
 
+def _heads_in(cfg: GPTConfig, state: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The linear task heads whose ``name.weight`` (and ``name.bias``) ``state`` holds beside
+    the trunk's tensors, as config.json declares them."""
+    trunk = schema.expected_shapes(cfg)
+    names = sorted({k.split(".", 1)[0] for k in state if k not in trunk})
+    strays = [n for n in names if f"{n}.weight" not in state]
+    if strays:
+        raise CheckpointError(f"state: tensors {sorted(k for k in state if k.split('.', 1)[0] in strays)} "
+                              "are neither the model's nor a head's (name.weight [, name.bias])")
+    return {n: {"kind": "linear", "n_out": int(np.shape(state[f"{n}.weight"])[0]),
+                "bias": f"{n}.bias" in state} for n in names}
+
+
 def _write_hf_dir(directory: str, cfg: GPTConfig, state: Mapping[str, np.ndarray], dtype: str,
-                  eot: Optional[int], heads: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
-    """Write config.json + model.safetensors into ``directory`` (which must exist). ``heads``
-    (name -> spec) declares the task heads whose ``name.*`` tensors ``state`` also holds."""
+                  eot: Optional[int]) -> None:
+    """Write config.json + model.safetensors into ``directory`` (which must exist); tensors of
+    task heads in ``state`` go beside the trunk's, declared in config.json."""
+    heads = _heads_in(cfg, state)
+    _check_heads(heads, state, "state", cfg.n_embd)
     fmt = _float_format(dtype)
     items = []
     # transformers' GPT-2/GPT-1 always have biases: a bias-free model writes zeros (the same model)
@@ -281,7 +296,7 @@ def _write_hf_dir(directory: str, cfg: GPTConfig, state: Mapping[str, np.ndarray
         if p.hf_transposed:
             arr = np.asarray(arr).T  # (out, in) -> Conv1D (in, out); made contiguous while writing
         items.append((p.hf_key, arr, fmt))
-    for name in heads or {}:
+    for name in heads:
         items.extend((k, state[k], fmt) for k in state if k.startswith(name + "."))
     with open(os.path.join(directory, "model.safetensors"), "wb") as f:
         _write_safetensors(f, items, {"format": "pt"})

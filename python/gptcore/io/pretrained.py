@@ -423,8 +423,7 @@ def save_pretrained(model, path: PathLike, optimizer=None, tokenizer=None, step:
     _check_tokenizer(tokenizer)
     params = _model_state(model)
     with _atomic_directory(path) as tmp:
-        heads = {n: h.spec() for n, h in getattr(model, "heads", {}).items()}
-        _write_hf_dir(tmp, cfg, params, dt, _eot_of(tokenizer, cfg), heads)
+        _write_hf_dir(tmp, cfg, params, dt, _eot_of(tokenizer, cfg))
         if optimizer is not None:
             sd = dict(optimizer.state_dict())
             arrays = []

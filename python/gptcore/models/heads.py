@@ -121,9 +121,6 @@ class LinearHead:
             dx = ops.dropout_backward(dx, self.dropout, self.seed, self._stream(step), inplace=True)
         return np.array(dx.numpy(), dtype=np.float32)
 
-    def spec(self) -> Dict[str, object]:
-        """What a checkpoint records to rebuild the head (dropout is a training setting)."""
-        return {"kind": "linear", "n_out": self.n_out, "bias": "bias" in self._params}
 
 
 class LMHead:
