@@ -591,6 +591,8 @@ def test_head_saved_and_loaded_with_the_model(tmp_path, rng):
     assert np.array_equal(again.state_dict()["value.weight"], model.state_dict()["value.weight"])
     with pytest.raises(CheckpointError, match="neither"):
         write_weights(tmp_path / "m3", cfg, {**model.state_dict(), "stray": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="no task heads"):
+        convert(tmp_path / "m", tmp_path / "m.bin")
     # a head tensor the config does not declare is refused, as any foreign tensor
     import json
     cfg_path = tmp_path / "m" / "config.json"

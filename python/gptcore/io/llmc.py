@@ -147,6 +147,10 @@ def write_llmc_model(path: PathLike, cfg: GPTConfig, state: Mapping[str, Any],
         raise ValueError(f"dtype: llm.c model files are 'float32' or 'bfloat16', got {dtype!r}")
     _llmc_compatible(cfg, _p(path))
     _check_state(cfg, state, "state")
+    extra = sorted(set(state) - set(schema.expected_shapes(cfg)))
+    if extra:  # rather than dropping them without a word
+        raise ValueError(f"{_p(path)}: llm.c's model file holds no task heads; {extra} would be lost "
+                         "(save with save_pretrained, or drop the heads from the state)")
     with _atomic_file(path) as f:
         _write_llmc(f, cfg, state, dt)
 
