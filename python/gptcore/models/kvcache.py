@@ -14,7 +14,7 @@ from typing import List, Optional
 import numpy as np
 
 from .. import ops
-from ..tensor import Tensor, empty, tensor
+from ..tensor import Tensor, empty
 
 __all__ = ["KVCache", "Decoder"]
 
@@ -84,10 +84,6 @@ class Decoder:
             self._prefill = _Workspace(self.model, self.batch_size, Tn, shared=True)
         return self._prefill
 
-    def _upload(self, ids: np.ndarray) -> Tensor:
-        host = tensor(np.ascontiguousarray(ids))
-        return host if self.device == "cpu" else host.to(device=self.device)
-
     def forward(self, tokens) -> np.ndarray:
         """Feed (B, Tn) tokens; returns the last position's logits, float32 (B, vocab_size)."""
         logits = self.prefill(tokens)
@@ -104,8 +100,8 @@ class Decoder:
             raise ValueError(f"tokens: expected shape ({self.batch_size}, Tn >= 1), got {arr.shape}")
         arr = self.model.check_ids(arr, "tokens", max_len=self.max_len - self.pos)
         if arr.shape[1] > 1:
-            self.forward_tensor(self._upload(arr[:, :-1]), head=False)
-        return self.forward_tensor(self._upload(arr[:, -1:]))
+            self.forward_tensor(self.model._to_device_ids(arr[:, :-1]), head=False)
+        return self.forward_tensor(self.model._to_device_ids(arr[:, -1:]))
 
     def forward_tensor(self, idx: Tensor, pos_tensor: Optional[Tensor] = None,
                        head: bool = True) -> Optional[Tensor]:
