@@ -19,6 +19,7 @@ from .pretrained import (
                          convert,
                          detect_format,
                          load_pretrained,
+                         load_task_config,
                          load_tokenizer,
                          load_training_state,
                          load_weights,
@@ -44,7 +45,7 @@ from .vocab import (
 
 __all__ = [
     "CheckpointError", "SafetensorsFile", "bf16_bits_to_float32", "float32_to_bf16_bits", "load_safetensors", "save_safetensors",
-    "save_pretrained", "load_pretrained", "load_weights", "load_training_state", "read_weights",
+    "save_pretrained", "load_pretrained", "load_task_config", "load_weights", "load_training_state", "read_weights",
     "write_weights", "read_llmc_model", "write_llmc_model", "LlmcTokenizer", "read_llmc_tokenizer",
     "write_llmc_tokenizer", "read_gpt2_vocab", "write_gpt2_vocab", "load_tokenizer", "detect_format",
     "convert", "LLMC_MODEL_MAGIC", "LLMC_TOKENIZER_MAGIC", "LLMC_SHARD_MAGIC",

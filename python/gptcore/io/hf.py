@@ -28,9 +28,103 @@ _TANH_GELU_GPT1 = ("gelu", "gelu_new")
 # 2: the *_pdrop fields are the model's own (version 1 wrote 0.1 for models trained without)
 GPTCORE_FORMAT_VERSION = 2
 
+# ---- task heads in transformers' own task-model layouts ----------------------------------------
+#
+# Two gptcore head names have a transformers model of their own; a model carrying one is saved
+# as that model, so transformers opens a fine-tuned gptcore classifier as it is (and gptcore
+# opens those models, whoever saved them):
+#
+#   score                 GPT2ForSequenceClassification / OpenAIGPTForSequenceClassification:
+#                         `score.weight` (num_labels, C), no bias, applied to the hidden state of
+#                         the last token that is not config.pad_token_id (GPT-1's extract token
+#                         when batches are right-padded with pad_token_id); id2label/label2id
+#                         give the label names (num_labels = len(id2label)).
+#   multiple_choice_head  GPT2DoubleHeadsModel / OpenAIGPTDoubleHeadsModel:
+#                         `multiple_choice_head.summary.weight` (1, C) and `.bias` (1,), a plain
+#                         linear map of the hidden state at mc_token_ids (summary_type
+#                         "cls_index", summary_use_proj, summary_proj_to_labels, no activation),
+#                         one score per choice; the tied lm_head is kept.
+#
+# A head of either name that does not fit (a `score` with a bias, a `multiple_choice_head` with
+# more than one output or no bias) and heads of any other name keep gptcore's generic layout:
+# `<name>.weight` / `<name>.bias` next to a GPT2LMHeadModel's tensors, declared in config.json's
+# gptcore.heads (transformers ignores them). gptcore's files always declare their heads there;
+# transformers' files declare theirs through `architectures`.
+_TASK_ARCHS = {  # gptcore head name -> (GPT-2 architecture, GPT-1 architecture)
+    "score": ("GPT2ForSequenceClassification", "OpenAIGPTForSequenceClassification"),
+    "multiple_choice_head": ("GPT2DoubleHeadsModel", "OpenAIGPTDoubleHeadsModel"),
+}
+_HEAD_OF_ARCH = {arch: name for name, archs in _TASK_ARCHS.items() for arch in archs}
+_MC_PREFIX = "multiple_choice_head.summary."  # transformers' SequenceSummary wraps the Linear
+# the summary settings that make transformers' SequenceSummary one linear map on the given token
+# (dropout before it, as GPT-1's classifier; it is off in evaluation)
+_MC_SUMMARY = {"summary_type": "cls_index", "summary_use_proj": True, "summary_proj_to_labels": True,
+               "summary_activation": None, "summary_first_dropout": 0.1}
+
+
+def _fits_transformers(name: str, spec: Mapping[str, Any]) -> bool:
+    """Whether head ``name`` (spec as in gptcore.heads) has the shape transformers' model has."""
+    if name == "score":
+        return not spec.get("bias", True)
+    if name == "multiple_choice_head":
+        return spec["n_out"] == 1 and bool(spec.get("bias", True))
+    return False
+
+
+def _task_head(heads: Mapping[str, Mapping[str, Any]]) -> Optional[str]:
+    """The head that names the saved architecture: `score` before `multiple_choice_head`."""
+    for name in _TASK_ARCHS:
+        if name in heads and _fits_transformers(name, heads[name]):
+            return name
+    return None
+
+
+def _file_key(name: str, key: str, spec: Mapping[str, Any]) -> str:
+    """The tensor name a head's gptcore key (`<name>.weight`) has in the file."""
+    if name == "multiple_choice_head" and _fits_transformers(name, spec):
+        return _MC_PREFIX + key[len(name) + 1:]
+    return key
+
+
+def _labels_of(task: Mapping[str, Any], n_out: int) -> List[str]:
+    labels = task.get("labels")
+    if labels is None:
+        return [f"LABEL_{i}" for i in range(n_out)]  # transformers' default names
+    if (not isinstance(labels, (list, tuple)) or len(labels) != n_out
+            or not all(isinstance(x, str) for x in labels)):
+        raise ValueError(f"task_config['labels']: expected {n_out} label names (the `score` head "
+                         f"has {n_out} outputs), got {labels!r}")
+    return list(labels)
+
+
+def _task_fields(heads: Mapping[str, Mapping[str, Any]], prenorm: bool,
+                 task: Mapping[str, Any], vocab_size: int) -> Dict[str, Any]:
+    """config.json fields transformers' task model reads: architectures, labels, padding, summary."""
+    name = _task_head(heads)
+    if name is None:
+        return {}
+    out: Dict[str, Any] = {"architectures": [_TASK_ARCHS[name][0 if prenorm else 1]]}
+    if name == "score":
+        n = heads[name]["n_out"]
+        labels = _labels_of(task, n)
+        out["id2label"] = {str(i): lab for i, lab in enumerate(labels)}
+        out["label2id"] = {lab: i for i, lab in enumerate(labels)}
+        out["problem_type"] = "regression" if n == 1 else "single_label_classification"
+    else:
+        out["id2label"], out["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+        out.update(_MC_SUMMARY)
+    pad = task.get("pad_token_id")
+    if pad is not None:
+        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab_size:
+            raise ValueError(f"task_config['pad_token_id']: expected a token id in [0, {vocab_size}), "
+                             f"got {pad!r}")
+        out["pad_token_id"] = pad
+    return out
+
 
 def _hf_config(cfg: GPTConfig, dtype: str, eot: Optional[int],
-               heads: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, Any]:
+               heads: Optional[Mapping[str, Mapping[str, Any]]] = None,
+               task: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     common = {
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "layer_norm_epsilon": cfg.ln_eps,
@@ -52,6 +146,9 @@ def _hf_config(cfg: GPTConfig, dtype: str, eot: Optional[int],
                     "bias": cfg.bias, "prenorm": cfg.prenorm}
     if heads:  # task heads (gptcore.models.heads): their tensors sit beside the trunk's
         d["gptcore"]["heads"] = {k: dict(v) for k, v in heads.items()}
+        d.update(_task_fields(heads, cfg.prenorm, task or {}, cfg.vocab_size))
+    if task:  # the fine-tuning task's own record (special tokens, label names...), kept verbatim
+        d["gptcore"]["task"] = dict(task)
     return d
 
 
@@ -163,7 +260,7 @@ def _read_hf_dir(directory: str) -> Tuple[GPTConfig, Dict[str, np.ndarray], str]
         raise FileNotFoundError(f"checkpoint {directory!r} has no config.json")
     raw = _read_json(cfg_path)
     cfg = _config_from_hf(raw, cfg_path)
-    heads = _declared_heads(raw, cfg_path)
+    heads = _heads_of_architecture(raw, _declared_heads(raw, cfg_path), cfg_path)
     tensors = _open_hf_tensors(directory)
     where = os.path.join(directory, "model.safetensors")
     # accept keys with or without the 'transformer.' prefix
@@ -185,6 +282,11 @@ def _read_hf_dir(directory: str) -> Tuple[GPTConfig, Dict[str, np.ndarray], str]
                                   "'transformer.' prefix)")
         by_name[short] = key
     params = {p.hf_key[len("transformer."):]: p for p in schema.parameters(cfg)}
+    wte_key = next(hf for hf, p in params.items() if p.name == "wte")
+    if wte_key not in by_name and lm_head is not None:
+        # transformers' OpenAIGPTDoubleHeadsModel ties the embedding to its lm_head and saves
+        # only lm_head.weight
+        by_name[wte_key], lm_head = lm_head, None
     if not cfg.bias:  # written by gptcore as zeros (transformers' models always have biases)
         for k in [k for k in by_name if k.endswith(".bias") and k[:-5] + ".weight" in params]:
             f, key = tensors[by_name.pop(k)]
@@ -223,7 +325,10 @@ def _read_hf_dir(directory: str) -> Tuple[GPTConfig, Dict[str, np.ndarray], str]
                                   "LM head is tied to it (untied heads are not supported)")
     for key in head_keys:
         f, k = tensors[key]
-        state[key] = f.get(k)
+        name = "multiple_choice_head." + key[len(_MC_PREFIX):] if key.startswith(_MC_PREFIX) else key
+        if name in state:
+            raise CheckpointError(f"{where}: head tensor {name!r} appears twice (as {key!r} too)")
+        state[name] = f.get(k)
     _check_heads(heads, state, where, cfg.n_embd)
     dtype = "bfloat16" if stored == {"BF16"} else "float32"
     return cfg, state, dtype
@@ -242,6 +347,53 @@ def _declared_heads(raw: Any, where: str) -> Dict[str, Dict[str, Any]]:
     return heads
 
 
+def _heads_of_architecture(raw: Mapping[str, Any], heads: Dict[str, Dict[str, Any]],
+                           where: str) -> Dict[str, Dict[str, Any]]:
+    """``heads`` (declared in gptcore.heads) plus the head a transformers task architecture
+    (GPT2ForSequenceClassification, GPT2DoubleHeadsModel and GPT-1's) implies, checked to agree."""
+    archs = raw.get("architectures") or []
+    if not isinstance(archs, list):
+        raise CheckpointError(f"{where}: architectures must be a list, got {archs!r}")
+    out = dict(heads)
+    for arch in archs:
+        name = _HEAD_OF_ARCH.get(arch)
+        if name is None:
+            continue
+        if name == "score":  # num_labels is len(id2label) in transformers' config.json
+            id2label = raw.get("id2label")
+            n = len(id2label) if isinstance(id2label, dict) and id2label else raw.get("num_labels", 2)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise CheckpointError(f"{where}: num_labels must be a positive integer, got {n!r}")
+            spec = {"kind": "linear", "n_out": n, "bias": False}
+        else:
+            _check_summary(raw, where, arch)
+            spec = {"kind": "linear", "n_out": 1, "bias": True}
+        declared = out.get(name)
+        if declared is not None and (declared["n_out"], bool(declared.get("bias", True))) != (
+                spec["n_out"], spec["bias"]):
+            raise CheckpointError(f"{where}: gptcore.heads[{name!r}] (n_out {declared['n_out']}, bias "
+                                  f"{bool(declared.get('bias', True))}) contradicts {arch}, whose head has "
+                                  f"{spec['n_out']} output(s) and {'a' if spec['bias'] else 'no'} bias")
+        out[name] = spec
+    return out
+
+
+def _check_summary(raw: Mapping[str, Any], where: str, arch: str) -> None:
+    """Refuse a DoubleHeads config whose SequenceSummary is not one linear map of the token at
+    mc_token_ids (gptcore's multiple_choice_head)."""
+    kind = raw.get("summary_type", "cls_index")
+    act = raw.get("summary_activation")
+    if kind not in ("cls_index", "last"):
+        raise CheckpointError(f"{where}: {arch} with summary_type {kind!r} is not supported (gptcore's "
+                              "multiple_choice_head reads one token: 'cls_index' or 'last')")
+    if act not in (None, "", "linear"):
+        raise CheckpointError(f"{where}: {arch} with summary_activation {act!r} is not supported "
+                              "(gptcore's multiple_choice_head is linear)")
+    if not raw.get("summary_use_proj", True) or not raw.get("summary_proj_to_labels", True):
+        raise CheckpointError(f"{where}: {arch} needs summary_use_proj and summary_proj_to_labels "
+                              "(one score per choice) for gptcore's multiple_choice_head")
+
+
 def _check_heads(heads: Mapping[str, Mapping[str, Any]], state: Mapping[str, Any], where: str,
                  C: int) -> None:
     for name, spec in heads.items():
@@ -250,7 +402,10 @@ def _check_heads(heads: Mapping[str, Mapping[str, Any]], state: Mapping[str, Any
             want[f"{name}.bias"] = (spec["n_out"],)
         got = {k for k in state if k.startswith(name + ".")}
         if got != set(want):
-            raise CheckpointError(f"{where}: head {name!r} needs tensors {sorted(want)}, found {sorted(got)}")
+            hint = (" (transformers' sequence classifiers' score has no bias)"
+                    if name == "score" and f"{name}.bias" in got - set(want) else "")
+            raise CheckpointError(f"{where}: head {name!r} needs tensors {sorted(want)}, found "
+                                  f"{sorted(got)}{hint}")
         for k, shape in want.items():
             if tuple(np.shape(state[k])) != shape:
                 raise CheckpointError(f"{where}: tensor {k!r} has shape {tuple(np.shape(state[k]))}, "
@@ -283,10 +438,14 @@ def _heads_in(cfg: GPTConfig, state: Mapping[str, Any]) -> Dict[str, Dict[str, A
 
 
 def _write_hf_dir(directory: str, cfg: GPTConfig, state: Mapping[str, np.ndarray], dtype: str,
-                  eot: Optional[int]) -> None:
+                  eot: Optional[int], task: Optional[Mapping[str, Any]] = None) -> None:
     """Write config.json + model.safetensors into ``directory`` (which must exist); tensors of
-    task heads in ``state`` go beside the trunk's, declared in config.json."""
+    task heads in ``state`` go beside the trunk's, declared in config.json, a `score` or
+    `multiple_choice_head` in transformers' task-model layout (see _TASK_ARCHS). ``task`` is
+    kept as config.json's gptcore.task; its "labels" and "pad_token_id" also become
+    transformers' id2label and pad_token_id."""
     heads = _heads_in(cfg, state)
+    config = _hf_config(cfg, dtype, eot, heads, task)  # checks ``task`` before anything is written
     _check_heads(heads, state, "state", cfg.n_embd)
     fmt = _float_format(dtype)
     items = []
@@ -296,13 +455,34 @@ def _write_hf_dir(directory: str, cfg: GPTConfig, state: Mapping[str, np.ndarray
         if p.hf_transposed:
             arr = np.asarray(arr).T  # (out, in) -> Conv1D (in, out); made contiguous while writing
         items.append((p.hf_key, arr, fmt))
-    for name in heads:
-        items.extend((k, state[k], fmt) for k in state if k.startswith(name + "."))
+    for name, spec in heads.items():
+        items.extend((_file_key(name, k, spec), state[k], fmt) for k in state if k.startswith(name + "."))
     with open(os.path.join(directory, "model.safetensors"), "wb") as f:
         _write_safetensors(f, items, {"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(_hf_config(cfg, dtype, eot, heads), f, indent=2)
+        json.dump(config, f, indent=2)
         f.write("\n")
+
+
+def _task_in(raw: Any, where: str) -> Dict[str, Any]:
+    """The task record of a parsed config.json: gptcore.task, with transformers' label names
+    (id2label) and pad_token_id filled in where it lacks them (a directory transformers wrote)."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: expected a JSON object")
+    task = (raw.get("gptcore") or {}).get("task") or {}
+    if not isinstance(task, dict):
+        raise CheckpointError(f"{where}: gptcore.task must be an object")
+    task = dict(task)
+    heads = _heads_of_architecture(raw, _declared_heads(raw, where), where)
+    id2label = raw.get("id2label")
+    if "score" in heads and "labels" not in task and isinstance(id2label, dict) and id2label:
+        try:
+            task["labels"] = [id2label[k] for k in sorted(id2label, key=int)]
+        except (TypeError, ValueError):
+            pass  # keys that are not integers: no usable names
+    if raw.get("pad_token_id") is not None and "pad_token_id" not in task:
+        task["pad_token_id"] = raw["pad_token_id"]
+    return task
 
 
 # ================================================================================================

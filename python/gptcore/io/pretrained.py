@@ -45,7 +45,7 @@ from .._fileio import fsync_path as _fsync_path
 from .._fileio import temp_name as _temp_name
 from ..models import schema
 from ..models.config import GPTConfig
-from .hf import _check_state, _read_hf_dir, _read_json, _write_hf_dir
+from .hf import _check_state, _read_hf_dir, _read_json, _task_in, _write_hf_dir
 from .llmc import (
     LLMC_MODEL_MAGIC,
     LLMC_SHARD_MAGIC,
@@ -311,12 +311,16 @@ def read_weights(path: PathLike) -> Tuple[GPTConfig, Dict[str, np.ndarray], str]
 
 
 def write_weights(path: PathLike, cfg: GPTConfig, state: Mapping[str, Any], dtype: str = "float32",
-                  tokenizer=None) -> None:
+                  tokenizer=None, task_config: Optional[Mapping[str, Any]] = None) -> None:
     """Write gptcore-named arrays in the format ``path`` names: ``*.bin`` -> llm.c model file,
-    anything else -> a transformers directory (GPT-2, or GPT-1 for a post-LN config)."""
+    anything else -> a transformers directory (GPT-2, or GPT-1 for a post-LN config; with a
+    ``task_config`` as :func:`save_pretrained` keeps it)."""
     path = _p(path)
     _check_state(cfg, state, "state")
+    task_config = _check_task_config(task_config)
     if path.endswith(".bin"):
+        if task_config:
+            raise ValueError("task_config: an llm.c model file has no place for it")
         write_llmc_model(path, cfg, state, dtype)
         return
     fmt = _float_format(dtype)
@@ -325,7 +329,8 @@ def write_weights(path: PathLike, cfg: GPTConfig, state: Mapping[str, Any], dtyp
     eot = _eot_of(tokenizer, cfg)
     _check_tokenizer(tokenizer)
     with _atomic_directory(path) as tmp:
-        _write_hf_dir(tmp, cfg, state, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[fmt], eot)
+        _write_hf_dir(tmp, cfg, state, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[fmt], eot,
+                      task_config)
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
 
@@ -390,7 +395,8 @@ def _json_default(x):
 
 
 def save_pretrained(model, path: PathLike, optimizer=None, tokenizer=None, step: Optional[int] = None,
-                    state: Optional[Mapping[str, Any]] = None, dtype: Optional[str] = None) -> None:
+                    state: Optional[Mapping[str, Any]] = None, dtype: Optional[str] = None,
+                    task_config: Optional[Mapping[str, Any]] = None) -> None:
     """Save ``model`` as a transformers-compatible checkpoint directory, atomically.
 
     Writes config.json + model.safetensors (GPT2LMHeadModel layout, or OpenAIGPTLMHeadModel for a
@@ -399,6 +405,16 @@ def save_pretrained(model, path: PathLike, optimizer=None, tokenizer=None, step:
     ``state`` is any JSON-serialisable dict (data-loader position, run settings...).
     ``dtype`` ('float32' or 'bfloat16') defaults to the model's own. An existing checkpoint at
     ``path`` is replaced only once the new one is complete.
+
+    Task heads: a ``score`` head without bias makes the directory transformers'
+    GPT2ForSequenceClassification (OpenAIGPTForSequenceClassification for GPT-1), a
+    ``multiple_choice_head`` with one output and a bias its GPT2DoubleHeadsModel
+    (OpenAIGPTDoubleHeadsModel); other heads are kept in gptcore's own layout (see io/hf.py).
+    ``task_config`` (a JSON-serialisable dict, read back by :func:`load_task_config`) records
+    the fine-tuning task in config.json's gptcore.task; two keys also feed transformers:
+    ``labels`` (the `score` head's label names -> id2label/label2id) and ``pad_token_id`` (the
+    id batches are right-padded with; transformers' sequence classifier pools the last token
+    that is not it, so it must never end a real sequence: GPT-1's start token is a good one).
     """
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, GPTConfig) or not hasattr(model, "parameters"):
@@ -421,9 +437,10 @@ def save_pretrained(model, path: PathLike, optimizer=None, tokenizer=None, step:
         except (TypeError, ValueError) as e:
             raise TypeError(f"state: not JSON-serialisable ({e})") from None
     _check_tokenizer(tokenizer)
+    task_config = _check_task_config(task_config)
     params = _model_state(model)
     with _atomic_directory(path) as tmp:
-        _write_hf_dir(tmp, cfg, params, dt, _eot_of(tokenizer, cfg))
+        _write_hf_dir(tmp, cfg, params, dt, _eot_of(tokenizer, cfg), task_config)
         if optimizer is not None:
             sd = dict(optimizer.state_dict())
             arrays = []
@@ -439,6 +456,28 @@ def save_pretrained(model, path: PathLike, optimizer=None, tokenizer=None, step:
                 f.write("\n")
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
+
+
+def _check_task_config(task_config: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
+    if task_config is None:
+        return None
+    if not isinstance(task_config, Mapping):
+        raise TypeError(f"task_config: expected a dict, got {type(task_config).__name__}")
+    try:
+        return json.loads(json.dumps(dict(task_config), default=_json_default))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"task_config: not JSON-serialisable ({e})") from None
+
+
+def load_task_config(path: PathLike) -> Dict[str, Any]:
+    """The task record of a checkpoint directory: what ``save_pretrained(task_config=...)`` kept
+    (config.json's gptcore.task), with ``labels`` (from id2label, for a sequence classifier)
+    and ``pad_token_id`` filled in from transformers' fields when absent; {} when there is none."""
+    path = _resolve_checkpoint_dir(_p(path))
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"checkpoint {path!r} has no config.json")
+    return _task_in(_read_json(cfg_path), cfg_path)
 
 
 def load_pretrained(path: PathLike, device: str = "cpu", dtype: str = "float32"):
@@ -539,8 +578,9 @@ def convert(src: PathLike, dst: PathLike, dtype: Optional[str] = None, overwrite
         else:
             _float_format(dt)
             srcdir = src if os.path.isdir(src) else None
+            task = load_task_config(srcdir) if srcdir else None
             with _atomic_directory(dst) as tmp:
-                _write_hf_dir(tmp, cfg, state, dt, _eot_of(None, cfg))
+                _write_hf_dir(tmp, cfg, state, dt, _eot_of(None, cfg), task or None)
                 for name in _TOKENIZER_FILES if srcdir else ():
                     full = os.path.join(srcdir, name)
                     if os.path.isfile(full):
