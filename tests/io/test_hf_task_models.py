@@ -218,6 +218,15 @@ def test_bad_task_config_writes_nothing(tmp_path, rng):
         with pytest.raises(err, match=message):
             ck.save_pretrained(model, tmp_path / "m", task_config=bad)
         assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    # gptcore.data.tasks' own record: labels as LabelSpace.to_dict(), padding = the start token
+    record = {"task": "classify", "labels": {"kind": "classes", "names": [0, 1, 7]},
+              "special_tokens": {"start": START, "delim": DELIM, "extract": EXTRACT}}
+    ck.save_pretrained(model, tmp_path / "b", task_config=record)
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["id2label"] == {"0": "0", "1": "1", "2": "7"} and cfg["pad_token_id"] == START
+    assert ck.load_task_config(tmp_path / "b") == {**record, "pad_token_id": START}
+    with pytest.raises(ValueError, match=r"\['special_tokens'\]\['start'\]"):
+        ck.save_pretrained(model, tmp_path / "b", task_config={"special_tokens": {"start": -1}})
     with pytest.raises(ValueError, match="no place"):
         ck.write_weights(tmp_path / "m.bin", model.config, model.state_dict(), task_config={"a": 1})
     assert not (tmp_path / "m.bin").exists()

@@ -87,14 +87,30 @@ def _file_key(name: str, key: str, spec: Mapping[str, Any]) -> str:
 
 
 def _labels_of(task: Mapping[str, Any], n_out: int) -> List[str]:
+    """The `score` head's label names for id2label: task["labels"] as a list of names, or as
+    gptcore.data.tasks.LabelSpace.to_dict() (its "names"); transformers' LABEL_i without."""
     labels = task.get("labels")
+    if isinstance(labels, dict):
+        labels = labels.get("names")
     if labels is None:
         return [f"LABEL_{i}" for i in range(n_out)]  # transformers' default names
     if (not isinstance(labels, (list, tuple)) or len(labels) != n_out
-            or not all(isinstance(x, str) for x in labels)):
+            or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in labels)):
         raise ValueError(f"task_config['labels']: expected {n_out} label names (the `score` head "
                          f"has {n_out} outputs), got {labels!r}")
-    return list(labels)
+    return [str(x) for x in labels]
+
+
+def _pad_of(task: Mapping[str, Any], vocab_size: int) -> Optional[int]:
+    """The id task batches are right-padded with: task["pad_token_id"], else the start token of
+    task["special_tokens"] (it only ever opens a sequence, so it never hides an extract token)."""
+    pad = task.get("pad_token_id")
+    where = "task_config['pad_token_id']"
+    if pad is None and isinstance(task.get("special_tokens"), dict):
+        pad, where = task["special_tokens"].get("start"), "task_config['special_tokens']['start']"
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab_size):
+        raise ValueError(f"{where}: expected a token id in [0, {vocab_size}), got {pad!r}")
+    return pad
 
 
 def _task_fields(heads: Mapping[str, Mapping[str, Any]], prenorm: bool,
@@ -113,11 +129,8 @@ def _task_fields(heads: Mapping[str, Mapping[str, Any]], prenorm: bool,
     else:
         out["id2label"], out["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
         out.update(_MC_SUMMARY)
-    pad = task.get("pad_token_id")
+    pad = _pad_of(task, vocab_size)
     if pad is not None:
-        if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < vocab_size:
-            raise ValueError(f"task_config['pad_token_id']: expected a token id in [0, {vocab_size}), "
-                             f"got {pad!r}")
         out["pad_token_id"] = pad
     return out
 

@@ -411,10 +411,12 @@ def save_pretrained(model, path: PathLike, optimizer=None, tokenizer=None, step:
     ``multiple_choice_head`` with one output and a bias its GPT2DoubleHeadsModel
     (OpenAIGPTDoubleHeadsModel); other heads are kept in gptcore's own layout (see io/hf.py).
     ``task_config`` (a JSON-serialisable dict, read back by :func:`load_task_config`) records
-    the fine-tuning task in config.json's gptcore.task; two keys also feed transformers:
-    ``labels`` (the `score` head's label names -> id2label/label2id) and ``pad_token_id`` (the
-    id batches are right-padded with; transformers' sequence classifier pools the last token
-    that is not it, so it must never end a real sequence: GPT-1's start token is a good one).
+    the fine-tuning task in config.json's gptcore.task; some keys also feed transformers:
+    ``labels`` (the `score` head's label names, a list or a dict with "names" -> id2label and
+    label2id) and ``pad_token_id`` (the id batches are right-padded with; transformers'
+    sequence classifier pools the last token that is not it, so it must never end a real
+    sequence), by default ``special_tokens["start"]``, GPT-1's start token, which only ever
+    opens a sequence.
     """
     cfg = getattr(model, "config", None)
     if not isinstance(cfg, GPTConfig) or not hasattr(model, "parameters"):
