@@ -1,4 +1,4 @@
-"""The ``gptcore`` command: ``train``, ``prepare``, ``sample`` and ``convert``.
+"""The ``gptcore`` command: ``train``, ``prepare``, ``sample``, ``convert`` and ``eval``.
 
 ``gptcore train`` with no arguments trains a small byte-level model on a few MB of the running
 Python's standard library (prepared once into ~/.cache/gptcore) and prints a sample.
@@ -12,11 +12,13 @@ import sys
 from typing import List, Optional
 
 from . import convert, prepare, sample, train
+from . import eval as eval_command  # (named so it does not hide the builtin eval)
 
 __all__ = ["main", "build_parser"]
 
 # One module per subcommand, each with add_subcommand(subparsers) and run(args).
-_COMMANDS = {"train": train, "prepare": prepare, "sample": sample, "convert": convert}
+_COMMANDS = {"train": train, "prepare": prepare, "sample": sample, "convert": convert,
+             "eval": eval_command}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +52,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 0
     try:
-        _COMMANDS[args.command].run(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        status = _COMMANDS[args.command].run(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError,
+            MemoryError) as e:
         if os.environ.get("GPTCORE_DEBUG"):
             raise
         print(f"gptcore {args.command}: error: {e}", file=sys.stderr)
@@ -59,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"gptcore {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":  # python -m gptcore.cli

@@ -1,0 +1,323 @@
+"""Scoring primitives: the log-likelihood of a continuation, rolling log-likelihood of a text,
+greedy generation until a stop string -- lm-evaluation-harness's three requests, batched.
+
+Tokenisation follows the harness (``lm_eval/api/model.py`` and ``models/huggingface.py``), so
+numbers agree with its ``hf`` backend on the same model:
+
+* trailing whitespace of a context moves to the front of its continuation;
+* context + continuation is encoded whole, and the continuation's tokens are what follows the
+  context's own encoding (``whole[len(encode(context)):]``);
+* an empty context is conditioned on ``<|endoftext|>``;
+* an input longer than the model keeps its last ``block_size + 1`` tokens (left truncation;
+  :attr:`Scorer.truncated` counts those requests).
+
+Speed. Requests whose (tokenised) contexts are equal -- the choices of a multiple-choice
+question -- share one run of the context: it is fed once through a KV cache at batch 1, the
+cache rows are copied into a cache of one row per continuation, and the continuations run
+together from the context's end (:meth:`Scorer._score_group`). Everything else is sorted by
+length and batched, longest first, so padding stays small. The LM head runs only on the
+positions that are scored.
+
+    >>> sc = Scorer(model, tokenizer)
+    >>> sc.loglikelihood([("The cat sat on the", " mat"), ("The cat sat on the", " moon")])
+    [(-3.1, True), (-9.7, False)]
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import ops
+from ..models.kvcache import Decoder
+
+__all__ = ["Scorer", "rolling_windows"]
+
+Pair = Tuple[List[int], List[int]]
+
+
+def rolling_windows(tokens: Sequence[int], prefix: int, max_len: int) -> List[Pair]:
+    """Disjoint windows that score every token of ``tokens`` once, each with as much preceding
+    context as fits in ``max_len`` positions (the harness's rolling windows with context 1):
+    ``[(context, continuation), ...]``. The first window is conditioned on ``prefix``
+    (``<|endoftext|>``)."""
+    toks = [int(t) for t in tokens]
+    out: List[Pair] = []
+    done = 0
+    while done < len(toks):
+        n = min(max_len, len(toks) - done)  # tokens this window predicts
+        end = done + n
+        inp = ([prefix] + toks)[max(0, end - max_len): end]  # the max_len inputs before `end`
+        out.append((inp[: len(inp) - (n - 1)], toks[done:end]))
+        done = end
+    return out
+
+
+class Scorer:
+    """Batched log-likelihoods and greedy generation with a gptcore model and its tokenizer.
+
+    ``batch_size``: sequences per forward in the plain path. ``max_length``: the positions one
+    forward may use (default the model's ``block_size``). ``share_context``: run a context shared
+    by several requests once (turn off to score every request as a full sequence; the two agree
+    to float32 rounding). ``progress``: a callback ``progress(n_done)`` called as requests
+    finish (the CLI's progress bar).
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: Optional[int] = None,
+                 share_context: bool = True):
+        if not hasattr(model, "hidden_states") or not hasattr(model, "config"):
+            raise TypeError(f"model: expected a gptcore.GPT, got {type(model).__name__}")
+        if tokenizer is None or not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "decode"):
+            raise TypeError("tokenizer: expected a tokenizer with encode() and decode()")
+        for name, v in (("batch_size", batch_size), ("max_length", max_length)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        block = model.config.block_size
+        if max_length is not None and max_length > block:
+            raise ValueError(f"max_length: {max_length} exceeds the model's block_size {block}")
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length or block)
+        self.share_context = bool(share_context)
+        eot = getattr(tokenizer, "eot_token", None)
+        if eot is None:
+            raise ValueError("tokenizer: has no end-of-text token (an empty context is "
+                             "conditioned on it)")
+        self.eot = int(eot)
+        self.truncated = 0  # requests whose input was left-truncated to fit the model
+        self.progress = None
+
+    # ---- tokenisation ------------------------------------------------------------------
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids of ``text`` (special-token text such as ``<|endoftext|>`` is the special
+        token, as transformers' GPT-2 tokenizer does)."""
+        try:
+            return [int(t) for t in self.tokenizer.encode(text, allowed_special="all")]
+        except TypeError:  # a tokenizer without special-token controls (bytes)
+            return [int(t) for t in self.tokenizer.encode(text)]
+
+    def encode_pair(self, context: str, continuation: str) -> Pair:
+        """(context ids, continuation ids) by the harness's rules (see the module doc)."""
+        if not isinstance(context, str) or not isinstance(continuation, str):
+            raise TypeError(f"context, continuation: expected str, got "
+                            f"{type(context).__name__}, {type(continuation).__name__}")
+        if continuation == "":
+            raise ValueError(f"continuation: empty (nothing to score) after context {context[-40:]!r}")
+        if context == "":
+            cont = self.encode(continuation)
+            if cont[0] == self.eot:  # it already starts with the token we would condition on
+                return cont[:1], cont[1:]
+            return [self.eot], cont
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = self.encode(context + continuation)
+        n_ctx = len(self.encode(context)) if context else 0
+        ctx, cont = whole[:n_ctx], whole[n_ctx:]
+        if not ctx:  # the context was all whitespace
+            ctx = [self.eot]
+        if not cont:
+            raise ValueError(f"continuation: {continuation!r} encodes to no tokens of its own "
+                             f"after context {context[-40:]!r}")
+        return ctx, cont
+
+    # ---- the three requests ----------------------------------------------------------------
+
+    def loglikelihood(self, requests: Sequence[Tuple[str, str]]) -> List[Tuple[float, bool]]:
+        """For each (context, continuation): (sum of the continuation's token log-probs given
+        the context, whether greedy decoding from the context produces exactly it)."""
+        pairs = [self.encode_pair(*_pair(r, i)) for i, r in enumerate(requests)]
+        return self.loglikelihood_tokens(pairs)
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> List[Tuple[float, int]]:
+        """For each text: (its total log-likelihood, its number of tokens), scored over
+        disjoint windows of the model's context (each window sees as much of the text before
+        it as fits; the first is conditioned on end-of-text)."""
+        windows, owner, counts = [], [], []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}]: expected a str, got {type(text).__name__}")
+            toks = self.encode(text)
+            counts.append(len(toks))
+            for w in rolling_windows(toks, self.eot, self.max_length):
+                windows.append(w)
+                owner.append(i)
+        totals = [0.0] * len(texts)
+        progress, self.progress = self.progress, None  # counted in texts, not windows
+        try:
+            scores = self.loglikelihood_tokens(windows)
+        finally:
+            self.progress = progress
+        for i, (ll, _) in zip(owner, scores):
+            totals[i] += ll
+        self._advance(len(texts))
+        return list(zip(totals, counts))
+
+    def generate_until(self, requests: Sequence[Tuple[str, Sequence[str], int]]) -> List[str]:
+        """Greedy completions of each (context, stop strings, max new tokens) with the existing
+        sampler (:func:`gptcore.generate.generate`); each is cut where the first stop string
+        begins. A context that does not leave room for ``max_tokens`` keeps its last tokens."""
+        from ..generate import PAD, generate
+
+        out: List[Optional[str]] = [None] * len(requests)
+        by_budget: Dict[int, List[int]] = defaultdict(list)
+        prompts, stops = [], []
+        for i, req in enumerate(requests):
+            if not isinstance(req, (tuple, list)) or len(req) != 3:
+                raise TypeError(f"requests[{i}]: expected (context, until, max_tokens), got {req!r}")
+            context, until, max_tokens = req
+            if isinstance(until, str):
+                until = [until]
+            until = [u for u in until if u]
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) \
+                    or not 1 <= max_tokens < self.max_length:
+                raise ValueError(f"requests[{i}]: max_tokens {max_tokens!r} must be in "
+                                 f"[1, {self.max_length})")
+            ids = self.encode(context) or [self.eot]
+            room = self.max_length - int(max_tokens)
+            if len(ids) > room:
+                ids = ids[-room:]
+                self.truncated += 1
+            prompts.append(ids)
+            stops.append(until)
+            by_budget[int(max_tokens)].append(i)
+        for budget, rows in by_budget.items():
+            for s in range(0, len(rows), self.batch_size):
+                chunk = rows[s: s + self.batch_size]
+                toks = generate(self.model, [prompts[i] for i in chunk], budget, temperature=0.0,
+                                tokenizer=self.tokenizer)
+                for r, i in enumerate(chunk):
+                    new = [int(t) for t in toks[r, len(prompts[i]):] if t != PAD]
+                    text = self.tokenizer.decode(new)
+                    cut = min([text.find(u) for u in stops[i] if u in text] or [len(text)])
+                    out[i] = text[:cut]
+                self._advance(len(chunk))
+        return out  # type: ignore[return-value]
+
+    # ---- token-level scoring ----------------------------------------------------------------
+
+    def loglikelihood_tokens(self, pairs: Sequence[Pair]) -> List[Tuple[float, bool]]:
+        """(sum log-prob, greedy) of each (context ids, continuation ids) pair; the context must
+        be non-empty (use end-of-text), the continuation at most ``max_length`` tokens."""
+        L = self.max_length
+        prepared: List[Pair] = []
+        for i, (ctx, cont) in enumerate(pairs):
+            ctx, cont = [int(t) for t in ctx], [int(t) for t in cont]
+            if not ctx or not cont:
+                raise ValueError(f"pairs[{i}]: the context and the continuation must both have "
+                                 f"tokens (got {len(ctx)} and {len(cont)})")
+            if len(cont) > L:
+                raise ValueError(f"pairs[{i}]: the continuation has {len(cont)} tokens, more than "
+                                 f"the {L} positions of the model")
+            if len(ctx) + len(cont) > L + 1:  # keep the last L + 1 tokens, as the harness does
+                ctx = ctx[len(ctx) + len(cont) - (L + 1):]
+                self.truncated += 1
+            prepared.append((ctx, cont))
+        results: List[Optional[Tuple[float, bool]]] = [None] * len(prepared)
+        groups: Dict[tuple, List[int]] = defaultdict(list)
+        for i, (ctx, _) in enumerate(prepared):
+            groups[tuple(ctx)].append(i)
+        singles: List[int] = []
+        for ctx, members in groups.items():
+            if self.share_context and len(members) > 1 and len(ctx) > 1:
+                for s in range(0, len(members), self.batch_size):
+                    part = members[s: s + self.batch_size]
+                    for i, r in zip(part, self._score_group(list(ctx),
+                                                            [prepared[j][1] for j in part])):
+                        results[i] = r
+                    self._advance(len(part))
+            else:
+                singles.extend(members)
+        # the rest: longest first, batches of similar lengths
+        singles.sort(key=lambda i: -(len(prepared[i][0]) + len(prepared[i][1])))
+        for s in range(0, len(singles), self.batch_size):
+            part = singles[s: s + self.batch_size]
+            for i, r in zip(part, self._score_full([prepared[j] for j in part])):
+                results[i] = r
+            self._advance(len(part))
+        return results  # type: ignore[return-value]
+
+    def _advance(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress(n)
+
+    def _score_full(self, batch: Sequence[Pair]) -> List[Tuple[float, bool]]:
+        """Score whole sequences: one forward of the (right-padded) inputs ctx + cont[:-1]."""
+        T = max(len(c) + len(x) - 1 for c, x in batch)
+        idx = np.zeros((len(batch), T), np.int32)  # padding after each row never reaches it
+        rows, cols, targets = [], [], []
+        for b, (ctx, cont) in enumerate(batch):
+            seq = ctx + cont[:-1]
+            idx[b, : len(seq)] = seq
+            start = len(ctx) - 1  # the position whose output predicts cont[0]
+            rows += [b] * len(cont)
+            cols += range(start, start + len(cont))
+            targets += cont
+        h = self.model.hidden_states(idx)
+        hs = np.asarray(h.numpy())[rows, cols]  # (N, C): only the scored positions
+        return self._head_scores(hs, targets, [len(c) for _, c in batch])
+
+    def _score_group(self, ctx: List[int], conts: Sequence[List[int]]) -> List[Tuple[float, bool]]:
+        """Score several continuations of one context, running the context once: its first
+        len(ctx) - 1 tokens fill a batch-1 KV cache, whose rows are copied into a cache of one
+        row per continuation; then every row feeds [ctx[-1]] + cont[:-1] from there together
+        (right-padded; padding comes after a row's own positions, so causal attention keeps it
+        out of them)."""
+        model = self.model
+        P = len(ctx) - 1
+        tails = [[ctx[-1]] + c[:-1] for c in conts]
+        Tn = max(len(t) for t in tails)
+        n = len(conts)
+        one = Decoder(model, 1, P + Tn)  # same max_len: a row of each cache has one layout
+        one.forward_tensor(model._to_device_ids(np.asarray([ctx[:-1]], np.int32)), head=False)
+        many = Decoder(model, n, P + Tn)
+        for src_list, dst_list in ((one.cache.k, many.cache.k), (one.cache.v, many.cache.v)):
+            for src, dst in zip(src_list, dst_list):
+                flat_src = src.view([1, src.numel()])
+                flat_dst = dst.view([n, src.numel()])
+                for b in range(n):
+                    flat_dst.narrow(b, 1).copy_(flat_src)
+        idx = np.zeros((n, Tn), np.int32)
+        for b, t in enumerate(tails):
+            idx[b, : len(t)] = t
+        # the trunk over the cached context, ending with the final LayerNorm (the Decoder's own
+        # forward runs the head on one position only; here every tail position is scored)
+        h = model._trunk_forward(model._to_device_ids(idx), many._buffers(Tn), cache=many.cache,
+                                 pos=P, final_ln=True)
+        rows = [b for b, c in enumerate(conts) for _ in c]
+        cols = [j for c in conts for j in range(len(c))]
+        hs = np.asarray(h.numpy())[rows, cols]
+        return self._head_scores(hs, [t for c in conts for t in c], [len(c) for c in conts])
+
+    def _head_scores(self, hs: np.ndarray, targets: Sequence[int],
+                     lengths: Sequence[int]) -> List[Tuple[float, bool]]:
+        """The tied LM head on the scored hidden states only: (N, C) -> log p(target) and
+        whether the target is the argmax, summed / and-ed per request of ``lengths`` tokens."""
+        from ..tensor import upload
+
+        model = self.model
+        V = model.config.vocab_size
+        h_t = upload(np.ascontiguousarray(hs, dtype=np.float32), model.device, model.dtype)
+        logits, _ = ops.linear_forward(h_t, model.parameters()["wte"], None)
+        host = np.asarray(logits.numpy())[:, :V]
+        tgt = np.asarray(targets, np.int64)
+        greedy = host.argmax(axis=1) == tgt
+        # log p = logit[target] - logsumexp(logits), accumulated in float64
+        m = host.max(axis=1, keepdims=True)
+        lse = m[:, 0].astype(np.float64) + np.log(
+            np.exp(host - m).sum(axis=1, dtype=np.float64))
+        logp = host[np.arange(len(tgt)), tgt].astype(np.float64) - lse
+        out, s = [], 0
+        for n in lengths:
+            out.append((float(logp[s: s + n].sum()), bool(greedy[s: s + n].all())))
+            s += n
+        return out
+
+
+def _pair(req, i: int) -> Tuple[str, str]:
+    if not isinstance(req, (tuple, list)) or len(req) != 2:
+        raise TypeError(f"requests[{i}]: expected a (context, continuation) pair, got {req!r}")
+    return req[0], req[1]
