@@ -4,6 +4,7 @@ temporary file beside the target, fsync it, then rename it into place."""
 import contextlib
 import os
 import secrets
+import shutil
 from typing import Any, Iterable, Iterator
 
 
@@ -25,8 +26,42 @@ def fsync_path(path: str, directory: bool = False) -> None:
 
 
 def temp_name(path: str, tag: str) -> str:
+    """``.NAME.TAG-PID-XXXXXXXX`` beside ``path``: the writing process's id in the name tells a
+    later writer whether a leftover is still being written (see :func:`remove_stale_temps`)."""
     parent, base = os.path.split(os.path.abspath(path))
-    return os.path.join(parent, f".{base}.{tag}-{secrets.token_hex(4)}")
+    return os.path.join(parent, f".{base}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # someone else's live process (or a bogus number: keep it)
+    return True
+
+
+def remove_stale_temps(path: str) -> None:
+    """Remove the temporary files or directories that writes of ``path`` killed mid-way left
+    beside it (``.NAME.tmp-PID-XXXX`` whose process is gone, and the PID-less
+    ``.NAME.tmp-XXXX`` of earlier versions). A write in progress by a live process is kept."""
+    parent, base = os.path.split(os.path.abspath(path))
+    prefix = f".{base}.tmp-"
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        pid, _, rest = name[len(prefix):].partition("-")
+        if rest and pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+            continue
+        full = os.path.join(parent, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(full)
 
 
 @contextlib.contextmanager
@@ -38,6 +73,7 @@ def atomic_file(path) -> Iterator[Any]:
         raise IsADirectoryError(f"{path!r} is a directory; expected a file name to write")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    remove_stale_temps(path)
     tmp = temp_name(path, "tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

@@ -823,3 +823,36 @@ def test_model_methods_round_trip_and_generate(tmp_path):
     assert out.shape == (2, 11) and np.array_equal(out[:, :7], idx)
     logits = np.asarray(model(idx))
     assert np.array_equal(out[:, 7], logits[:, -1].argmax(-1))
+
+
+# ---- leftovers of a killed save --------------------------------------------------------------
+
+
+_KILLED_SAVE = """
+import os, sys
+import gptcore
+from gptcore.io import pretrained
+from gptcore.models import GPT, GPTConfig
+model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+with pretrained._atomic_directory(sys.argv[1]) as tmp:
+    pretrained._write_hf_dir(tmp, model.config, pretrained._model_state(model), "float32", None)
+    os._exit(9)  # killed mid-save: the temporary directory stays behind
+"""
+
+
+def test_next_save_removes_what_a_killed_save_left(tmp_path):
+    import subprocess
+    import sys
+
+    ck = tmp_path / "ck"
+    p = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(ck)], capture_output=True, text=True)
+    assert p.returncode == 9, p.stderr
+    left = [n for n in os.listdir(tmp_path) if n.startswith(".ck.tmp-")]
+    assert len(left) == 1 and not ck.exists()
+    (tmp_path / ".ck.tmp-0a1b2c3d").mkdir()  # the PID-less name of earlier versions
+    live = tmp_path / f".ck.tmp-{os.getppid()}-0a1b2c3d"  # a save in progress elsewhere: kept
+    live.mkdir()
+    other = tmp_path / ".other.tmp-0a1b2c3d"  # another file's: not ours to remove
+    other.mkdir()
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)).save_pretrained(ck)
+    assert sorted(os.listdir(tmp_path)) == sorted(["ck", live.name, other.name])

@@ -23,23 +23,6 @@ def tiny_cfg(**kw):
     return GPTConfig(**base)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small byte-level dataset with some structure to learn."""
-    root = tmp_path_factory.mktemp("corpus")
-    gen = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "lambda", "yield", "for", "in", "if"]
-    files = []
-    for i in range(3):
-        text = "\n".join(" ".join(gen.choice(words, 6)) + ":" for _ in range(300))
-        p = root / f"f{i}.py"
-        p.write_text(text)
-        files.append(str(p))
-    out = root / "data"
-    gd.prepare(files, str(out), val_fraction=0.1, tokenizer="byte", progress=False)
-    return str(out)
-
-
 # ---- optimiser ----------------------------------------------------------------------------
 
 
@@ -315,7 +298,7 @@ def test_gpt2_tokenized_run_saves_its_vocabulary(tmp_path):
     text.write_text("The quick brown fox jumps over the lazy dog. " * 60)
     data = tmp_path / "data"
     gd.prepare([str(text)], str(data), val_fraction=0.1, tokenizer="gpt2", progress=False)
-    train(run_cfg(str(data), tmp_path / "r", steps=1, eval_every=0, batch_size=2, seq_len=16))
+    train(run_cfg(str(data), tmp_path / "r", steps=1, warmup=0, eval_every=0, batch_size=2, seq_len=16))
     d = tmp_path / "r" / "checkpoint"
     assert {"vocab.json", "merges.txt"} <= set(os.listdir(d))
     assert json.load(open(d / "config.json"))["eos_token_id"] == 50256

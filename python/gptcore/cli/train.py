@@ -13,9 +13,13 @@ examples:
   gptcore prepare book.txt --out data/book        tokenize text into train/val shards
   gptcore train --data data/book --preset small --steps 2000 --out runs/book
   gptcore train --out runs/book --resume          continue that run exactly where it stopped
+  gptcore train --init-from runs/book/checkpoint --data data/other --out runs/other
+                                                  start from trained weights on new data
   gptcore train --preset gpt2 --data DIR --device cuda --dtype bf16 --batch-size 8 --seq-len 1024
 
-Press Ctrl-C once to stop after the current step with a checkpoint (resume with --resume).
+Press Ctrl-C once to stop after the current step with a checkpoint (resume with --resume);
+the command then exits with status 130. An --out that already holds a run is refused unless
+--resume or --overwrite says what to do with it.
 """
 
 
@@ -42,6 +46,10 @@ def add_subcommand(sub) -> None:
     g.add_argument("--n-embd", type=positive_int, default=None, help="override the preset's width")
     g.add_argument("--block-size", type=positive_int, default=None,
                    help="override the preset's number of positions")
+    g.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from the weights (and architecture) of a checkpoint: a gptcore run's "
+                        "checkpoint/, a transformers GPT-2/GPT-1 directory or an llm.c .bin; a "
+                        "fresh optimizer and schedule (default lr 1e-4)")
     g.add_argument("--dropout", type=nonneg_float, default=None, metavar="P",
                    help="dropout probability on embeddings, attention and residuals, as GPT-1/2 "
                         "trained (default 0)")
@@ -64,7 +72,7 @@ def add_subcommand(sub) -> None:
                    help=f"final lr as a fraction of --lr (default {d.min_lr_ratio})")
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=None,
                    help=f"lr decay after warmup (default {d.schedule})")
-    g.add_argument("--warmup", type=nonneg_int, default=None, help=f"warmup steps (default {d.warmup})")
+    g.add_argument("--warmup", type=nonneg_int, default=None, help="warmup steps (default min(50, --steps))")
     g.add_argument("--weight-decay", type=nonneg_float, default=None,
                    help=f"AdamW weight decay on 2-D weights (default {d.weight_decay})")
     g.add_argument("--grad-clip", type=nonneg_float, default=None,
@@ -79,6 +87,8 @@ def add_subcommand(sub) -> None:
                    help=f"run directory for log.jsonl and checkpoint/ (default ./{d.out})")
     g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                    help="continue from OUT/checkpoint (or the checkpoint directory CKPT) exactly")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a run that OUT already holds (its log and checkpoint)")
     g.add_argument("--no-checkpoint", action="store_true", help="do not write checkpoints")
     g.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                    help="stop after step N with a checkpoint, as if interrupted (for testing resume)")
@@ -114,6 +124,12 @@ def train_config(args):
         kw["resume"] = args.resume
     if args.no_checkpoint:
         kw["checkpoint"] = False
+    if args.overwrite:
+        kw["overwrite"] = True
+    if args.init_from is not None:
+        if args.preset is not None:
+            raise ValueError("--init-from takes the architecture from the checkpoint; drop --preset")
+        kw["init_from"] = args.init_from
     if args.no_progress:
         kw["progress"] = False
     overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size")
@@ -127,14 +143,15 @@ def train_config(args):
     if args.resume is not None:
         from ..train import RUN_CONTROL_FIELDS
 
-        ignored = sorted(k for k in kw if k not in RUN_CONTROL_FIELDS)
+        ignored = sorted(k for k in kw if k not in RUN_CONTROL_FIELDS + ("overwrite", "init_from"))
         if ignored:
             print(f"note: resuming uses the checkpoint's settings; ignoring "
                   f"{', '.join('--' + k.replace('_', '-') for k in ignored)}", file=sys.stderr)
     return TrainConfig(**kw)
 
 
-def run(args) -> None:
+def run(args) -> int:
     from ..train import train
 
-    train(train_config(args))
+    summary = train(train_config(args))
+    return 130 if summary.get("interrupted") else 0  # Ctrl-C: a stopped run, not a finished one

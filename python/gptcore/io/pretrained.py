@@ -42,6 +42,7 @@ import numpy as np
 # ================================================================================================
 from .._fileio import atomic_file as _atomic_file  # noqa: E402
 from .._fileio import fsync_path as _fsync_path
+from .._fileio import remove_stale_temps
 from .._fileio import temp_name as _temp_name
 from ..models import schema
 from ..models.config import GPTConfig
@@ -102,6 +103,7 @@ def _atomic_directory(path: PathLike) -> Iterator[str]:
             raise FileExistsError(f"{path!r} is a non-empty directory without a config.json (not a "
                                   "checkpoint); refusing to replace it")
     os.makedirs(parent, exist_ok=True)
+    remove_stale_temps(path)  # what a save of this path killed mid-way left behind
     tmp = _temp_name(path, "tmp")
     os.mkdir(tmp, 0o777)
     old = None

@@ -58,7 +58,7 @@ from ..tensor import Tensor, _dtype_name, empty, float_input, from_numpy, upload
 from . import schema
 from .config import GPTConfig
 
-__all__ = ["GPT"]
+__all__ = ["GPT", "training_memory"]
 
 
 def _check_device(device) -> str:
@@ -702,6 +702,37 @@ class GPT:
         return ops.layernorm_backward(g_b, x, mean=mean, rstd=rstd, dresidual=d, weight=w,
                                       dweight=dw, dbias=db, out=grab(*live, d))
 
+    @_exclusive
+    def find_non_finite(self) -> Optional[str]:
+        """Where the first NaN or inf is, in the order a training step makes them: a parameter,
+        else an activation of the last forward (embedding, then each block's buffers in the
+        order the block writes them, then the logits), else a parameter gradient; None when all
+        are finite. For the message of a training run that diverged; it reads every buffer."""
+        def bad(t: Optional[Tensor]) -> bool:
+            return t is not None and not np.isfinite(np.asarray(t.numpy(), np.float32)).all()
+
+        for name, p in self.parameters().items():
+            if bad(p):
+                return f"parameter {name!r}"
+        ws = self._acts
+        if ws is not None:
+            order = (("ln1", "qkv", "att", "res_mid", "ln2", "fc_pre", "fc") if self.config.prenorm
+                     else ("qkv", "att", "s1", "n1", "fc_pre", "fc", "s2", "out"))
+            if bad(ws.x0):
+                return "the embedding output (wte[idx] + wpe)"
+            for i in range(self.config.n_layer):
+                for name in order:
+                    if bad(ws.layer(i)[name]):
+                        return f"block {i}'s activation {name!r} in the forward pass"
+            if ws.final and bad(ws.final["x"]):
+                return "the final LayerNorm's output"
+            if ws._logits is not None and not ws.lm_pending and bad(ws._logits):
+                return "the logits"
+        for name, g in self.grads().items():
+            if bad(g):
+                return f"the gradient of {name!r}"
+        return None
+
     def __repr__(self) -> str:
         c = self.config
         heads = f", heads={list(self.heads)}" if self.heads else ""
@@ -720,6 +751,30 @@ def _add_into(dst: Tensor, src: Tensor) -> None:
         return
     total = np.asarray(dst.numpy(), np.float32) + np.asarray(src.numpy(), np.float32)
     dst.copy_(upload(total, dst.device, dst.dtype))
+
+
+def training_memory(config: GPTConfig, batch_size: int, seq_len: int, dtype: str = "float32",
+                    master_weights: Optional[bool] = None) -> Dict[str, int]:
+    """Bytes a training step of :class:`GPT` with AdamW holds, from the buffers it allocates:
+    ``params`` (in ``dtype``), ``grads`` (float32), ``optimizer`` (AdamW's m and v, plus float32
+    master weights for bfloat16 parameters), ``activations`` (the (batch, seq_len) workspace,
+    logits and backward buffers) and their ``total``. An estimate to refuse a run that cannot
+    fit before allocating anything (it leaves out allocator overhead and the data)."""
+    cfg, B, T = config, int(batch_size), int(seq_len)
+    s = 2 if _dtype_name(dtype) == "bfloat16" else 4
+    n = cfg.num_parameters(padded=True)
+    master = (s == 2) if master_weights is None else master_weights
+    C, H, L = cfg.n_embd, cfg.n_head, cfg.n_layer
+    # per block: four (B,T,C) streams, qkv 3C, att C, fc and fc_pre 4C each; LN stats and lse
+    per_layer = B * T * (16 * C) * s + B * T * (4 + H) * 4
+    final = B * T * (2 * C * s + 2 * 4) if cfg.prenorm else 0  # final LN: res, x, mean, rstd
+    acts = (L * per_layer + B * T * 2 * C * s + final  # + x0, scratch
+            + B * T * cfg.padded_vocab_size * s + B * T * 4  # logits, per-token losses
+            + B * T * 12 * C * s)                      # backward: five (B,T,C), dfc, dqkv
+    out = {"params": n * s, "grads": n * 4, "optimizer": n * 4 * (3 if master else 2),
+           "activations": acts}
+    out["total"] = sum(out.values())
+    return out
 
 
 class _Workspace:

@@ -33,7 +33,8 @@ import numpy as np
 from .. import data as gdata
 from .._progress import Progress, format_duration
 from ..models.config import DEMO_PRESETS, GPTConfig
-from ..models.gpt import GPT
+from .._fileio import write_atomic
+from ..models.gpt import GPT, training_memory
 from ..optim import AdamW, lr_at
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -43,7 +44,8 @@ from .checkpoint import (
 )
 from .corpus import default_corpus_dir
 
-__all__ = ["TrainConfig", "train", "evaluate", "generate", "RUN_CONTROL_FIELDS"]
+__all__ = ["TrainConfig", "train", "evaluate", "generate", "RUN_CONTROL_FIELDS",
+           "TrainingDiverged", "check_memory", "available_memory"]
 
 
 @dataclass
@@ -60,7 +62,7 @@ class TrainConfig:
     lr: Optional[float] = None  # default: 3e-3 for the demo presets, 6e-4 otherwise
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"
-    warmup: int = 50
+    warmup: Optional[int] = None  # default: min(50, steps)
     grad_accum: int = 1
     grad_clip: float = 1.0
     weight_decay: float = 0.1
@@ -71,6 +73,8 @@ class TrainConfig:
     eval_batches: Optional[int] = None  # default 8; on resume: the checkpoint's
     out: str = "gptcore-run"
     resume: Union[bool, str] = False
+    overwrite: bool = False  # replace an existing run in ``out`` (otherwise refused)
+    init_from: Optional[str] = None  # start from this checkpoint's weights (any format gptcore reads)
     checkpoint: bool = True
     stop_after: Optional[int] = None  # stop (and checkpoint) after this many steps, as if interrupted
     sample_tokens: int = 300
@@ -110,6 +114,12 @@ def _check_train_config(cfg: TrainConfig) -> None:
         v = getattr(cfg, n)
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{n}: expected a finite number >= 0, got {v!r}")
+    if cfg.min_lr_ratio > 1:
+        raise ValueError(f"min_lr_ratio: the final lr is a fraction of the peak lr, expected a "
+                         f"number in [0, 1], got {cfg.min_lr_ratio!r}")
+    if cfg.warmup > cfg.steps:
+        raise ValueError(f"warmup: {cfg.warmup} warmup steps are more than the run's {cfg.steps} "
+                         "steps (the lr would never reach its peak); lower --warmup")
     if cfg.schedule not in ("cosine", "linear", "constant"):
         raise ValueError(f"schedule: expected cosine, linear or constant, got {cfg.schedule!r}")
     if cfg.top_k is not None and (not isinstance(cfg.top_k, int) or cfg.top_k < 1):
@@ -184,10 +194,101 @@ def _model_config(cfg: TrainConfig, meta: Dict[str, Any]) -> GPTConfig:
     return mc
 
 
+def _json_safe(record: Dict[str, Any]) -> Dict[str, Any]:
+    """NaN and inf (not JSON) as null, so log.jsonl stays valid for strict readers."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()}
+
+
+def _init_from(cfg: TrainConfig, meta: Dict[str, Any]):
+    """The architecture and weights of ``cfg.init_from`` (any checkpoint gptcore reads), with
+    the run's dropout; task heads in the file are left out (pre-training uses the LM head)."""
+    from ..io.pretrained import read_weights
+    from ..models import schema
+
+    arch = sorted(k for k in (cfg.model_overrides or {}) if not k.endswith("_pdrop"))
+    if arch:
+        raise ValueError(f"init_from: the architecture comes from {cfg.init_from!r}; drop the "
+                         f"overrides {', '.join(arch)}")
+    ck_cfg, state, _ = read_weights(cfg.init_from)
+    drops = {k: v for k, v in (cfg.model_overrides or {}).items() if k.endswith("_pdrop")}
+    model_cfg = ck_cfg.replace(**drops) if drops else ck_cfg
+    if meta["vocab_size"] > model_cfg.vocab_size:
+        raise ValueError(f"data: its tokenizer ({meta.get('tokenizer')}) has {meta['vocab_size']} "
+                         f"tokens but the model in {cfg.init_from!r} only {model_cfg.vocab_size}")
+    trunk = schema.expected_shapes(model_cfg)
+    return model_cfg, {k: v for k, v in state.items() if k in trunk}
+
+
 def _emit(log_file, record: Dict[str, Any]) -> None:
     if log_file is not None:
-        log_file.write(json.dumps(record) + "\n")
+        log_file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
         log_file.flush()
+
+
+def _trim_log(path: str, last_step: int) -> None:
+    """Drop the records a resumed run will write again: those after the checkpoint's step (a
+    run killed between two saves logged them) and a half-written last line."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= last_step:
+                kept.append(json.dumps(rec) + "\n")
+    write_atomic(path, ["".join(kept).encode("utf-8")])
+
+
+class TrainingDiverged(RuntimeError):
+    """A training step produced a non-finite loss or gradient; the run stopped before the update
+    (the checkpoint on disk is the last good one)."""
+
+
+def available_memory(device: str = "cpu") -> Optional[int]:
+    """Bytes this process can still allocate on ``device``: the host's MemAvailable, capped by
+    a cgroup (container) limit when there is one; None when it cannot be told (not Linux, or a
+    CUDA device: there the allocator reports out-of-memory itself)."""
+    if device != "cpu":
+        return None
+    avail = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            used = int(f.read().strip())
+        if limit.isdigit():
+            room = int(limit) - used
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_memory(model_cfg: GPTConfig, batch_size: int, seq_len: int, dtype: str, device: str,
+                 what: str = "this run") -> None:
+    """Refuse, before allocating anything, a run whose parameters, optimizer state and
+    activations cannot fit in the memory the machine has left (a clear error instead of an
+    OOM kill or minutes of swapping)."""
+    need = training_memory(model_cfg, batch_size, seq_len, dtype)
+    avail = available_memory(device)
+    if avail is not None and need["total"] > 0.9 * avail:
+        gib = lambda b: f"{b / 2**30:,.2f} GiB"
+        parts = ", ".join(f"{k} {gib(v)}" for k, v in need.items() if k != "total")
+        raise MemoryError(f"{what} needs about {gib(need['total'])} ({parts}; "
+                          f"{model_cfg.num_parameters():,} parameters, batch {batch_size} x seq "
+                          f"{seq_len}) but only {gib(avail)} of memory is available: use a smaller "
+                          f"model, --batch-size or --seq-len")
 
 
 class _StopFlag:
@@ -245,7 +346,12 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
     ckpt = None
+    planned_steps = None  # the resumed run's own plan, when --steps changes it
     if cfg.resume:
+        if cfg.overwrite:
+            raise ValueError("resume and overwrite: a run is either continued or replaced, not both")
+        if cfg.init_from:
+            raise ValueError("resume and init_from: a resumed run continues from its own checkpoint")
         ckpt_path = cfg.resume if isinstance(cfg.resume, str) else os.path.join(cfg.out, CHECKPOINT_NAME)
         ckpt = load_checkpoint(ckpt_path)
         if not ckpt["optim"] or "loader" not in ckpt["state"] or "step" not in ckpt["state"]:
@@ -257,12 +363,23 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
         for k in RUN_CONTROL_FIELDS:
             if getattr(cfg, k) is not None or k not in _DEFAULTS_IF_UNSET:
                 merged[k] = getattr(cfg, k)
+        if cfg.steps is not None and saved.get("steps") not in (None, cfg.steps):
+            planned_steps = int(saved["steps"])
         cfg = TrainConfig(**merged)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in _DEFAULTS_IF_UNSET.items()
                                       if getattr(cfg, k) is None})
+    if cfg.warmup is None:
+        cfg = dataclasses.replace(cfg, warmup=min(50, cfg.steps))
     if cfg.lr is None:
-        cfg = dataclasses.replace(cfg, lr=3e-3 if str(cfg.preset).lower() in DEMO_PRESETS else 6e-4)
+        demo = str(cfg.preset).lower() in DEMO_PRESETS and not cfg.init_from
+        cfg = dataclasses.replace(cfg, lr=3e-3 if demo else (1e-4 if cfg.init_from else 6e-4))
     _check_train_config(cfg)
+    if not cfg.resume and not cfg.overwrite:
+        existing = [n for n in ("log.jsonl", CHECKPOINT_NAME) if os.path.exists(os.path.join(cfg.out, n))]
+        if existing:
+            raise FileExistsError(f"out: {cfg.out!r} already holds a run ({', '.join(existing)}); "
+                                  "continue it with --resume, replace it with --overwrite, or "
+                                  "choose another --out")
     if cfg.threads:
         from .. import set_num_threads
 
@@ -275,18 +392,33 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
     train_paths, val_paths = gdata.shard_paths(data_dir, "train"), gdata.shard_paths(data_dir, "val")
     if not train_paths:
         raise FileNotFoundError(f"data directory {data_dir!r} has no train_*.bin shards")
-    model_cfg = ckpt["config"] if ckpt else _model_config(cfg, meta)
+    init_state = None
+    if ckpt:
+        model_cfg = ckpt["config"]
+    elif cfg.init_from:
+        model_cfg, init_state = _init_from(cfg, meta)
+    else:
+        model_cfg = _model_config(cfg, meta)
     train_data = gdata.TokenData(train_paths, model_cfg.vocab_size)
     val_data = gdata.TokenData(val_paths, model_cfg.vocab_size) if val_paths else None
     seq_len = cfg.seq_len or min(model_cfg.block_size, 256)
     if seq_len > model_cfg.block_size:
         raise ValueError(f"seq_len: {seq_len} exceeds the model's block_size {model_cfg.block_size}")
+    if val_data is not None and not any(len(sh) > seq_len for sh in val_data.shards):
+        raise ValueError(f"data: the validation split ({val_data.total:,} tokens) holds no window of "
+                         f"seq_len + 1 = {seq_len + 1} tokens to evaluate on; use a longer "
+                         "validation split or a smaller --seq-len")
     loader = gdata.BatchLoader(train_data, cfg.batch_size, seq_len, seed=cfg.seed)
+    check_memory(model_cfg, cfg.batch_size, seq_len, cfg.dtype, cfg.device)
 
-    # model and optimiser (a resumed model skips the random initialisation the load overwrites)
-    model = GPT(model_cfg, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, init=ckpt is None)
+    # model and optimiser (a loaded model skips the random initialisation the load overwrites)
+    model = GPT(model_cfg, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
+                init=ckpt is None and init_state is None)
     if ckpt:
         model.load_state_dict(ckpt.pop("model"))  # pop: drop the file's mapping once copied
+    elif init_state is not None:
+        model.load_state_dict(init_state)
+        init_state = None
     opt = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                 seed=cfg.seed)
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
@@ -298,6 +430,15 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
         loader.load_state_dict(st["loader"])
         model.dropout_step = int(st.get("dropout_step", 0))  # the next masks, as if never stopped
         say(f"Resumed from {ckpt['path']} at step {start_step}")
+        if planned_steps is not None:
+            min_lr_ = cfg.lr * cfg.min_lr_ratio
+            was = lr_at(cfg.schedule, start_step, cfg.lr, cfg.warmup, planned_steps, min_lr_)
+            now = lr_at(cfg.schedule, start_step, cfg.lr, cfg.warmup, cfg.steps, min_lr_)
+            print(f"note: the run was planned for {planned_steps} steps; its {cfg.schedule} "
+                  f"learning-rate schedule (peak {cfg.lr:.2e}, warmup {cfg.warmup}) is now laid over "
+                  f"{cfg.steps} steps, so at step {start_step} the lr is {now:.2e} instead of "
+                  f"{was:.2e}: not the same run as one planned for {cfg.steps} steps from the start",
+                  file=sys.stderr)
 
     tok = _tokenizer_for(meta)
     tok_files = _saveable_tokenizer(tok)  # GPT-2's vocabulary goes into every checkpoint
@@ -308,6 +449,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
 
     os.makedirs(cfg.out, exist_ok=True)
     log_path = os.path.join(cfg.out, "log.jsonl")
+    if ckpt:
+        _trim_log(log_path, start_step)
     log_file = open(log_path, "a" if ckpt else "w", encoding="utf-8")
     min_lr = cfg.lr * cfg.min_lr_ratio
     losses: List[float] = []
@@ -320,10 +463,25 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
                 "train_config": cfg.to_dict(), "data_meta": meta, "data_dir": os.path.abspath(data_dir),
                 "elapsed": elapsed_before + (time.perf_counter() - t_start), "val_loss": last_val}
 
-    def checkpoint(step: int) -> None:
-        if cfg.checkpoint:
-            save_checkpoint(os.path.join(cfg.out, CHECKPOINT_NAME), model, opt, state_now(step),
-                            tokenizer=tok_files)
+    last_saved = start_step if ckpt else None
+
+    def checkpoint(step: int, final: bool = False) -> None:
+        """Save; a failed save (disk full...) is reported and retried at the next save, except
+        the last one, which stops the run with the step of the last checkpoint that holds."""
+        nonlocal last_saved
+        if not cfg.checkpoint:
+            return
+        path = os.path.join(cfg.out, CHECKPOINT_NAME)
+        try:
+            save_checkpoint(path, model, opt, state_now(step), tokenizer=tok_files)
+            last_saved = step
+        except OSError as e:
+            held = (f"{path} still holds step {last_saved}" if last_saved is not None
+                    else "no checkpoint was saved")
+            if final:
+                raise RuntimeError(f"step {step}: could not save the checkpoint ({e}); {held}") from e
+            bar.write(f"step {step}: could not save the checkpoint ({e}); {held}; training goes "
+                      "on and the next save tries again")
 
     def run_eval(step: int) -> None:
         nonlocal last_val
@@ -339,7 +497,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
     bar = Progress(total=cfg.steps, desc="train", unit="step", enabled=cfg.progress, initial=start_step)
     t_start = time.perf_counter()
     step = start_step
-    stopped_early = False
+    stopped_early = interrupted = False
+    diverged = None
     try:
         with _StopFlag() as stop:
             if start_step == 0 and cfg.eval_every:
@@ -351,10 +510,26 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
                 loss = 0.0
                 for _ in range(cfg.grad_accum):
                     x, y = loader.next()
-                    loss += model.forward(x, y, loss_scale=1.0 / cfg.grad_accum)
+                    micro = model.forward(x, y, loss_scale=1.0 / cfg.grad_accum)
+                    loss += micro
+                    if not math.isfinite(micro):
+                        break
                     model.backward()
                 loss /= cfg.grad_accum
-                norm = opt.step(lr=lr, grad_clip=cfg.grad_clip or None)
+                # a non-finite gradient norm makes AdamW skip the update: the weights stay good
+                norm = opt.step(lr=lr, grad_clip=cfg.grad_clip or None) if math.isfinite(loss) else float("nan")
+                if not math.isfinite(loss) or not math.isfinite(norm):
+                    where = model.find_non_finite() or "nowhere in the model's buffers"
+                    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+                    _emit(log_file, {"step": step + 1, "loss": loss, "grad_norm": norm, "lr": lr,
+                                     "error": "non-finite", "first_non_finite": where})
+                    held = (f"; {os.path.join(cfg.out, CHECKPOINT_NAME)} holds step {last_saved}"
+                            if last_saved is not None else "")
+                    diverged = (f"step {step + 1}: {what}; the first non-finite value is in {where}. "
+                                f"Training stopped before updating the weights{held}. Try a lower "
+                                f"--lr (now {cfg.lr:g}) or --grad-clip")
+                    stopped_early = True
+                    break
                 step += 1
                 tokens_seen += tokens_per_step
                 dt = time.perf_counter() - t0
@@ -364,32 +539,29 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
                 _emit(log_file, record)
                 if on_step is not None:
                     on_step(record)
-                if not math.isfinite(loss) or not math.isfinite(norm):
-                    bar.write(f"step {step}: non-finite loss {loss} / gradient norm {norm}; stopping "
-                              "(try a lower --lr)")
-                    stopped_early = True
-                    break
                 bar.update(1, postfix=f"loss {loss:.4f} | {tokens_per_step / dt:,.0f} tok/s | lr {lr:.2e}")
                 at_eval = cfg.eval_every and step % cfg.eval_every == 0
                 if at_eval and step < cfg.steps:
                     run_eval(step)
                     checkpoint(step)
                 if stop.requested or (cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps):
-                    stopped_early = True
-                    checkpoint(step)
+                    stopped_early, interrupted = True, stop.requested
+                    checkpoint(step, final=True)
                     bar.write(f"stopped at step {step}; continue with --resume")
                     break
             if not stopped_early:
                 if cfg.eval_every or val_data is not None:
                     run_eval(step)
-                checkpoint(step)
+                checkpoint(step, final=True)
     finally:
         bar.close()
         log_file.close()
+    if diverged is not None:
+        raise TrainingDiverged(diverged)
 
     summary: Dict[str, Any] = {"steps": step, "losses": losses, "val": val_history,
                                "val_loss": last_val, "out": cfg.out, "model": model,
-                               "stopped_early": stopped_early,
+                               "stopped_early": stopped_early, "interrupted": interrupted,
                                "elapsed": elapsed_before + time.perf_counter() - t_start}
     if not stopped_early and cfg.sample_tokens:
         prompt = cfg.prompt if cfg.prompt is not None else ("def " if meta.get("tokenizer") == "byte" else "\n")
