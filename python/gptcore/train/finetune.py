@@ -24,7 +24,7 @@ A run writes into ``out``: ``log.jsonl`` (one object per step, one per validatio
 when stopped with Ctrl-C or ``stop_after``) for ``resume=True``, which continues exactly (the same
 batches, dropout masks and updates as a run never stopped), and ``model/`` at the end: the
 fine-tuned model, its tokenizer, and its task record (task, labels, special-token ids) in
-trainer_state.json's ``task``. :func:`load_task_model` (``gptcore predict``) reads it back.
+config.json's ``gptcore.task``. :func:`load_task_model` (``gptcore predict``) reads it back.
 Every input is validated before anything is written.
 """
 
@@ -68,13 +68,13 @@ _HEAD = {"choice": "multiple_choice_head"}  # every other task: "score"
 
 @dataclass
 class FinetuneConfig:
-    """A fine-tuning run. ``train``/``val``: JSONL files (:mod:`gptcore.data.tasks`);
+    """A fine-tuning run. ``train``/``val``: JSONL files (:mod:`gptcore.data.tasks`) or TaskData;
     ``checkpoint``: the pre-trained model (a `gptcore train` run directory, a gptcore or
     transformers GPT-2/GPT-1 directory, an llm.c .bin). Defaults are GPT-1's recipe."""
 
     task: str = "classify"
-    train: Optional[str] = None
-    val: Optional[str] = None
+    train: Any = None  # a JSONL path, or a TaskData (in memory)
+    val: Any = None
     checkpoint: Optional[str] = None
     out: Optional[str] = "gptcore-finetune"  # None: write nothing (used by the demo)
     lr: float = 6.25e-5
@@ -224,8 +224,8 @@ class TaskModel:
         for i in range(0, len(order), batch_size):
             idx = order[i: i + batch_size]
             seqs = [s for j in idx for s in self.encoder.sequences(data.examples[j])]
-            yield collate(seqs, group, self.encoder.extract,
-                          None if labels is None else labels[idx],
+            yield collate(seqs, group, pad_id=self.encoder.start,
+                          labels=None if labels is None else labels[idx],
                           max_len=self.model.config.block_size)
 
     def head_outputs(self, h, batch) -> Tuple[np.ndarray, np.ndarray]:
@@ -266,12 +266,12 @@ class TaskModel:
         return [self.labels.names[int(i)] for i in best]
 
     def save(self, path: str, optimizer=None, state: Optional[Dict[str, Any]] = None) -> None:
-        """Write the model, its tokenizer (BPE) and the task record, atomically."""
-        bpe = _base_tokenizer(self.tokenizer)
+        """Write the model (transformers' GPT2ForSequenceClassification / GPT2DoubleHeadsModel
+        layout, see gptcore.io), its tokenizer (BPE) and the task record (config.json's
+        gptcore.task), atomically; ``optimizer`` and ``state`` for resuming."""
         st = dict(state or {})
-        st["task"] = self.info
-        gio.save_pretrained(self.model, path, optimizer=optimizer, state=st,
-                            step=st.get("step"), tokenizer=bpe)
+        gio.save_pretrained(self.model, path, optimizer=optimizer, state=st, step=st.get("step"),
+                            tokenizer=_base_tokenizer(self.tokenizer), task_config=self.info)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(task={self.task!r}, labels={self.labels}, {self.model!r})"
@@ -297,14 +297,14 @@ def load_task_model(path, device: str = "cpu") -> TaskModel:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     model = gio.load_pretrained(path, device=device)
     heads = [h for h in ("score", "multiple_choice_head") if h in model.heads]
-    training = gio.load_training_state(path) if os.path.isdir(path) else None
-    info = (training or {}).get("state", {}).get("task")
+    info = gio.load_task_config(path) if os.path.isdir(path) else {}
     if not heads:
         raise ValueError(f"checkpoint {path!r} has no task head (score or multiple_choice_head): "
                          "it is a language model; fine-tune it first with `gptcore finetune`")
-    if not isinstance(info, dict):
+    if not isinstance(info.get("special_tokens"), dict) or info.get("task") not in TASKS:
         raise ValueError(f"checkpoint {path!r} has a {heads[0]!r} head but no gptcore task record "
-                         "(trainer_state.json 'task': task, labels, special-token ids)")
+                         "(config.json's gptcore.task: task, labels, special-token ids), so its "
+                         "inputs cannot be built; it was not written by `gptcore finetune`")
     if info.get("tokenizer") == "byte":
         tok = gdata.get_tokenizer("byte")
     else:
@@ -437,6 +437,17 @@ def _loss_and_backward(tm: TaskModel, batch, lm_weight: float) -> Tuple[float, f
     return loss, lm
 
 
+def _task_data(source, task: str) -> TaskData:
+    """A JSONL file's examples, or examples already in memory (a TaskData, checked here)."""
+    if isinstance(source, TaskData):
+        from ..data.tasks import _check_example
+
+        for ex, at in zip(source.examples, source.where):
+            _check_example(task, ex, at, False)
+        return source
+    return read_jsonl(source, task)
+
+
 def _epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
@@ -476,11 +487,12 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, base=None, **kwargs) -> Di
     # everything is read and checked before anything is written
     if cfg.train is None:
         raise ValueError("train: expected a JSONL file of labelled examples")
-    train_data = read_jsonl(cfg.train, cfg.task)
-    val_data = read_jsonl(cfg.val, cfg.task) if cfg.val else None
+    train_data = _task_data(cfg.train, cfg.task)
+    val_data = _task_data(cfg.val, cfg.task) if cfg.val is not None else None
     if ckpt is not None:
         tm = load_task_model(os.path.join(cfg.out, CHECKPOINT_NAME), device=cfg.device)
         tm.head.dropout = cfg.head_dropout
+        tm.model.seed = tm.head.seed = cfg.seed  # they key the dropout masks
         tm.model.train()
     else:
         labels = LabelSpace.from_data(train_data)
