@@ -234,6 +234,14 @@ class Tokenizer:
         return cls(_gpt2_core(), name="gpt2")
 
     @classmethod
+    def byte_level(cls) -> "Tokenizer":
+        """UTF-8 bytes as tokens 0..255 and ``<|endoftext|>`` as 256: the vocabulary of
+        ``gptcore train``'s byte-level runs, as a BPE with no merges (so it saves as GPT-2's files
+        and transformers' GPT2Tokenizer reads it)."""
+        core = _core.BPE([(bytes([b]), b) for b in range(256)], [], [("<|endoftext|>", 256)])
+        return cls(core, name="byte")
+
+    @classmethod
     def from_files(cls, encoder_json: PathLike, vocab_bpe: PathLike,
                    special_tokens: Optional[dict] = None) -> "Tokenizer":
         """A vocabulary in GPT-2's format. ``special_tokens`` ({text: id}) defaults to the entries
@@ -392,10 +400,24 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: PathLike) -> "Tokenizer":
-        """Reads a tokenizer written by ``save``."""
+        """Reads the tokenizer in ``directory``: the files ``save`` writes (encoder.json,
+        vocab.bpe, special_tokens.json), else transformers' (vocab.json + merges.txt, or
+        tokenizer.json) -- whichever a gptcore or transformers checkpoint holds."""
         directory = os.fspath(directory)
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"directory: no such directory: {directory!r}")
+        has = lambda name: os.path.isfile(os.path.join(directory, name))  # noqa: E731
+        if not (has("encoder.json") and has("vocab.bpe")):
+            if has("vocab.json") and has("merges.txt"):
+                tok = cls.from_files(os.path.join(directory, "vocab.json"),
+                                     os.path.join(directory, "merges.txt"))
+            elif has("tokenizer.json"):
+                tok = cls.from_hf(os.path.join(directory, "tokenizer.json"))
+            else:
+                raise FileNotFoundError(f"directory {directory!r} holds no tokenizer (encoder.json + "
+                                        "vocab.bpe, vocab.json + merges.txt, or tokenizer.json)")
+            tok.name = os.path.basename(os.path.abspath(directory))
+            return tok
         special_path = os.path.join(directory, "special_tokens.json")
         specials = None
         if os.path.exists(special_path):

@@ -97,3 +97,55 @@ def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
     assert main(["train", "--preset", "gpt9", "--no-progress"]) == 2
     assert "unknown preset 'gpt9'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "gptcore-run")
+
+
+def test_a_run_directory_is_a_checkpoint_everywhere_with_its_tokenizer(tmp_path, capsys):
+    """`gptcore train`'s byte-level run saves its vocabulary (a BPE with no merges), so convert,
+    sample, Tokenizer.load and transformers all open the run as it is."""
+    from gptcore import Tokenizer
+
+    src = tmp_path / "a.py"
+    src.write_text("def f(x):\n    return x + 1\n" * 200)
+    assert main(["prepare", str(src), "--out", str(tmp_path / "d"), "--tokenizer", "byte",
+                 "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "d"), "--preset", "tiny", "--steps", "2",
+                 "--eval-every", "0", "--seq-len", "16", "--batch-size", "2", "--out", str(run),
+                 "--sample-tokens", "0", "--no-progress"]) == 0
+    assert main(["convert", str(run), str(tmp_path / "conv")]) == 0
+    assert (tmp_path / "conv" / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(run), "--prompt", "def ", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    tok = Tokenizer.load(run / "checkpoint")
+    text = "héllo wörld ✓ \U0001F600"
+    assert tok.encode(text) == list(text.encode("utf-8")) and tok.eot_token == 256
+    cfg = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert cfg["bos_token_id"] == cfg["eos_token_id"] == 256
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(run / "checkpoint"))
+    assert hf_tok(text)["input_ids"] == list(text.encode("utf-8"))
+
+
+def test_prepare_takes_directories_and_refuses_binary_files(tmp_path, capsys):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("hello world\n")
+    (src / "sub" / "b.py").write_text("def f(): pass\n")
+    (src / "sub" / "c.bin").write_bytes(b"x\x00y")
+    (src / "sub" / "d.txt").write_bytes(b"caf\xe9")
+    assert main(["prepare", str(src), "--out", str(tmp_path / "o"), "--tokenizer", "byte",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "from 2 files" in out and "skipped 2 binary or non-UTF-8 files" in out
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["documents"] == 2 and meta["skipped_files"] == 2
+    for name, why in (("c.bin", "binary (a NUL byte at offset 1)"), ("d.txt", "not UTF-8 (byte 0xe9 at offset 3)")):
+        assert main(["prepare", str(src / "a.txt"), str(src / "sub" / name), "--out",
+                     str(tmp_path / "p"), "--no-progress"]) == 2
+        assert why in capsys.readouterr().err
+        assert not (tmp_path / "p").exists()  # refused before anything is written
+    (tmp_path / "empty").mkdir()
+    assert main(["prepare", str(tmp_path / "empty"), "--out", str(tmp_path / "q"), "--no-progress"]) == 2
+    assert "holds no UTF-8 text files" in capsys.readouterr().err

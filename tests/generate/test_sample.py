@@ -574,3 +574,21 @@ def test_cuda_graph_decode_equals_eager(rng, monkeypatch):
     eager = generate(gpu, prompts, 20, return_lengths=True, **kw)
     np.testing.assert_array_equal(graphed[0], eager[0])
     np.testing.assert_array_equal(graphed[1], eager[1])
+
+
+def test_complete_treats_typed_special_token_text_as_tiktoken_does():
+    """A typed "<|endoftext|>" is refused by default (tiktoken's encode), becomes the control token
+    with allowed_special, and never silently turns into it."""
+    from gptcore import Tokenizer
+    from gptcore.models import GPT, GPTConfig
+
+    tok = Tokenizer.gpt2()
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257), seed=1)
+    prompt = "a <|endoftext|> b"
+    with pytest.raises(ValueError, match=r"prompt\[1\]: .*special token '<\|endoftext\|>'"):
+        complete(m, tok, ["fine", prompt], max_new_tokens=2)
+    ids = tok.encode(prompt, allowed_special="all")
+    assert 50256 in ids
+    want = generate(m, ids, 3, temperature=0)[len(ids):]
+    assert complete(m, tok, prompt, max_new_tokens=3, temperature=0,
+                    allowed_special="all") == tok.decode(want)

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
-__all__ = ["positive_int", "nonneg_int", "nonneg_float"]
+__all__ = ["positive_int", "nonneg_int", "nonneg_float", "checkpoint_path"]
+
+
+def checkpoint_path(path: str) -> str:
+    """A checkpoint argument as given, or for a `gptcore train --out DIR` run directory (no
+    config.json, a checkpoint/ inside) that run's checkpoint directory."""
+    path = os.fspath(path)
+    if (os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json"))
+            and os.path.isdir(os.path.join(path, "checkpoint"))):
+        return os.path.join(path, "checkpoint")
+    return path
 
 
 def _parse(text: str, cast, kind: str, low: float, wanted: str):

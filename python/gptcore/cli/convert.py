@@ -7,7 +7,8 @@ def add_subcommand(sub) -> None:
     cv = sub.add_parser("convert", help="convert a model, vocabulary or token shard between formats",
                         description="Convert between gptcore/transformers checkpoint directories, "
                                     "llm.c model/tokenizer/shard .bin files, vocabulary files and .npy.")
-    cv.add_argument("src", help="checkpoint dir (gptcore/transformers GPT-2 or GPT-1), llm.c "
+    cv.add_argument("src", help="checkpoint dir (gptcore/transformers GPT-2 or GPT-1, or a `gptcore "
+                                "train` run directory), llm.c "
                                 "model/tokenizer/shard .bin, vocab.json/encoder.json/tokenizer.json, or .npy")
     cv.add_argument("dst", help="DST.bin: llm.c file; a directory: transformers layout (models) or "
                                 "vocabulary files (vocabularies); DST.npy: tokens")
@@ -18,5 +19,6 @@ def add_subcommand(sub) -> None:
 
 def run(args) -> None:
     from ..io.pretrained import convert
+    from ._args import checkpoint_path
 
-    print(convert(args.src, args.dst, dtype=args.dtype, overwrite=args.force))
+    print(convert(checkpoint_path(args.src), args.dst, dtype=args.dtype, overwrite=args.force))

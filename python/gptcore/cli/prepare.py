@@ -10,7 +10,8 @@ def add_subcommand(sub) -> None:
         "prepare", help="tokenize text files into llm.c-format train/val shards",
         description="Tokenize text files into train_*.bin / val_*.bin shards (llm.c's format: "
                     "256 int32 header, uint16 tokens) plus meta.json. Each file is one document.")
-    pr.add_argument("files", nargs="+", metavar="TEXT_FILE", help="UTF-8 text files")
+    pr.add_argument("files", nargs="+", metavar="TEXT_FILE",
+                    help="UTF-8 text files, or directories (every text file under them)")
     pr.add_argument("--out", required=True, metavar="DIR", help="output directory")
     pr.add_argument("--val-fraction", type=nonneg_float, default=0.05,
                     help="fraction of each document's tokens kept for validation (default 0.05)")
@@ -28,4 +29,6 @@ def run(args) -> None:
     meta = prepare(args.files, args.out, val_fraction=args.val_fraction, tokenizer=args.tokenizer,
                    shard_tokens=args.shard_tokens, progress=not args.no_progress)
     print(f"wrote {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-          f"({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) to {args.out}")
+          f"({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}) from {meta['documents']} "
+          f"files to {args.out}"
+          + (f"; skipped {meta['skipped_files']} binary or non-UTF-8 files" if meta["skipped_files"] else ""))

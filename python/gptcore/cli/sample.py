@@ -7,6 +7,7 @@ import sys
 from typing import Dict, List, Optional
 
 from ..generate.decode import complete
+from ._args import checkpoint_path
 
 __all__ = ["add_subcommand", "run", "load_for_sampling"]
 
@@ -19,25 +20,15 @@ def _resolve_tokenizer(spec: Optional[str], path: str, vocab_size: int, meta_nam
     else the training data's tokenizer, else by vocabulary size (GPT-2's 50257, bytes' 257)."""
     from .. import data as gdata
 
-    def from_dir(d):
-        enc, bpe = os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")
-        if os.path.isfile(enc) and os.path.isfile(bpe):
-            from ..tokenizer import Tokenizer
-
-            return Tokenizer.from_files(enc, bpe)
-        return None
+    from ..io.pretrained import load_tokenizer
+    from ..tokenizer import Tokenizer
 
     if spec:
         if os.path.isdir(spec):
-            tok = from_dir(spec)
-            if tok is None:
-                from ..tokenizer import Tokenizer
-
-                tok = Tokenizer.load(spec)
-            return tok
+            return Tokenizer.load(spec)
         return gdata.get_tokenizer(spec)
     if os.path.isdir(path):
-        tok = from_dir(path)
+        tok = load_tokenizer(path)
         if tok is not None:
             return tok
     if meta_name:
@@ -59,9 +50,7 @@ def load_for_sampling(path: str, device: str = "cpu", dtype: str = "float32",
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"--checkpoint: {path!r} does not exist")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) \
-            and os.path.isdir(os.path.join(path, "checkpoint")):
-        path = os.path.join(path, "checkpoint")  # a `gptcore train --out DIR` directory
+    path = checkpoint_path(path)  # a `gptcore train --out DIR` directory: its checkpoint/
     from ..train import is_native_v1_checkpoint, load_checkpoint, recorded_tokenizer
 
     if os.path.isdir(path) and is_native_v1_checkpoint(path):  # written by an older gptcore train

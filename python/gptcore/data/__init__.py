@@ -2,7 +2,7 @@
 seeded batch loaders that read them (loader.py)."""
 
 from .loader import BatchLoader, eval_batches
-from .prepare import ByteTokenizer, get_tokenizer, prepare
+from .prepare import ByteTokenizer, expand_text_files, get_tokenizer, prepare, read_text
 from .shards import (
                      HEADER_BYTES,
                      HEADER_INTS,
@@ -20,5 +20,5 @@ from .shards import (
 __all__ = [
     "SHARD_MAGIC", "SHARD_VERSION", "HEADER_INTS", "HEADER_BYTES", "META_NAME", "write_shard",
     "read_shard", "read_llmc_header", "ByteTokenizer", "get_tokenizer", "prepare", "load_meta",
-    "shard_paths", "TokenData", "BatchLoader", "eval_batches",
+    "shard_paths", "TokenData", "BatchLoader", "eval_batches", "read_text", "expand_text_files",
 ]

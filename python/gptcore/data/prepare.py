@@ -79,26 +79,78 @@ def get_tokenizer(name: str = "auto"):
 # ---- preparing text ---------------------------------------------------------------------
 
 
+def read_text(path: str) -> str:
+    """The UTF-8 text of ``path``; a binary file (NUL bytes) or one that is not UTF-8 is refused
+    with the file and the offset of the first bad byte."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise ValueError(f"text file {path!r} is binary (a NUL byte at offset {nul}); expected "
+                         "UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {path!r} is not UTF-8 (byte {data[e.start]:#04x} at offset "
+                         f"{e.start}); convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def expand_text_files(paths: Sequence[str]) -> tuple:
+    """(files, skipped): each file as given, and for a directory every file under it (sorted,
+    hidden entries left out) that :func:`read_text` accepts; ``skipped`` lists the directories'
+    files that are binary or not UTF-8."""
+    files: List[str] = []
+    skipped: List[str] = []
+    for p in (os.fspath(x) for x in paths):
+        if os.path.isdir(p):
+            found = []
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                found += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+            for f in found:
+                try:
+                    read_text(f)
+                except (ValueError, OSError):
+                    skipped.append(f)
+                else:
+                    files.append(f)
+            if not any(f.startswith(os.path.join(p, "")) for f in files):
+                raise ValueError(f"text directory {p!r} holds no UTF-8 text files"
+                                 f"{f' ({len(skipped)} binary or non-UTF-8 skipped)' if skipped else ''}")
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"text file {p!r} does not exist")
+    return files, skipped
+
+
 def prepare(text_files: Sequence[str], out_dir: str, val_fraction: float = 0.05,
             tokenizer="auto", shard_tokens: int = 100_000_000, progress: bool = True) -> Dict:
     """Tokenize text files into train/val shards in ``out_dir`` and write ``meta.json``.
 
-    Each file is one document, followed by the end-of-text token. The last ``val_fraction``
+    ``text_files`` are UTF-8 text files or directories (every text file under them; binary and
+    non-UTF-8 files there are skipped and counted in the metadata, while a named file that is not
+    UTF-8 text is an error, raised before anything is written). Each file is one document, followed by the end-of-text token. The last ``val_fraction``
     of each document's tokens go to validation, the rest to training, so both splits see every
     file. Returns the metadata written.
     """
     from .._progress import Progress
 
-    files = [os.fspath(f) for f in text_files]
-    if not files:
+    if isinstance(text_files, (str, os.PathLike)):
+        text_files = [text_files]
+    if not text_files:
         raise ValueError("text_files: expected at least one file")
-    for f in files:
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"text file {f!r} does not exist")
+    files, skipped = expand_text_files(text_files)
     if not (isinstance(val_fraction, (int, float)) and 0.0 <= val_fraction < 1.0):
         raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
     if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
         raise ValueError(f"shard_tokens: expected a positive int, got {shard_tokens!r}")
+    texts, kept = {}, 0
+    for f in files:  # every file checked before a shard is touched; the first 256 MB kept
+        text = read_text(f)
+        if kept + len(text) <= 256 << 20:
+            texts[f] = text
+            kept += len(text)
     tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     if tok.vocab_size > 65536:
         raise ValueError(f"tokenizer: vocabulary of {tok.vocab_size} does not fit uint16 shards")
@@ -111,8 +163,7 @@ def prepare(text_files: Sequence[str], out_dir: str, val_fraction: float = 0.05,
     bar = Progress(total=total_bytes, desc="prepare", unit="B", enabled=progress)
     n_docs = 0
     for f in files:
-        with open(f, "r", encoding="utf-8", errors="replace") as fh:
-            text = fh.read()
+        text = texts.pop(f) if f in texts else read_text(f)
         ids = np.append(tok.encode_array(text), np.uint16(tok.eot_token))
         n_val = int(round(len(ids) * val_fraction))
         writers["train"].add(ids[: len(ids) - n_val])
@@ -128,6 +179,7 @@ def prepare(text_files: Sequence[str], out_dir: str, val_fraction: float = 0.05,
         "vocab_size": int(tok.vocab_size),
         "eot_token": int(tok.eot_token),
         "documents": n_docs,
+        "skipped_files": len(skipped),
         "train_tokens": writers["train"].total,
         "val_tokens": writers["val"].total,
         "train_shards": writers["train"].count,

@@ -303,13 +303,17 @@ def _stream_tokens(g: _Generation):
 # ---- text in, text out --------------------------------------------------------------------------------
 
 
-def _encode_prompt(tokenizer, text: str, arg: str) -> List[int]:
+def _encode_prompt(tokenizer, text: str, arg: str, allowed_special) -> List[int]:
+    """Prompt ids. As tiktoken's ``encode`` by default, the text of a special token (a typed
+    ``<|endoftext|>``) is refused unless ``allowed_special`` lets it become that token."""
     if not isinstance(text, str):
         raise TypeError(f"{arg}: expected a str, got {type(text).__name__}")
     try:
-        ids = list(tokenizer.encode(text, allowed_special="all"))
-    except TypeError:  # a tokenizer without special-token controls
+        ids = list(tokenizer.encode(text, allowed_special=allowed_special))
+    except TypeError:  # a tokenizer without special-token controls (bytes: no special text)
         ids = list(tokenizer.encode(text))
+    except ValueError as e:
+        raise ValueError(f"{arg}: {e}") from None
     if not ids:
         eot = getattr(tokenizer, "eot_token", None)
         if eot is None:
@@ -323,12 +327,15 @@ def complete(model, tokenizer, prompt: Union[str, Sequence[str]], max_new_tokens
              temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
              logit_bias: Optional[Dict[int, float]] = None, stop=None, seed: Optional[int] = None,
-             stream: bool = False, logprobs: Optional[int] = None):
+             stream: bool = False, logprobs: Optional[int] = None,
+             allowed_special: Union[str, frozenset, set] = frozenset()):
     """Text in, text out: GPT-3's completion interface over :func:`generate`.
 
     ``prompt`` is a str (returns the completion str) or a list of str (returns a list). The
     completion excludes the prompt, the end-of-text token and any stop sequence; it is cut
-    exactly where a stop sequence begins. An empty prompt starts from end-of-text.
+    exactly where a stop sequence begins. An empty prompt starts from end-of-text. As with
+    tiktoken, the text of a special token in a prompt is refused unless ``allowed_special``
+    (a set of such texts, or ``"all"``) makes it the control token.
     With ``logprobs=k`` returns ``(completion(s), Logprobs)``.
 
     ``stream=True`` returns an iterator of text pieces as they are decided: for a str prompt
@@ -341,9 +348,10 @@ def complete(model, tokenizer, prompt: Union[str, Sequence[str]], max_new_tokens
         raise TypeError(f"stream: expected a bool, got {type(stream).__name__}")
     single = isinstance(prompt, str)
     if single:
-        ids = [_encode_prompt(tokenizer, prompt, "prompt")]
+        ids = [_encode_prompt(tokenizer, prompt, "prompt", allowed_special)]
     elif isinstance(prompt, (list, tuple)) and prompt:
-        ids = [_encode_prompt(tokenizer, p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+        ids = [_encode_prompt(tokenizer, p, f"prompt[{i}]", allowed_special)
+               for i, p in enumerate(prompt)]
     else:
         raise TypeError("prompt: expected a str or a non-empty list of str")
     if stream and logprobs is not None:

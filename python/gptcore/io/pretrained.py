@@ -370,14 +370,10 @@ def load_tokenizer(path: PathLike):
     """The gptcore.Tokenizer saved in a checkpoint directory, or None when it holds none."""
     from ..tokenizer import Tokenizer
     path = _resolve_checkpoint_dir(_p(path))
-    has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
-    if has("encoder.json") and has("vocab.bpe"):
-        return Tokenizer.load(path)
-    if has("vocab.json") and has("merges.txt"):
-        return Tokenizer.from_files(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"))
-    if has("tokenizer.json"):
-        return Tokenizer.from_hf(os.path.join(path, "tokenizer.json"))
-    return None
+    if not any(os.path.isfile(os.path.join(path, n))
+               for n in ("encoder.json", "vocab.json", "tokenizer.json")):
+        return None
+    return Tokenizer.load(path)
 
 
 # ================================================================================================

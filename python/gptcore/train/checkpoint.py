@@ -22,9 +22,10 @@ _NATIVE_V1_FILES = ("config.json", "model.npz", "optim.npz", "state.json")
 
 
 def _saveable_tokenizer(tok):
-    """The run's tokenizer as one whose files a checkpoint can hold (GPT-2's BPE: a
-    gptcore.Tokenizer), or None for the byte-level tokenizer, which has no vocabulary files; a
-    byte-level checkpoint is known by the tokenizer name its trainer state keeps (data_meta)."""
+    """The run's tokenizer as a gptcore.Tokenizer whose files a checkpoint holds (GPT-2's BPE,
+    or the byte-level vocabulary as a BPE with no merges), or None for one gptcore cannot save."""
+    if getattr(tok, "name", None) == "byte" and getattr(tok, "vocab_size", None) == 257:
+        return Tokenizer.byte_level()
     for candidate in (tok, getattr(tok, "_tok", None)):  # data._GPT2Adapter wraps a Tokenizer
         if isinstance(candidate, Tokenizer):
             return candidate

@@ -40,6 +40,10 @@ def _stdlib_files(max_bytes: int) -> List[str]:
             continue
         if size < 200 or size > 400_000:
             continue
+        try:
+            gdata.read_text(path)  # `prepare` refuses files that are not UTF-8 text
+        except (OSError, ValueError):
+            continue
         chosen.append(path)
         total += size
         if total >= max_bytes:
