@@ -16,6 +16,8 @@ steps excluded.
   ``model.forward(ids, targets, loss_scale=0.5)`` (LM loss, fused cross-entropy), the head on
   ``gather_rows(model.last_hidden_states, extract)``, ``softmax_cross_entropy``,
   ``model.backward(dh=...)``, :class:`gptcore.optim.AdamW`.
+* ``finetune``: the same through ``gptcore.train.finetune``'s loop body (``MultipleChoice``,
+  ``_loss_and_backward``), what ``gptcore finetune`` runs per step (left out if absent).
 * ``torch``: ``transformers.GPT2DoubleHeadsModel`` (input (B, K, T), ``mc_token_ids`` the extract
   positions, ``labels`` with -100 on padding, ``mc_labels``), ``mc_loss + 0.5 * loss``,
   ``clip_grad_norm_``, ``torch.optim.AdamW`` with the same two parameter groups. Eager mode,
@@ -109,6 +111,35 @@ def gptcore_step(cfg: GPTConfig, batch, K: int, seed: int = 0):
     return step
 
 
+def finetune_step(cfg: GPTConfig, batch, K: int, seed: int = 0):
+    """The same step through gptcore.train.finetune's own loop body (its TaskModel, Batch and
+    ``_loss_and_backward``, the function ``gptcore finetune`` runs each step), or None where
+    that module is not there."""
+    try:
+        from gptcore.data import get_tokenizer
+        from gptcore.data.tasks import Batch, LabelSpace
+        from gptcore.train.finetune import MultipleChoice, _loss_and_backward
+    except ImportError:
+        return None
+    model = GPT(cfg, seed=seed)
+    model.add_head(LinearHead(cfg.n_embd, 1, "multiple_choice_head", bias=True, dropout=PDROP, seed=seed))
+    model.train()
+    info = {"task": "choice", "labels": LabelSpace("choice", n_choices=K).to_dict(),
+            "special_tokens": {"start": START, "delim": DELIM, "extract": EXTRACT}, "n_ctx": cfg.block_size}
+    tm = MultipleChoice(model, get_tokenizer("byte"), info)  # the tokenizer is not used here
+    opt = AdamW(model, lr=LR, betas=BETAS, weight_decay=WD)
+    ids, targets, last, labels = batch
+    b = Batch(ids.astype(np.int32), targets.astype(np.int32), last, K, labels)
+
+    def step():
+        model.zero_grad()
+        mc, lm = _loss_and_backward(tm, b, LM_COEF)
+        opt.step(grad_clip=CLIP)
+        return mc + LM_COEF * lm
+
+    return step
+
+
 def torch_step(cfg: GPTConfig, batch, K: int, seed: int = 0):
     """The same step with transformers' GPT2DoubleHeadsModel and torch.optim.AdamW."""
     torch.manual_seed(seed)
@@ -167,8 +198,9 @@ def report(shape: str, B: int, K: int, T: int, times) -> None:
     for name, t in times.items():
         print(f"  {name:8s} step median {med[name]:.3f} s (min {min(t):.3f}, max {max(t):.3f}, "
               f"{len(t)} rounds): {B / med[name]:.2f} examples/s")
-    if "torch" in med:
-        print(f"  gptcore / transformers examples/s: {med['torch'] / med['gptcore']:.2f}x (target >= 2x)")
+    for name in ("gptcore", "finetune"):
+        if "torch" in med and name in med:
+            print(f"  {name} / transformers examples/s: {med['torch'] / med[name]:.2f}x (target >= 2x)")
 
 
 def profile(step, rounds: int) -> None:
@@ -211,7 +243,7 @@ def profile(step, rounds: int) -> None:
               f"({calls[name] // rounds} calls)")
 
 
-def run(shape="small", B=8, K=4, T=64, rounds=5, threads=0, do_profile=False):
+def run(shape="small", B=8, K=4, T=64, rounds=5, threads=0, do_profile=False, with_finetune=True):
     if threads:
         gptcore.set_num_threads(threads)
     if HAVE_TORCH:
@@ -219,6 +251,8 @@ def run(shape="small", B=8, K=4, T=64, rounds=5, threads=0, do_profile=False):
     cfg = config(shape)
     batch = make_batch(B, K, T)
     steps = {"gptcore": gptcore_step(cfg, batch, K)}
+    if with_finetune and finetune_step(cfg, batch, K) is not None:
+        steps["finetune"] = finetune_step(cfg, batch, K)
     if HAVE_TORCH:
         steps["torch"] = torch_step(cfg, batch, K)
     times = measure(steps, rounds)
@@ -253,5 +287,6 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--no-finetune", action="store_true", help="leave out gptcore.train.finetune's step")
     a = ap.parse_args()
-    run(a.shape, a.B, a.K, a.T, a.rounds, a.threads, a.profile)
+    run(a.shape, a.B, a.K, a.T, a.rounds, a.threads, a.profile, not a.no_finetune)
