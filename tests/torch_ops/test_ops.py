@@ -21,8 +21,8 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-import gptcore.torch as gt  # noqa: E402
-from gptcore.torch import ops as gops  # noqa: E402
+import gptcore.torch as gt
+from gptcore.torch import ops as gops
 
 
 @pytest.fixture
@@ -308,7 +308,7 @@ def _opcheck_cases(gen):
     targets[1] = -100
     idx = torch.randint(0, 30, (2, 5), generator=gen)
     wte, wpe = randn(gen, 30, C, grad=True), randn(gen, 8, C, grad=True)
-    d = lambda t: randn(gen, *t.shape)  # noqa: E731
+    d = lambda t: randn(gen, *t.shape)
     return [
         (gops._attention_fwd, (qkv, H, None, 0.0, 0, 0)),
         (gops._attention_fwd, (qkv.detach(), H, 3, 0.25, 5, 1)),

@@ -13,6 +13,7 @@ Nothing else in gptcore imports this package, and ``import gptcore`` never impor
 
 from .ops import (attention, attention_qkv, cross_entropy, embedding, layer_norm, linear,
                   linear_cross_entropy, linear_gelu, residual_layer_norm)
+from .optim import AdamW
 
-__all__ = ["attention", "attention_qkv", "cross_entropy", "embedding", "layer_norm", "linear",
+__all__ = ["AdamW", "attention", "attention_qkv", "cross_entropy", "embedding", "layer_norm", "linear",
            "linear_cross_entropy", "linear_gelu", "residual_layer_norm"]

@@ -220,7 +220,7 @@ def _(dout, dresidual, x, mean, rstd, weight):
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, eps = inputs
+    x, weight = inputs[:2]
     _, mean, rstd = output
     ctx.save_for_backward(x, mean, rstd, weight)
 
@@ -270,7 +270,7 @@ def _(x, residual, weight, bias, eps):
 
 
 def _residual_layer_norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, eps = inputs
+    weight = inputs[2]
     s, _, mean, rstd = output
     ctx.save_for_backward(s, mean, rstd, weight)
 
@@ -361,12 +361,12 @@ def _(dout, x, pre, weight, need_dx):
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, bias = inputs
+    x, weight = inputs[:2]
     ctx.save_for_backward(x, weight, None)
 
 
 def _linear_gelu_setup(ctx, inputs, output):
-    x, weight, bias = inputs
+    x, weight = inputs[:2]
     ctx.save_for_backward(x, weight, output[1])
 
 
