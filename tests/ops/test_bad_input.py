@@ -69,7 +69,8 @@ def fake_cuda(*shape, dtype="float32"):
     code, bits = {"float32": (2, 32), "int32": (0, 32), "int64": (0, 64)}[dtype]
     shp = (ctypes.c_int64 * len(shape))(*shape)
     m = _DLManagedTensor()
-    m.dl_tensor.data = 0x1000
+    # a distinct fake address per tensor: ops refuse outputs that share memory with an input
+    m.dl_tensor.data = 0x1000 + 0x100000 * len(_KEEP_ALIVE)
     m.dl_tensor.device = _DLDevice(2, 0)  # kDLCUDA
     m.dl_tensor.ndim = len(shape)
     m.dl_tensor.dtype = _DLDataType(code, bits, 1)
