@@ -48,7 +48,8 @@ DType dtype_from_numpy(const py::array& a, const char* arg) {
                   "; gptcore holds float32, bfloat16, int32, int64 and uint16");
 }
 
-// Wraps a C-contiguous NumPy array without copying; the array stays alive with the storage.
+// Wraps a C-contiguous NumPy array without copying; the array stays alive with the storage. A
+// read-only array (np.load(..., mmap_mode="r"), a view of bytes) gives a read-only Tensor.
 Tensor from_numpy(const py::array& a, const char* arg) {
   if (!(a.flags() & py::array::c_style))
     throw ValueError(std::string(arg) +
@@ -60,6 +61,7 @@ Tensor from_numpy(const py::array& a, const char* arg) {
   storage->data = const_cast<void*>(a.data());
   storage->nbytes = static_cast<size_t>(a.nbytes());
   storage->device = Device{DeviceType::CPU, 0};
+  storage->read_only = !a.writeable();
   auto* owner = new py::object(a);
   storage->deleter = [owner](void*) {
     py::gil_scoped_acquire gil;
@@ -79,7 +81,9 @@ py::array to_numpy(const Tensor& t) {
   std::vector<py::ssize_t> shape(host.shape().begin(), host.shape().end());
   auto* keep = new Tensor(host);
   py::capsule base(keep, [](void* p) { delete static_cast<Tensor*>(p); });
-  return py::array(py::dtype(numpy_dtype_str(host.dtype())), shape, host.raw(), base);
+  py::array arr(py::dtype(numpy_dtype_str(host.dtype())), shape, host.raw(), base);
+  if (host.read_only()) arr.attr("flags").attr("writeable") = false;  // a view stays read-only
+  return arr;
 }
 
 // ---- DLPack bridge ------------------------------------------------------------------------
@@ -179,6 +183,9 @@ CuPy or JAX without a copy.
       .def_property_readonly("device", [](const Tensor& t) { return t.device().str(); })
       .def_property_readonly("ndim", &Tensor::dim)
       .def_property_readonly("nbytes", &Tensor::nbytes)
+      .def_property_readonly("read_only", &Tensor::read_only,
+                             "True for memory gptcore must not write (a read-only NumPy array or "
+                             "DLPack tensor); ops refuse it as an output, cache or gradient.")
       .def("numel", &Tensor::numel)
       .def("__len__",
            [](const Tensor& t) {
@@ -209,16 +216,17 @@ CuPy or JAX without a copy.
       .def("view",
            [](const Tensor& t, std::vector<int64_t> shape) {
              int64_t known = 1, infer = -1;
+             bool overflow = false;
              for (size_t i = 0; i < shape.size(); ++i) {
                if (shape[i] == -1) {
                  if (infer >= 0) throw ValueError("view: only one dimension can be -1");
                  infer = static_cast<int64_t>(i);
-               } else {
-                 known *= shape[i];
+               } else if (shape[i] >= 0) {
+                 overflow = overflow || __builtin_mul_overflow(known, shape[i], &known);
                }
              }
-             if (infer >= 0) shape[infer] = known ? t.numel() / known : 0;
-             return t.view(shape);
+             if (infer >= 0 && !overflow) shape[infer] = known ? t.numel() / known : 0;
+             return t.view(shape);  // refuses negative, overflowing and mismatched shapes
            }, "The same memory with another shape (one dimension may be -1).")
       .def("narrow", &Tensor::narrow, py::arg("start"), py::arg("length"),
            "Rows [start, start + length) of the first dimension, sharing memory.")
@@ -304,8 +312,11 @@ CuPy or JAX without a copy.
         return zeros(shape, dtype_from_name(dtype), Device::parse(device));
       },
       py::arg("shape"), py::arg("dtype") = "float32", py::arg("device") = "cpu");
-  m.def("set_num_threads", &set_num_threads);
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
   m.def("get_num_threads", &get_num_threads);
+  m.def("max_num_threads", &max_num_threads);
+  // A machine with more cores than OpenBLAS's MAX_THREADS starts within the limit too.
+  if (get_num_threads() > max_num_threads()) set_num_threads(0);
 
   // ---- ops (checked in dispatch.cpp) ------------------------------------------------------
   // Every argument is named as in ops.h, in the same order (tests/test_op_signatures.py compares

@@ -358,3 +358,158 @@ def test_freeing_a_consumed_dlpack_capsule_keeps_a_pending_exception():
 
     with pytest.raises(TypeError):
         len(consumed())
+
+
+# ---- read-only memory, size overflow, thread counts (hardening) --------------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+
+def _run(snippet: str) -> subprocess.CompletedProcess:
+    """Run a snippet in a fresh interpreter: a crash shows as a signal, not a test-run abort."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(snippet)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def _ro(a):
+    a.setflags(write=False)
+    return a
+
+
+def test_read_only_numpy_gives_read_only_tensor():
+    a = _ro(np.arange(12, dtype=np.float32).reshape(3, 4))
+    t = gptcore.from_numpy(a)
+    assert t.read_only and not gptcore.from_numpy(np.zeros(3, np.float32)).read_only
+    assert not t.numpy().flags.writeable  # the view does not open a back door
+    assert t.narrow(1, 1).read_only and t.view([12]).read_only
+    with pytest.raises(ValueError, match="read-only"):
+        t.zero_()
+    with pytest.raises(ValueError, match="read-only"):
+        t.copy_(gptcore.zeros([3, 4]))
+    np.testing.assert_array_equal(a, np.arange(12, dtype=np.float32).reshape(3, 4))
+    # reading it is fine, and a copy of it is writable
+    assert not gptcore.tensor(t).read_only
+    gptcore.zeros([3, 4]).copy_(t)
+
+
+def test_read_only_dlpack_flag_round_trip():
+    t = gptcore.from_numpy(_ro(np.ones(4, np.float32)))
+    back = gptcore._C.from_dlpack_capsule(t.__dlpack__(max_version=(1, 0)))
+    assert back.read_only  # the versioned capsule carries DLPack's read-only flag both ways
+
+
+def test_ops_refuse_read_only_tensors_as_outputs_caches_and_state():
+    from gptcore import ops
+    ro = lambda *s: gptcore.from_numpy(_ro(np.zeros(s, np.float32)))  # noqa: E731
+    x = np.ones((2, 3, 8), np.float32)
+    w, b = np.ones(8, np.float32), np.zeros(8, np.float32)
+    qkv = np.ones((1, 2, 24), np.float32)
+    cases = {
+        "out": lambda: ops.layernorm_forward(x, w, b, out=(ro(2, 3, 8), None, None)),
+        "k_cache": lambda: ops.attention_kvcache(qkv, ro(1, 2, 4, 4), np.zeros((1, 2, 4, 4), np.float32), 0, 2),
+        "v_cache": lambda: ops.attention_kvcache(qkv, np.zeros((1, 2, 4, 4), np.float32), ro(1, 2, 4, 4), 0, 2),
+        "dweight": lambda: ops.linear_backward(np.ones((2, 3, 4), np.float32), x,
+                                               weight=np.ones((4, 8), np.float32), dweight=ro(4, 8)),
+        "params": lambda: ops.adamw_step([ro(5)], [np.ones(5, np.float32)], [np.zeros(5, np.float32)],
+                                         [np.zeros(5, np.float32)], lr=0.1, step=1),
+        "v": lambda: ops.adamw_step([np.ones(5, np.float32)], [np.ones(5, np.float32)],
+                                    [np.zeros(5, np.float32)], [ro(5)], lr=0.1, step=1),
+        "counts": lambda: ops.sample_tokens(np.ones((1, 4), np.float32),
+                                            counts=gptcore.from_numpy(_ro(np.zeros((1, 4), np.int32)))),
+        "x": lambda: ops.dropout_forward(ro(16), 0.5, 0, 0, inplace=True),
+    }
+    for name, call in cases.items():
+        with pytest.raises(ValueError, match=f"^{name}.*read-only"):
+            call()
+
+
+def test_read_only_memory_map_cache_does_not_crash(tmp_path):
+    # np.load(mmap_mode="r") maps the file PROT_READ: writing the KV cache through it segfaulted
+    path = tmp_path / "cache.npy"
+    np.save(path, np.zeros((1, 2, 4, 4), np.float32))
+    proc = _run(f"""
+        import numpy as np, gptcore
+        from gptcore import ops
+        k = np.load({str(path)!r}, mmap_mode="r")
+        v = np.zeros((1, 2, 4, 4), np.float32)
+        qkv = np.ones((1, 2, 24), np.float32)
+        for cache in (k, gptcore.from_numpy(k)):
+            try:
+                ops.attention_kvcache(qkv, cache, v, 0, 2)
+            except ValueError as e:
+                print("refused:", e)
+        try:
+            ops.layernorm_forward(qkv[..., :8].copy(), np.ones(8, np.float32), np.zeros(8, np.float32),
+                                  out=(gptcore.from_numpy(np.load({str(path)!r}, mmap_mode="r").reshape(8, 4)[:1].reshape(1, 1, 4)), None, None))
+        except ValueError as e:
+            print("refused:", e)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("refused: k_cache: is read-only") == 2, proc.stdout
+
+
+@pytest.mark.parametrize("shape", [[2 ** 31, 2 ** 31], [2 ** 62, 4], [4, 2 ** 62], [0, 2 ** 62, 4],
+                                   [2 ** 40, 2 ** 40, 0]])
+def test_overflowing_shapes_refused_at_creation(shape):
+    for make in (gptcore.empty, gptcore.zeros):
+        with pytest.raises(ValueError, match="too large"):
+            make(shape)
+
+
+def test_overflowing_shapes_do_not_crash_later():
+    proc = _run("""
+        import gptcore
+        for shape in ([2**31, 2**31], [2**62, 4]):
+            try:
+                t = gptcore.zeros(shape)
+                print("created", t.nbytes)
+            except ValueError as e:
+                print("refused")
+        t = gptcore.zeros([4, 4])
+        for bad in ([2**32, 2**32], [-1, 2**62, 4]):
+            try:
+                t.view(bad)
+            except ValueError:
+                print("refused")
+        try:
+            t.narrow(2**62, 2**62)
+        except ValueError:
+            print("refused")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["refused"] * 5, proc.stdout
+
+
+def test_shape_dimensions_outside_int64_are_named():
+    with pytest.raises(ValueError, match=r"^shape\[1\]"):
+        gptcore.empty([2, 2 ** 64])
+    with pytest.raises(TypeError, match=r"^shape\[0\]"):
+        gptcore.zeros([2.5])
+
+
+def test_set_num_threads_limit():
+    limit = gptcore._C.max_num_threads()
+    assert 1 <= limit and gptcore.get_num_threads() <= limit
+    n0 = gptcore.get_num_threads()
+    for bad in (limit + 1, 1000, -1, 2 ** 64):
+        with pytest.raises(ValueError, match=f"num_threads: expected 0 .* to {limit}"):
+            gptcore.set_num_threads(bad)
+    assert gptcore.get_num_threads() == n0  # a refused call changes nothing
+
+
+def test_set_num_threads_1000_does_not_crash():
+    proc = _run("""
+        import numpy as np, gptcore
+        from gptcore import ops
+        try:
+            gptcore.set_num_threads(1000)
+        except ValueError as e:
+            print("refused:", e)
+        x = np.ones((512, 64), np.float32)
+        ops.linear_forward(x, np.ones((64, 64), np.float32))
+        print("ran")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused: num_threads" in proc.stdout and "ran" in proc.stdout

@@ -1,5 +1,6 @@
 // The checked entry point of every op: validate every argument (shape, dtype, device), allocate
 // the outputs (or check the caller's out= buffers), then hand over to cpu:: or cuda::. Backend kernels trust what arrives here.
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -10,7 +11,7 @@ namespace gptcore {
 namespace ops {
 namespace {
 
-std::string shape_of(const std::vector<int64_t>& s) { return Tensor(nullptr, s, DType::float32).shape_str(); }
+std::string shape_of(const std::vector<int64_t>& s) { return shape_string(s); }
 
 void need(bool ok, const std::string& msg) {
   if (!ok) throw ValueError(msg);
@@ -101,6 +102,7 @@ Tensor take_out(const std::optional<Tensor>& given, const std::vector<int64_t>& 
   if (!given) return empty(shape, dtype, device);
   const Tensor& t = *given;
   need_defined(t, name);
+  check_writable(t, name);
   if (t.dtype() != dtype)
     throw TypeError(std::string(name) + ": expected a " + dtype_name(dtype) + " buffer, got " +
                     dtype_name(t.dtype()));
@@ -241,6 +243,9 @@ void embedding_backward(const Tensor& dout, const Tensor& idx, Tensor& dwte, Ten
   check_same_device(idx, dout, "idx", "dout");
   check_same_dtype(dwte, dout, "dwte", "dout");
   check_shape(dout, "dout", {idx.size(0), idx.size(1), dwte.size(1)});
+  check_writable(dwte, "dwte");
+  check_writable(dwpe, "dwpe");
+  check_disjoint({{&dwte, "dwte"}, {&dwpe, "dwpe"}}, {{&dout, "dout"}, {&idx, "idx"}});
   GPTCORE_DISPATCH(idx.device(), embedding_backward(dout, idx, dwte, dwpe));
 }
 
@@ -325,6 +330,7 @@ static Tensor layernorm_backward_named(const Tensor& dout, const Tensor& x, cons
     check_float(*t, name);
     check_shape(*t, name, {x.size(-1)});
     check_same_device(x, *t, x_name, name);
+    check_writable(*t, name);
   }
   if (x.device().is_cuda()) {
     check_f32(dweight, "dweight");
@@ -345,9 +351,9 @@ static Tensor layernorm_backward_named(const Tensor& dout, const Tensor& x, cons
     check_same_dtype(x, dres, x_name, dres_name);
   }
   Tensor dx = take_out(dx_buf, x.shape(), x.dtype(), x.device(), "out");
-  check_disjoint({{&dx, "out"}}, {{&dout, "dout"}, {&dres, dres_name}, {&x, x_name},
-                                  {&weight, "weight"}, {&mean, "mean"}, {&rstd, "rstd"},
-                                  {&dweight, "dweight"}, {&dbias, "dbias"}});
+  check_disjoint({{&dx, "out"}, {&dweight, "dweight"}, {&dbias, "dbias"}},
+                 {{&dout, "dout"}, {&dres, dres_name}, {&x, x_name}, {&weight, "weight"},
+                  {&mean, "mean"}, {&rstd, "rstd"}});
   GPTCORE_DISPATCH(x.device(),
                    layernorm_backward(dout, x, mean, rstd, dres, weight, dweight, dbias, dx));
   return dx;
@@ -431,10 +437,12 @@ Tensor linear_backward(const Tensor& dout, const Tensor& x, const std::optional<
   check_float(dweight, "dweight");
   check_shape(dweight, "dweight", weight.shape());
   check_same_device(x, dweight, "x", "dweight");
+  check_writable(dweight, "dweight");
   if (dbias) {
     check_float(*dbias, "dbias");
     check_shape(*dbias, "dbias", {weight.size(0)});
     check_same_device(x, *dbias, "x", "dbias");
+    check_writable(*dbias, "dbias");
   }
   if (x.device().is_cuda()) {
     check_f32(dweight, "dweight");
@@ -455,10 +463,10 @@ Tensor linear_backward(const Tensor& dout, const Tensor& x, const std::optional<
   if (need_dx) {
     dx = take_out(dx_buf, x.shape(), x.dtype(), x.device(), "out");
     dx2 = dx.view({N, K});
-    Tensor pre_t = pre ? *pre : Tensor();
-    check_disjoint({{&dx, "out"}}, {{&dout, "dout"}, {&x, "x"}, {&weight, "weight"},
-                                   {&pre_t, "pre"}, {&dweight, "dweight"}, {&db, "dbias"}});
   }
+  const Tensor pre_t = pre ? *pre : Tensor();
+  check_disjoint({{&dx, "out"}, {&dweight, "dweight"}, {&db, "dbias"}},
+                 {{&dout, "dout"}, {&x, "x"}, {&weight, "weight"}, {&pre_t, "pre"}});
   Tensor dout2 = dout.view({N, M}), x2 = x.view({N, K});
   GPTCORE_DISPATCH(x.device(), linear_backward(dout2, x2, pre2, weight, dweight, db, dx2));
   return dx;
@@ -537,6 +545,7 @@ static Tensor dropout_named(const Tensor& x, double p, uint64_t seed, uint64_t s
   check_dropout_p(p, "p");
   need(!(inplace && out_buf), std::string("out: given together with inplace=True (the result "
                                           "then overwrites ") + x_name + "); pass one or the other");
+  if (inplace) check_writable(x, x_name);
   Tensor out = inplace ? x : take_out(out_buf, x.shape(), x.dtype(), x.device(), "out");
   if (!inplace) check_disjoint({{&out, "out"}}, {{&x, x_name}});
   if (x.numel() == 0) return out;
@@ -571,6 +580,7 @@ Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, in
     check_dim(*t, name, 4, "(B, n_head, max_T, head_dim) cache");
     check_same_device(qkv, *t, "qkv", name);
     check_same_dtype(qkv, *t, "qkv", name);
+    check_writable(*t, name);
     need(t->size(0) == B && t->size(1) == n_head && t->size(3) == D && t->size(2) >= 1,
          std::string(name) + ": expected shape (" + std::to_string(B) + ", " +
              std::to_string(n_head) + ", max_T, " + std::to_string(D) +
@@ -578,7 +588,7 @@ Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, in
              t->shape_str());
   }
   check_shape(v_cache, "v_cache", k_cache.shape());
-  need(k_cache.raw() != v_cache.raw(), "v_cache: is the same memory as k_cache; pass two buffers");
+  need(!overlaps(k_cache, v_cache), "v_cache: shares memory with k_cache; pass two buffers");
   const int64_t Tmax = k_cache.size(2);
   const std::optional<int64_t> p = pos_dev ? check_pos_tensor(*pos_dev, qkv, "qkv") : pos;
   if (p) {
@@ -652,6 +662,7 @@ std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& tar
   need(with_grad || !dlogits_buf, "dlogits: given, but no gradient is computed");
   need(!(inplace && dlogits_buf), "dlogits: given together with inplace=True (the gradient "
                                   "then overwrites logits); pass one or the other");
+  if (with_grad && inplace) check_writable(logits, "logits");
   Tensor losses = take_out(losses_buf, targets.shape(), DType::float32, logits.device(), "losses");
   Tensor dlogits;
   if (with_grad)
@@ -669,6 +680,61 @@ std::tuple<Tensor, Tensor> cross_entropy(const Tensor& logits, const Tensor& tar
 }
 
 // ---- optimiser ----------------------------------------------------------------------------
+
+// Every tensor AdamW writes (params, m, v, master) must share memory with no other tensor of the
+// call: `m is v` would mix the two moments, `params[i] is grads[i]` would read a gradient the
+// update has already overwritten, a tensor listed twice would be stepped twice. Gradients may
+// share memory with each other (they are only read). Sorted by address, so O(n log n) for the
+// hundreds of tensors of a model.
+static void check_adamw_disjoint(const std::vector<Tensor>& params,
+                                 const std::vector<Tensor>& grads, const std::vector<Tensor>& m,
+                                 const std::vector<Tensor>& v, const std::vector<Tensor>& master) {
+  struct Span {
+    Device device;
+    const char* begin;
+    const char* end;
+    bool written;
+    const char* list;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  auto add = [&](const std::vector<Tensor>& ts, bool written, const char* list) {
+    for (size_t i = 0; i < ts.size(); ++i) {
+      if (!ts[i].nbytes()) continue;
+      const char* p = static_cast<const char*>(ts[i].raw());
+      spans.push_back({ts[i].device(), p, p + ts[i].nbytes(), written, list, i});
+    }
+  };
+  add(params, true, "params");
+  add(grads, false, "grads");
+  add(m, true, "m");
+  add(v, true, "v");
+  add(master, true, "master");
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    if (a.device.type != b.device.type) return a.device.type < b.device.type;
+    if (a.device.index != b.device.index) return a.device.index < b.device.index;
+    return a.begin < b.begin;
+  });
+  auto name = [](const Span* s) { return std::string(s->list) + "[" + std::to_string(s->index) + "]"; };
+  // Sweep: an earlier span overlaps the current one iff it ends after the current begins, so it
+  // is enough to remember, per device, the earlier span reaching furthest (any, and written).
+  const Span* far_any = nullptr;
+  const Span* far_written = nullptr;
+  for (size_t k = 0; k < spans.size(); ++k) {
+    const Span& s = spans[k];
+    if (k && spans[k - 1].device != s.device) far_any = far_written = nullptr;
+    const Span* hit = s.written ? far_any : far_written;
+    if (hit && hit->end > s.begin) {
+      const Span* w = s.written ? &s : hit;  // name the written one first
+      const Span* o = w == &s ? hit : &s;
+      throw ValueError(name(w) + ": shares memory with " + name(o) +
+                       "; adamw_step writes it, so every param, grad, m, v and master needs its "
+                       "own buffer");
+    }
+    if (!far_any || s.end > far_any->end) far_any = &s;
+    if (s.written && (!far_written || s.end > far_written->end)) far_written = &s;
+  }
+}
 
 void adamw_step(std::vector<Tensor> params, const std::vector<Tensor>& grads,
                 std::vector<Tensor> m, std::vector<Tensor> v, std::vector<Tensor> master,
@@ -697,6 +763,10 @@ void adamw_step(std::vector<Tensor> params, const std::vector<Tensor>& grads,
     const std::string pn = "params" + idx, gn = "grads" + idx, mn = "m" + idx, vn = "v" + idx;
     check_float(params[i], pn.c_str());
     check_same_device(params[0], params[i], "params[0]", pn.c_str());
+    check_writable(params[i], pn);
+    check_writable(m[i], mn);
+    check_writable(v[i], vn);
+    if (!master.empty()) check_writable(master[i], "master" + idx);
     check_float(grads[i], gn.c_str());
     check_shape(grads[i], gn.c_str(), params[i].shape());
     check_same_device(params[0], grads[i], "params[0]", gn.c_str());
@@ -715,6 +785,7 @@ void adamw_step(std::vector<Tensor> params, const std::vector<Tensor>& grads,
       throw TypeError(pn + ": bfloat16 parameters need float32 master weights (pass master=)");
     }
   }
+  check_adamw_disjoint(params, grads, m, v, master);
   GPTCORE_DISPATCH(dev, adamw_step(params, grads, m, v, master, decay, lr, beta1, beta2, eps,
                                    weight_decay, step, grad_scale, seed));
 }
@@ -789,6 +860,7 @@ Tensor sample_tokens(const Tensor& logits, const std::optional<Tensor>& counts_i
   if (counts_in) {
     counts = *counts_in;
     check_sampling_tensor(counts, "counts", DType::int32, {B, V}, logits);
+    check_writable(counts, "counts");
   } else {
     need(frequency_penalty == 0 && presence_penalty == 0,
          "counts: frequency_penalty and presence_penalty need counts, the (B, V) int32 number "
@@ -797,6 +869,7 @@ Tensor sample_tokens(const Tensor& logits, const std::optional<Tensor>& counts_i
   if (counter_in) {
     counter = *counter_in;
     check_sampling_tensor(counter, "counter", DType::int64, {B}, logits);
+    check_writable(counter, "counter");
   }
   if (logit_bias_in) {
     bias = *logit_bias_in;

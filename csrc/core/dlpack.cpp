@@ -47,8 +47,10 @@ void fill_dl_tensor(GcDLTensor& dl, const Tensor& t, ExportCtx* ctx) {
   dl.byte_offset = 0;
 }
 
-// Wraps the producer's memory; `release` runs the producer's deleter.
-Tensor wrap_dl_tensor(const GcDLTensor& dl, const char* arg, std::function<void(void*)> release) {
+// Wraps the producer's memory; `release` runs the producer's deleter. read_only: the producer
+// flagged the memory read-only (DLPack >= 1.0 only; a legacy capsule cannot say).
+Tensor wrap_dl_tensor(const GcDLTensor& dl, const char* arg, bool read_only,
+                      std::function<void(void*)> release) {
   Device device;
   if (dl.device.device_type == kGcDLCPU || dl.device.device_type == kGcDLCUDAHost) {
     device = Device{DeviceType::CPU, 0};
@@ -59,7 +61,11 @@ Tensor wrap_dl_tensor(const GcDLTensor& dl, const char* arg, std::function<void(
                      std::to_string(dl.device.device_type) + " (gptcore takes cpu and cuda)");
   }
   const DType dtype = from_dl_dtype(dl.dtype, arg);
+  if (dl.ndim < 0 || (dl.ndim > 0 && !dl.shape))
+    throw ValueError(std::string(arg) + ": malformed DLPack tensor (ndim " +
+                     std::to_string(dl.ndim) + ")");
   std::vector<int64_t> shape(dl.shape, dl.shape + dl.ndim);
+  const int64_t n = checked_numel(shape, dtype, arg);
   if (dl.strides) {  // must be compact row-major (size-1 dims may carry any stride)
     int64_t expected = 1;
     for (int32_t i = dl.ndim - 1; i >= 0; --i) {
@@ -73,8 +79,7 @@ Tensor wrap_dl_tensor(const GcDLTensor& dl, const char* arg, std::function<void(
   auto storage = std::make_shared<Storage>();
   storage->data = static_cast<char*>(dl.data) + dl.byte_offset;
   storage->device = device;
-  int64_t n = 1;
-  for (int64_t s : shape) n *= s;
+  storage->read_only = read_only;
   storage->nbytes = static_cast<size_t>(n) * dtype_size(dtype);
   storage->deleter = std::move(release);
   return Tensor(storage, shape, dtype);
@@ -86,7 +91,7 @@ GcDLManagedTensorVersioned* to_dlpack_versioned(const Tensor& t) {
   auto* ctx = new ExportCtx{t, t.shape()};
   auto* m = new GcDLManagedTensorVersioned{};
   m->version = {1, 0};
-  m->flags = 0;
+  m->flags = t.read_only() ? kGcDLFlagReadOnly : 0;  // a consumer must not write it either
   fill_dl_tensor(m->dl_tensor, t, ctx);
   m->manager_ctx = ctx;
   m->deleter = [](GcDLManagedTensorVersioned* self) {
@@ -100,7 +105,7 @@ Tensor from_dlpack(GcDLManagedTensorVersioned* m, const char* arg) {
   if (m->version.major != 1)
     throw ValueError(std::string(arg) + ": unsupported DLPack major version " +
                      std::to_string(m->version.major));
-  return wrap_dl_tensor(m->dl_tensor, arg, [m](void*) {
+  return wrap_dl_tensor(m->dl_tensor, arg, (m->flags & kGcDLFlagReadOnly) != 0, [m](void*) {
     if (m->deleter) m->deleter(m);
   });
 }
@@ -118,7 +123,7 @@ GcDLManagedTensor* to_dlpack(const Tensor& t) {
 }
 
 Tensor from_dlpack(GcDLManagedTensor* m, const char* arg) {
-  return wrap_dl_tensor(m->dl_tensor, arg, [m](void*) {
+  return wrap_dl_tensor(m->dl_tensor, arg, false, [m](void*) {
     if (m->deleter) m->deleter(m);
   });
 }

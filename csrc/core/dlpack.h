@@ -46,6 +46,7 @@ struct GcDLManagedTensorVersioned {
   uint64_t flags;  // bit 0: read-only, bit 1: is a copy
   GcDLTensor dl_tensor;
 };
+constexpr uint64_t kGcDLFlagReadOnly = 1;  // DLPACK_FLAG_BITMASK_READ_ONLY
 }
 
 namespace gptcore {

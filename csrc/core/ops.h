@@ -33,7 +33,7 @@ namespace gptcore {
 
 namespace cpu {
 #include "backend_ops.inc"
-void set_blas_threads(int n);  // OpenBLAS's own thread pool (linear.cpp)
+int blas_max_threads();  // how many threads may call OpenBLAS at once (linear.cpp)
 }  // namespace cpu
 
 #ifdef GPTCORE_WITH_CUDA

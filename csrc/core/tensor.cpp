@@ -62,10 +62,43 @@ Device Device::parse(const std::string& s) {
   throw ValueError("device: expected 'cpu', 'cuda' or 'cuda:N'; got '" + s + "'");
 }
 
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  if (shape.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+int64_t checked_numel(const std::vector<int64_t>& shape, DType dtype, const char* what) {
+  // The product of the non-zero dimensions must fit, whatever their order and whether another
+  // dimension is 0: kernels multiply dimensions in their own orders.
+  int64_t nonzero = 1;
+  bool empty = false, overflow = false;
+  for (int64_t s : shape) {
+    if (s < 0)
+      throw ValueError(std::string(what) + ": negative dimension in shape " + shape_string(shape));
+    if (s == 0) empty = true;
+    else overflow = overflow || __builtin_mul_overflow(nonzero, s, &nonzero);
+  }
+  int64_t bytes = 0;
+  if (overflow || __builtin_mul_overflow(nonzero, static_cast<int64_t>(dtype_size(dtype)), &bytes))
+    throw ValueError(std::string(what) + ": " + shape_string(shape) + " of " +
+                     dtype_name(dtype) + " is too large (its element count times " +
+                     std::to_string(dtype_size(dtype)) + " bytes exceeds 2**63 - 1)");
+  return empty ? 0 : nonzero;
+}
+
+void check_writable(const Tensor& t, const std::string& name) {
+  if (t.read_only())
+    throw ValueError(name + ": is read-only (e.g. a read-only or memory-mapped NumPy array), but "
+                            "the op writes into it; pass a writable buffer");
+}
+
 Tensor::Tensor(std::shared_ptr<Storage> storage, std::vector<int64_t> shape, DType dtype)
     : storage_(std::move(storage)), shape_(std::move(shape)), dtype_(dtype) {
-  for (int64_t s : shape_)
-    if (s < 0) throw ValueError("shape: negative dimension in " + shape_str());
+  numel_ = checked_numel(shape_, dtype_, "shape");
 }
 
 int64_t Tensor::size(int64_t d) const {
@@ -75,25 +108,15 @@ int64_t Tensor::size(int64_t d) const {
   return shape_[d];
 }
 
-int64_t Tensor::numel() const {
-  int64_t n = 1;
-  for (int64_t s : shape_) n *= s;
-  return n;
-}
-
 Tensor Tensor::view(std::vector<int64_t> shape) const {
-  int64_t n = 1;
-  for (int64_t s : shape) n *= s;
-  if (n != numel()) {
-    Tensor tmp(nullptr, shape, dtype_);
-    throw ValueError("view: cannot view " + shape_str() + " as " + tmp.shape_str());
-  }
+  if (checked_numel(shape, dtype_, "view") != numel())
+    throw ValueError("view: cannot view " + shape_str() + " as " + shape_string(shape));
   return Tensor(storage_, std::move(shape), dtype_);
 }
 
 Tensor Tensor::narrow(int64_t start, int64_t length) const {
   if (dim() < 1) throw ValueError("narrow: a 0-D tensor has no rows");
-  if (start < 0 || length < 0 || start + length > shape_[0])
+  if (start < 0 || length < 0 || start > shape_[0] || length > shape_[0] - start)
     throw ValueError("narrow: rows [" + std::to_string(start) + ", " +
                      std::to_string(start + length) + ") are outside " + shape_str());
   const size_t row_bytes = static_cast<size_t>(numel() / std::max<int64_t>(shape_[0], 1)) *
@@ -102,6 +125,7 @@ Tensor Tensor::narrow(int64_t start, int64_t length) const {
   sub->data = static_cast<char*>(storage_->data) + start * row_bytes;
   sub->nbytes = length * row_bytes;
   sub->device = storage_->device;
+  sub->read_only = storage_->read_only;
   std::shared_ptr<Storage> parent = storage_;
   sub->deleter = [parent](void*) {};  // keeps the parent alive; frees nothing itself
   std::vector<int64_t> shape = shape_;
@@ -109,14 +133,7 @@ Tensor Tensor::narrow(int64_t start, int64_t length) const {
   return Tensor(sub, shape, dtype_);
 }
 
-std::string Tensor::shape_str() const {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < shape_.size(); ++i) os << (i ? ", " : "") << shape_[i];
-  if (shape_.size() == 1) os << ",";
-  os << ")";
-  return os.str();
-}
+std::string Tensor::shape_str() const { return shape_string(shape_); }
 
 // ---- allocation ---------------------------------------------------------------------------
 static void check_cuda_device(Device device) {
@@ -133,11 +150,7 @@ static void check_cuda_device(Device device) {
 }
 
 Tensor empty(const std::vector<int64_t>& shape, DType dtype, Device device) {
-  int64_t n = 1;
-  for (int64_t s : shape) {
-    if (s < 0) throw ValueError("empty: negative dimension");
-    n *= s;
-  }
+  const int64_t n = checked_numel(shape, dtype, "shape");
   auto storage = std::make_shared<Storage>();
   storage->device = device;
   storage->nbytes = static_cast<size_t>(n) * dtype_size(dtype);
@@ -168,6 +181,7 @@ Tensor empty(const std::vector<int64_t>& shape, DType dtype, Device device) {
 }
 
 void fill_zero(Tensor& t) {
+  check_writable(t, "zero_");
   if (!t.nbytes()) return;
   if (t.device().is_cpu()) {
     std::memset(t.raw(), 0, t.nbytes());
@@ -189,6 +203,7 @@ void copy_(Tensor& dst, const Tensor& src) {
     throw ValueError("copy_: shapes/dtypes differ: " + dst.shape_str() + " " +
                      dtype_name(dst.dtype()) + " vs " + src.shape_str() + " " +
                      dtype_name(src.dtype()));
+  check_writable(dst, "copy_");
   if (!src.nbytes() || dst.raw() == src.raw()) return;
   if (dst.device().is_cpu() && src.device().is_cpu()) {
     std::memcpy(dst.raw(), src.raw(), src.nbytes());
@@ -276,14 +291,20 @@ Tensor to(const Tensor& src, Device device, DType dtype) {
 #endif
 }
 
-void set_num_threads(int n) {
+int max_num_threads() {
+  static const int limit = cpu::blas_max_threads();
+  return limit;
+}
+
+void set_num_threads(int64_t n) {
+  const int limit = max_num_threads();
+  if (n < 0 || n > limit)
+    throw ValueError("num_threads: expected 0 (the default) to " + std::to_string(limit) +
+                     " (the most threads this build's OpenBLAS can be called from at once, its "
+                     "MAX_THREADS), got " + std::to_string(n));
 #ifdef _OPENMP
-  static const int default_threads = omp_get_max_threads();
-  omp_set_num_threads(n > 0 ? n : default_threads);
-  cpu::set_blas_threads(n > 0 ? n : default_threads);
-#else
-  cpu::set_blas_threads(n);
-  (void)n;
+  static const int default_threads = std::min(omp_get_max_threads(), limit);
+  omp_set_num_threads(n > 0 ? static_cast<int>(n) : default_threads);
 #endif
 }
 

@@ -52,6 +52,10 @@ struct Storage {
   void* data = nullptr;
   size_t nbytes = 0;
   Device device;
+  // Memory gptcore must never write: a read-only NumPy array (np.load(..., mmap_mode="r") maps
+  // it PROT_READ, so a write would segfault) or a DLPack tensor flagged read-only. Every op
+  // that writes (outputs, KV caches, gradients, optimiser state), copy_ and zero_ refuse it.
+  bool read_only = false;
   std::function<void(void*)> deleter;  // frees `data` (allocator or foreign owner)
   Storage() = default;
   Storage(const Storage&) = delete;
@@ -65,16 +69,19 @@ struct Storage {
 class Tensor {
  public:
   Tensor() = default;
+  // Refuses (ValueError) a negative dimension and a shape whose element or byte count does not
+  // fit in int64 (so numel() and nbytes() never wrap around).
   Tensor(std::shared_ptr<Storage> storage, std::vector<int64_t> shape, DType dtype);
 
   bool defined() const { return storage_ != nullptr; }
   const std::vector<int64_t>& shape() const { return shape_; }
   int64_t dim() const { return static_cast<int64_t>(shape_.size()); }
   int64_t size(int64_t d) const;  // negative d counts from the end
-  int64_t numel() const;
+  int64_t numel() const { return numel_; }
   DType dtype() const { return dtype_; }
   Device device() const { return storage_ ? storage_->device : Device{}; }
   bool is_cuda() const { return device().is_cuda(); }
+  bool read_only() const { return storage_ && storage_->read_only; }
   size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype_); }
   void* raw() const { return storage_ ? storage_->data : nullptr; }
   template <typename T>
@@ -90,22 +97,36 @@ class Tensor {
  private:
   std::shared_ptr<Storage> storage_;
   std::vector<int64_t> shape_;
+  int64_t numel_ = 1;
   DType dtype_ = DType::float32;
 };
 
-// Allocation (CPU: 64-byte aligned; CUDA: gptcore's caching allocator).
+// "(2, 3, 4)" for any shape (also one no Tensor could hold, for error messages).
+std::string shape_string(const std::vector<int64_t>& shape);
+// The element count of `shape` for `dtype`: ValueError ("<what>: ...") for a negative dimension
+// or when the element count or the byte count overflows int64.
+int64_t checked_numel(const std::vector<int64_t>& shape, DType dtype, const char* what);
+// ValueError "<name>: is read-only, but the op writes into it ..." for a read-only tensor.
+void check_writable(const Tensor& t, const std::string& name);
+
+// Allocation (CPU: 64-byte aligned; CUDA: gptcore's caching allocator). The shape is checked
+// by checked_numel before anything is allocated.
 Tensor empty(const std::vector<int64_t>& shape, DType dtype, Device device);
 Tensor zeros(const std::vector<int64_t>& shape, DType dtype, Device device);
-void fill_zero(Tensor& t);
-// Copy `src` into `dst` (same shape and dtype; any devices).
+void fill_zero(Tensor& t);  // refuses a read-only t
+// Copy `src` into `dst` (same shape and dtype; any devices; dst writable).
 void copy_(Tensor& dst, const Tensor& src);
 // A new tensor on `device` with `dtype` (float32 <-> bfloat16 rounds to nearest even;
 // integer <-> float conversions truncate as C does).
 Tensor to(const Tensor& src, Device device, DType dtype);
 
-// Number of CPU threads the kernels use (OpenMP); 0 restores the default.
-void set_num_threads(int n);
+// Number of CPU threads the kernels use (OpenMP); 0 restores the default. Every thread may run
+// an OpenBLAS sgemm at the same time, and OpenBLAS only has per-thread buffers for the
+// MAX_THREADS it was built with: n in [0, max_num_threads()] (ValueError otherwise), and the
+// default is clamped to it.
+void set_num_threads(int64_t n);
 int get_num_threads();
+int max_num_threads();
 
 // ---- bfloat16 on the host -----------------------------------------------------------------
 inline float bf16_to_float(uint16_t h) {

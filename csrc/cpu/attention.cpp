@@ -185,11 +185,15 @@ void attention_forward_impl(const Tensor& qkv, int n_head, int window, const has
 #pragma omp simd reduction(max : bm)
             for (int64_t j = j0; j < j1; ++j) bm = max_f(bm, sr[j]);
             const float m_new = max_f(m[r], bm * scale);
-            const float corr = fast_exp(m[r] - m_new);  // 0 on the first visible tile
+            // While every visible score so far is -inf the tile adds nothing (-inf - -inf
+            // would be NaN); a row that never sees more than -inf ends NaN below. A NaN or +inf
+            // score makes the row NaN through fast_exp, as in the reference's softmax.
+            const float m_sub = m_new == -INFINITY ? 0.f : m_new;
+            const float corr = fast_exp(m[r] - m_sub);  // 0 on the first visible tile
             float bl = 0.f;
 #pragma omp simd reduction(+ : bl)
             for (int64_t j = 0; j < nk; ++j) {
-              const float p = (j >= j0 && j < j1) ? fast_exp(sr[j] * scale - m_new) : 0.f;
+              const float p = (j >= j0 && j < j1) ? fast_exp(sr[j] * scale - m_sub) : 0.f;
               sr[j] = p;
               bl += p;
             }
@@ -209,11 +213,12 @@ void attention_forward_impl(const Tensor& qkv, int n_head, int window, const has
         }
         for (int64_t r = 0; r < nq; ++r) {
           const int64_t i = q0 + r;
-          const float inv_l = 1.0f / l[r];
+          const bool none = m[r] == -INFINITY;  // every score -inf: softmax is 0/0
+          const float inv_l = none ? NAN : 1.0f / l[r];
           float* dst = out_p + (b * T + i) * C + h * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) dst[d] = o[r * D + d] * inv_l;
-          lse_p[(b * n_head + h) * T + i] = m[r] + std::log(l[r]);
+          lse_p[(b * n_head + h) * T + i] = none ? NAN : m[r] + std::log(l[r]);
         }
       }
     }

@@ -30,7 +30,9 @@ inline float min_f(float a, float b) { return a < b ? a : b; }
 
 // exp(x) for float, branch-free so `#pragma omp simd` loops vectorise it: 2^n * p(f) with
 // n = round(x / ln2) and a degree-6 polynomial on |f| <= ln2/2 (relative error ~2e-7).
-// Inputs below -87.3 (including -inf) give 0; above 88.7 they saturate; NaN stays NaN.
+// Inputs below -87.3 (including -inf) give 0; up to log(FLT_MAX) they saturate at ~exp(88.7);
+// above it (including +inf) they give +inf, and NaN gives NaN, as std::exp does (both once
+// came out finite, which hid a NaN or inf logit in a softmax behind a finite loss).
 inline float fast_exp(float x) {
   const float xc = min_f(max_f(x, -87.3f), 88.7f);  // NaN passes through both comparisons
   const float n = (xc * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round to nearest
@@ -45,7 +47,9 @@ inline float fast_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   __builtin_memcpy(&scale, &bits, 4);
-  return x <= -87.3f ? 0.0f : p * scale;
+  const float r = x <= -87.3f ? 0.0f : p * scale;
+  const float big = x > 88.72283935546875f ? INFINITY : r;  // log(FLT_MAX)
+  return x != x ? x : big;  // NaN: the clamps above would have turned it into a number
 }
 
 // GPT-2's tanh approximation of GELU and its derivative, written with the logistic function:

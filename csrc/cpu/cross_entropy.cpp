@@ -14,14 +14,21 @@ namespace {
 
 // log(sum(exp(x[0:V]))) with a blocked online max: the max of each 256-wide block first, then
 // the block's exponentials, so the inner loops vectorise.
+// Non-finite logits give what the float64 reference (and PyTorch) give: a NaN anywhere, a +inf
+// (inf - inf) or a row of only -inf makes the result NaN; a -inf among finite logits adds 0. A
+// comparison-based max may skip a NaN, so NaNs are counted on the side.
 float row_logsumexp(const float* x, int64_t V) {
   constexpr int64_t kBlock = 256;
   float m = -INFINITY, l = 0.f;
+  int nans = 0;
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t j1 = std::min(V, j0 + kBlock);
     float bm = -INFINITY;
-#pragma omp simd reduction(max : bm)
-    for (int64_t j = j0; j < j1; ++j) bm = max_f(bm, x[j]);
+#pragma omp simd reduction(max : bm) reduction(+ : nans)
+    for (int64_t j = j0; j < j1; ++j) {
+      bm = max_f(bm, x[j]);
+      nans += x[j] != x[j];
+    }
     if (bm == -INFINITY) continue;  // a block of banned (-inf) logits adds nothing (and
                                     // -inf - -inf would be NaN while m is still -inf)
     if (bm > m) {
@@ -33,6 +40,7 @@ float row_logsumexp(const float* x, int64_t V) {
     for (int64_t j = j0; j < j1; ++j) s += fast_exp(x[j] - m);
     l += s;
   }
+  if (nans || m == -INFINITY) return NAN;  // (m is +inf when a +inf made l NaN already)
   return m + std::log(l);
 }
 

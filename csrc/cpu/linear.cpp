@@ -14,6 +14,8 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "core/ops.h"
@@ -38,10 +40,18 @@ constexpr int64_t kAlign = 16;  // block boundaries on whole 64-byte lines of fl
 }  // namespace
 
 // gptcore.set_num_threads sizes the OpenMP pool, which is the only pool the kernels use;
-// OpenBLAS stays single-threaded inside it.
-void set_blas_threads(int n) {
-  (void)n;
-  blas_single_threaded();
+// OpenBLAS stays single-threaded inside it, but every OpenMP thread may be inside an sgemm at
+// once, and OpenBLAS keeps buffers for only the MAX_THREADS callers it was built for (more
+// abort inside OpenBLAS). Its build configuration names that number ("... MAX_THREADS=64");
+// without it, the number of processors OpenBLAS sees.
+int blas_max_threads() {
+  const char* config = scipy_openblas_get_config();
+  const char* key = config ? std::strstr(config, "MAX_THREADS=") : nullptr;
+  if (key) {
+    const long n = std::strtol(key + std::strlen("MAX_THREADS="), nullptr, 10);
+    if (n >= 1 && n <= (1 << 20)) return static_cast<int>(n);
+  }
+  return std::max(1, scipy_openblas_get_num_procs());
 }
 
 void linear_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, bool gelu,

@@ -14,8 +14,17 @@ __version__ = "0.1.0"
 
 
 def set_num_threads(n: int) -> None:
-    """Number of CPU threads gptcore's kernels use (0 restores the default)."""
-    _C.set_num_threads(int(n))
+    """Number of CPU threads gptcore's kernels use (0 restores the default).
+
+    At most ``_C.max_num_threads()`` (OpenBLAS's MAX_THREADS, 64 for the scipy-openblas32
+    wheel): every thread may call OpenBLAS at once. Outside [0, that limit] ValueError names it.
+    """
+    if isinstance(n, bool) or not hasattr(n, "__index__"):
+        raise TypeError(f"n: expected an int, got {type(n).__name__}")
+    n = n.__index__()
+    if not -2 ** 63 <= n < 2 ** 63:  # what pybind11 cannot convert; the core checks the rest
+        raise ValueError(f"num_threads: expected 0 (the default) to {_C.max_num_threads()}, got {n}")
+    _C.set_num_threads(n)
 
 
 def get_num_threads() -> int:

@@ -66,15 +66,26 @@ def _opt(x, name):
 
 
 def _out(x, name):
-    """A buffer the op writes into: like as_tensor, but a read-only array is refused."""
-    if x is None:
-        return None
-    flags = getattr(x, "flags", None)
-    if flags is not None and not getattr(flags, "writeable", True):
-        raise ValueError(f"{name}: is read-only, but the op writes into it; pass a writable array")
-    if isinstance(x, memoryview) and x.readonly:
-        raise ValueError(f"{name}: is read-only, but the op writes into it; pass a writable buffer")
-    return as_tensor(x, name)
+    """A buffer the op writes into (outputs, caches, gradients, optimiser state). A read-only
+    one (a read-only NumPy array, ``np.load(..., mmap_mode="r")``, a Tensor wrapping either) is
+    refused by the op itself, which knows every Tensor's ``read_only`` flag."""
+    return None if x is None else as_tensor(x, name)
+
+
+def _int(v, name: str) -> int:
+    """An integer setting as a Python int in the int64 range the core takes: TypeError for a
+    non-integer (bool, float: ``int(2.5)`` would silently be 2), ValueError naming the argument
+    outside int64 (pybind11 would only say "incompatible function arguments")."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    v = v.__index__()
+    if not -2 ** 63 <= v < 2 ** 63:
+        raise ValueError(f"{name}: {v} is outside the 64-bit integer range")
+    return v
+
+
+def _opt_int(v, name: str) -> Optional[int]:
+    return None if v is None else _int(v, name)
 
 
 def _pos(pos):
@@ -84,7 +95,7 @@ def _pos(pos):
     if isinstance(pos, bool):
         raise TypeError("pos: expected an int or a 1-element int32 tensor, got bool")
     if isinstance(pos, numbers.Integral):
-        return int(pos), None
+        return _int(pos, "pos"), None
     if isinstance(pos, numbers.Number):
         raise TypeError(f"pos: expected an int or a 1-element int32 tensor, got {type(pos).__name__}")
     return 0, as_tensor(pos, "pos")
@@ -294,8 +305,8 @@ def attention_forward(qkv, n_head: int, window: Optional[int] = None, *, dropout
     ``seed`` and ``stream``. ``dropout_p=0`` runs the dropout-free kernels.
     """
     o, lse = _outs(out, ["out", "lse"])
-    return tuple(_C.attention_forward(as_tensor(qkv, "qkv"), int(n_head),
-                                      None if window is None else int(window),
+    return tuple(_C.attention_forward(as_tensor(qkv, "qkv"), _int(n_head, "n_head"),
+                                      _opt_int(window, "window"),
                                       **_dropout(dropout_p, seed, stream),
                                       out=o, lse=lse))
 
@@ -310,8 +321,8 @@ def attention_backward(dout, qkv, out, lse, n_head: int, window: Optional[int] =
     (FlashAttention-2's backward: ``dP = M/(1-p) * (dO V^T)``, ``dS = P * (dP - rowsum(dO * O))``).
     """
     return _C.attention_backward(as_tensor(dout, "dout"), as_tensor(qkv, "qkv"),
-                                 as_tensor(out, "out"), as_tensor(lse, "lse"), int(n_head),
-                                 None if window is None else int(window),
+                                 as_tensor(out, "out"), as_tensor(lse, "lse"),
+                                 _int(n_head, "n_head"), _opt_int(window, "window"),
                                  **_dropout(dropout_p, seed, stream),
                                  dqkv=None if dqkv is None else _out(dqkv, "dqkv"))
 
@@ -339,9 +350,9 @@ def attention_kvcache(qkv, k_cache, v_cache, pos, n_head: int,
     if pos is None:
         raise TypeError("pos: expected an int or a 1-element int32 tensor, got None")
     p, p_dev = _pos(pos)
-    return _C.attention_kvcache(as_tensor(qkv, "qkv"), as_tensor(k_cache, "k_cache"),
-                                as_tensor(v_cache, "v_cache"), p, pos_dev=p_dev,
-                                n_head=int(n_head), window=None if window is None else int(window),
+    return _C.attention_kvcache(as_tensor(qkv, "qkv"), _out(k_cache, "k_cache"),
+                                _out(v_cache, "v_cache"), p, pos_dev=p_dev,
+                                n_head=_int(n_head, "n_head"), window=_opt_int(window, "window"),
                                 out=_outs(out, ["out"])[0])
 
 
@@ -393,7 +404,8 @@ def cross_entropy_forward(logits, targets, vocab_size: Optional[int] = None,
     A target outside [0, V) that is not ignore_index raises ValueError.
     """
     losses, _ = _C.cross_entropy(as_tensor(logits, "logits"), as_tensor(targets, "targets"),
-                                 vocab_size, int(ignore_index), False, None, False,
+                                 _opt_int(vocab_size, "vocab_size"),
+                                 _int(ignore_index, "ignore_index"), False, None, False,
                                  *_outs(out, ["losses"]), None)
     return losses
 
@@ -412,7 +424,8 @@ def cross_entropy_forward_backward(logits, targets, vocab_size: Optional[int] = 
     """
     logits_t = _out(logits, "logits") if inplace else as_tensor(logits, "logits")
     return tuple(_C.cross_entropy(logits_t, as_tensor(targets, "targets"),
-                                  vocab_size, int(ignore_index), True,
+                                  _opt_int(vocab_size, "vocab_size"),
+                                  _int(ignore_index, "ignore_index"), True,
                                   None if grad_scale is None else float(grad_scale),
                                   bool(inplace), *_outs(out, ["losses", "dlogits"])))
 
@@ -441,8 +454,8 @@ def adamw_step(params: Sequence, grads: Sequence, m: Sequence, v: Sequence, *,
                   [_out(t, "m") for t in m], [_out(t, "v") for t in v],
                   master=[] if master is None else [_out(t, "master") for t in master],
                   decay=decay, lr=float(lr), beta1=float(beta1), beta2=float(beta2),
-                  eps=float(eps), weight_decay=float(weight_decay), step=int(step),
-                  grad_scale=float(grad_scale), seed=int(seed))
+                  eps=float(eps), weight_decay=float(weight_decay), step=_int(step, "step"),
+                  grad_scale=float(grad_scale), seed=_u64(seed, "seed"))
 
 
 def global_norm(tensors: Sequence) -> float:
@@ -457,12 +470,6 @@ def _sampling_number(v, name: str) -> float:
     if isinstance(v, (bool, str, bytes)) or not hasattr(v, "__float__"):
         raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
     return float(v)
-
-
-def _sampling_int(v, name: str) -> int:
-    if isinstance(v, bool) or not hasattr(v, "__index__"):
-        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
-    return v.__index__()
 
 
 def sample_tokens(logits, *, counts=None, counter=None, logit_bias=None, forced=None,
@@ -504,12 +511,10 @@ def sample_tokens(logits, *, counts=None, counter=None, logit_bias=None, forced=
     The CPU computes in double and matches :func:`gptcore.reference.sample_tokens` token for
     token (but for rounding-level ties); CUDA computes in float32.
     """
-    kw_top_k = None if top_k is None else _sampling_int(top_k, "top_k")
+    kw_top_k = _opt_int(top_k, "top_k")
     kw_top_p = None if top_p is None else _sampling_number(top_p, "top_p")
-    vs = None if vocab_size is None else _sampling_int(vocab_size, "vocab_size")
-    s = _sampling_int(seed, "seed")
-    if not 0 <= s < 2 ** 64:
-        raise ValueError(f"seed: expected an int in [0, 2**64), got {s}")
+    vs = _opt_int(vocab_size, "vocab_size")
+    s = _u64(seed, "seed")
     return _C.sample_tokens(as_tensor(logits, "logits"), _out(counts, "counts"),
                             _out(counter, "counter"), _opt(logit_bias, "logit_bias"),
                             _opt(forced, "forced"), vs,

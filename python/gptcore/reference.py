@@ -398,9 +398,11 @@ def _attention_probs(q_h, k_h, allowed, scale, lse_h=None):
     """Scaled, masked scores for one head (B, T, T); softmax probabilities and row lse."""
     scores = np.where(allowed, (q_h @ k_h.transpose(0, 2, 1)) * scale, -np.inf)
     if lse_h is None:
-        mx = scores.max(axis=-1, keepdims=True)  # the diagonal is always allowed: finite
+        mx = scores.max(axis=-1, keepdims=True)  # the diagonal is always allowed
         lse_h = (mx + np.log(np.exp(scores - mx).sum(axis=-1, keepdims=True)))[..., 0]
-    return np.exp(scores - lse_h[..., None]), lse_h
+    # A key the query cannot see has probability exactly 0, whatever lse holds (a NaN or
+    # infinite lse makes only the visible ones NaN).
+    return np.where(allowed, np.exp(scores - lse_h[..., None]), 0.0), lse_h
 
 
 def _attention_dropout(B: int, H: int, T: int, h: int, p: float, seed: int, stream: int):
@@ -542,7 +544,8 @@ def cross_entropy_backward(logits, targets, vocab_size: Optional[int] = None,
     np.subtract(lg, lse[:, None], out=g)
     np.exp(g, out=g)  # softmax
     g[np.arange(N), t] -= 1.0
-    g *= np.where(valid, float(grad_scale), 0.0)[:, None]
+    g *= float(grad_scale)
+    g[~valid] = 0.0  # ignored rows: 0 even when their logits hold NaN or inf
     return dlogits.reshape(logits.shape)
 
 
@@ -628,10 +631,14 @@ def attention_kvcache(qkv, k_cache, v_cache, pos: int, n_head: int,
     if window is not None:
         allowed &= s > t - window
     scores = np.where(allowed, (q @ kc[:, :, :L].transpose(0, 1, 3, 2)) / math.sqrt(D), -np.inf)
-    scores -= scores.max(axis=-1, keepdims=True)  # each query sees itself: finite
+    scores -= scores.max(axis=-1, keepdims=True)  # each query sees itself
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
-    out = p @ vc[:, :, :L]  # (B, H, Tn, D)
+    vis = vc[:, :, :L]
+    if np.isfinite(vis).all():
+        out = p @ vis  # (B, H, Tn, D)
+    else:  # a key a query cannot see yet contributes nothing, not 0 * inf = NaN
+        out = np.where(allowed[..., None], p[..., None] * vis[:, :, None], 0.0).sum(axis=-2)
     return out.transpose(0, 2, 1, 3).reshape(B, Tn, C), kc, vc
 
 

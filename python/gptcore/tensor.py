@@ -31,7 +31,11 @@ def _dtype_name(dtype) -> Optional[str]:
 
 
 def from_numpy(array: np.ndarray, name: str = "array") -> Tensor:
-    """Wrap a C-contiguous NumPy array (float32, int32, int64 or uint16) without copying."""
+    """Wrap a C-contiguous NumPy array (float32, int32, int64 or uint16) without copying.
+
+    A read-only array (``np.load(..., mmap_mode="r")``, a view of ``bytes``) gives a Tensor with
+    ``read_only`` True: ops read it, but refuse it as an output, KV cache, gradient or optimiser
+    state, and ``copy_``/``zero_`` refuse it; its ``numpy()`` view is read-only too."""
     return _C.from_numpy(array, name)
 
 
@@ -140,11 +144,32 @@ def float_input(x, name: str, device: str, dtype) -> Tensor:
     return t
 
 
+def _shape(shape) -> list:
+    """``shape`` as a list of ints the core takes. The core refuses negative dimensions and
+    shapes whose element or byte count overflows; here only what pybind11 cannot convert (a
+    float, a dimension outside int64) is caught, with the dimension named."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__"):
+        if hasattr(shape, "__index__") and not isinstance(shape, bool):
+            shape = [shape]
+        else:
+            raise TypeError(f"shape: expected a sequence of ints, got {type(shape).__name__}")
+    dims = []
+    for i, d in enumerate(shape):
+        if isinstance(d, bool) or not hasattr(d, "__index__"):
+            raise TypeError(f"shape[{i}]: expected an int, got {type(d).__name__}")
+        d = d.__index__()
+        if not -2 ** 63 <= d < 2 ** 63:
+            raise ValueError(f"shape[{i}]: {d} is outside the 64-bit integer range")
+        dims.append(d)
+    return dims
+
+
 def empty(shape: Sequence[int], dtype="float32", device: str = "cpu") -> Tensor:
-    """An uninitialised Tensor."""
-    return _C.empty(list(shape), _dtype_name(dtype), device)
+    """An uninitialised Tensor. A shape whose element or byte count overflows 64 bits raises
+    ValueError (it would otherwise wrap around to a tiny buffer)."""
+    return _C.empty(_shape(shape), _dtype_name(dtype), device)
 
 
 def zeros(shape: Sequence[int], dtype="float32", device: str = "cpu") -> Tensor:
-    """A Tensor of zeros."""
-    return _C.zeros(list(shape), _dtype_name(dtype), device)
+    """A Tensor of zeros (shapes checked as in :func:`empty`)."""
+    return _C.zeros(_shape(shape), _dtype_name(dtype), device)

@@ -69,7 +69,8 @@ def fake_cuda(*shape, dtype="float32"):
     code, bits = {"float32": (2, 32), "int32": (0, 32), "int64": (0, 64)}[dtype]
     shp = (ctypes.c_int64 * len(shape))(*shape)
     m = _DLManagedTensor()
-    m.dl_tensor.data = 0x1000
+    # a distinct fake address per tensor: ops refuse outputs that share memory with an input
+    m.dl_tensor.data = 0x1000 + 0x100000 * len(_KEEP_ALIVE)
     m.dl_tensor.device = _DLDevice(2, 0)  # kDLCUDA
     m.dl_tensor.ndim = len(shape)
     m.dl_tensor.dtype = _DLDataType(code, bits, 1)
@@ -354,3 +355,56 @@ def test_bad_input_leaves_outputs_untouched(rng):
         ops.adamw_step(params, [f32(5), f32(7)], [f32(5), f32(6)], [f32(5), f32(6)], lr=0.1, step=1)
     for p, s in zip(params, saved):
         np.testing.assert_array_equal(p, s)
+
+
+# ---- aliasing of written tensors, and integer arguments outside int64 --------------------------
+
+
+def test_adamw_refuses_aliased_state():
+    p, g, m, v = (np.zeros(6, np.float32) for _ in range(4))
+    step = dict(lr=1e-3, step=1)
+    with pytest.raises(ValueError, match=r"^v\[0\]: shares memory with m\[0\]"):
+        ops.adamw_step([p], [g], [m], [m], **step)
+    with pytest.raises(ValueError, match=r"^params\[0\]: shares memory with grads\[0\]"):
+        ops.adamw_step([p], [p], [m], [v], **step)
+    q, m2, v2 = (np.zeros(6, np.float32) for _ in range(3))
+    with pytest.raises(ValueError, match=r"params\[1\]"):  # one tensor listed twice
+        ops.adamw_step([p, p], [g, q], [m, m2], [v, v2], **step)
+    with pytest.raises(ValueError, match=r"^m\[1\]: shares memory with v\[0\]"):  # overlapping views
+        big = np.zeros(12, np.float32)
+        ops.adamw_step([p, q], [g, g], [m, big[3:9]], [big[:6], v2], **step)
+    assert not p.any() and not m.any() and not big.any()  # refused before anything was written
+    ops.adamw_step([p, q], [g, g], [m, m2], [v, v2], **step)  # shared gradients are only read
+
+
+def test_gradient_buffers_must_not_overlap_inputs():
+    buf = np.ones(48, np.float32)
+    dout, dweight = buf[:24].reshape(4, 6), buf.reshape(6, 8)  # dweight's memory holds dout
+    with pytest.raises(ValueError, match="^dweight: output buffer overlaps the input dout"):
+        ops.linear_backward(dout, np.ones((4, 8), np.float32), weight=np.ones((6, 8), np.float32),
+                            dweight=dweight)
+    dwte = np.zeros((V, C), np.float32)
+    with pytest.raises(ValueError, match="^dwpe: output buffer overlaps the output dwte"):
+        ops.embedding_backward(ones(2, T, C), idx_ok, dwte, dwte[:MAXT])
+    assert (buf == 1).all() and not dwte.any()
+
+
+@pytest.mark.parametrize("name, call", [
+    ("pos", lambda: ops.attention_kvcache(f32(1, 1, 24), f32(1, 2, 4, 4), f32(1, 2, 4, 4), 2 ** 64, 2)),
+    ("n_head", lambda: ops.attention_forward(f32(1, 2, 24), 2 ** 64)),
+    ("window", lambda: ops.attention_forward(f32(1, 2, 24), 2, window=-2 ** 70)),
+    ("vocab_size", lambda: ops.cross_entropy_forward(f32(2, 5), i32(2, fill=1), vocab_size=2 ** 63)),
+    ("ignore_index", lambda: ops.cross_entropy_forward(f32(2, 5), i32(2, fill=1), ignore_index=-2 ** 63 - 1)),
+    ("step", lambda: ops.adamw_step([f32(3)], [f32(3)], [f32(3)], [f32(3)], lr=0.1, step=2 ** 64)),
+    ("seed", lambda: ops.adamw_step([f32(3)], [f32(3)], [f32(3)], [f32(3)], lr=0.1, step=1, seed=2 ** 64)),
+    ("top_k", lambda: ops.sample_tokens(f32(1, 4), top_k=2 ** 64)),
+])
+def test_integer_arguments_outside_int64_are_named(name, call):
+    # pybind11 used to answer "incompatible function arguments" without naming the argument
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        call()
+
+
+def test_non_integer_settings_are_refused():
+    with pytest.raises(TypeError, match="^n_head: expected an int"):
+        ops.attention_forward(f32(1, 2, 24), 2.5)  # int(2.5) would silently be 2
