@@ -843,3 +843,58 @@ def test_encodings_match_tiktoken_in_every_block(gpt2, tmp_path, tiktoken_class_
     bad = [(hex(cp), t, g, w) for (cp, t), g, w in zip(cases, got, want) if g != w]
     assert not bad, bad[:10]
     assert len(cps) > 2000  # every class in every block, not a handful
+
+
+# ---- empty, cut and hostile vocabulary files ---------------------------------------------------------
+
+def test_vocab_bpe_without_merges_is_refused(tmp_path):
+    # GPT-2's encoder.json with an empty or header-only vocab.bpe: every token longer than one byte
+    # would be unreachable and text would encode byte by byte. It was accepted silently.
+    for text in ("", "#version: 0.2\n", "\n\n", "#version: 0.2\r\n\r\n"):
+        e, v = write_gpt2_copy(tmp_path, merges_text=text)
+        with pytest.raises(ValueError, match="holds no merges.*50000 tokens longer than one byte") as exc:
+            Tokenizer.from_files(e, v)
+        assert str(v) in str(exc.value) and str(e) in str(exc.value)
+    # a byte-level vocabulary (256 tokens and the special one) needs no merges
+    _, enc, _ = read_gpt2_files()
+    e, v = write_gpt2_copy(tmp_path, encoder={**{k: i for k, i in enc.items() if i < 256},
+                                              "<|endoftext|>": 256},
+                           merges_text="#version: 0.2\n")
+    tok = Tokenizer.from_files(e, v)
+    assert tok.vocab_size == 257 and tok.decode(tok.encode("héllo")) == "héllo"
+    # and a trained one with no merges saves and loads back
+    small = Tokenizer.train("ab", 256 + 1)
+    small.save(tmp_path / "small")
+    assert Tokenizer.load(tmp_path / "small").encode("abc") == small.encode("abc")
+
+
+def test_hostile_json_vocabulary_files(tmp_path):
+    _, enc, _ = read_gpt2_files()
+    e, v = write_gpt2_copy(tmp_path)
+    deep = "[" * 100_000 + "]" * 100_000
+    cases = [
+        (deep, "nested too deeply"),                               # was RecursionError
+        ('{"!": 0, "!": 1}', "duplicate key '!'"),                 # json kept the last silently
+        ('{"!": NaN}', "NaN is not JSON"),
+        ('{"!": ' + "9" * 5000 + "}", "not JSON"),
+    ]
+    for text, message in cases:
+        (tmp_path / "hostile.json").write_text(text)
+        with pytest.raises(ValueError, match=message) as exc:
+            Tokenizer.from_files(tmp_path / "hostile.json", v)
+        assert "hostile.json" in str(exc.value)
+        with pytest.raises(ValueError, match=message):
+            Tokenizer.from_hf(tmp_path / "hostile.json")
+    # encoder.json that does not cover all 256 bytes, or has ids out of range
+    for bad in ({k: i for k, i in enc.items() if k != "Ā"},           # byte 0x00 missing
+                {**enc, "Ġthe": -1}, {**enc, "Ġthe": 10**12}):
+        e2 = tmp_path / "bad.json"
+        e2.write_text(json.dumps(bad))
+        with pytest.raises(ValueError) as exc:
+            Tokenizer.from_files(e2, v)
+        assert "bad.json" in str(exc.value)
+    # special_tokens.json of a saved tokenizer
+    Tokenizer.gpt2().save(tmp_path / "saved")
+    (tmp_path / "saved" / "special_tokens.json").write_text(deep)
+    with pytest.raises(ValueError, match="special_tokens.json.*nested too deeply"):
+        Tokenizer.load(tmp_path / "saved")
