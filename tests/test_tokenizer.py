@@ -135,14 +135,23 @@ def regex_class(ch: str) -> int:
 PAT_L, PAT_N, PAT_S = regex.compile(r"\p{L}"), regex.compile(r"\p{N}"), regex.compile(r"\s")
 
 
+def unicode_database(version: str):
+    """Python's unicodedata, or the unicodedata2 package, when it is exactly this version."""
+    if unicodedata.unidata_version == version:
+        return unicodedata
+    ucd2 = pytest.importorskip("unicodedata2")
+    if ucd2.unidata_version != version:
+        pytest.skip(f"tables are Unicode {version}; unicodedata is {unicodedata.unidata_version}, "
+                    f"unicodedata2 {ucd2.unidata_version} (pip install unicodedata2=={version})")
+    return ucd2
+
+
 def test_class_tables_match_unicodedata():
-    if unicodedata.unidata_version != core.unicode_version:
-        pytest.skip(f"tables are Unicode {core.unicode_version}, this Python has "
-                    f"{unicodedata.unidata_version}; rerun scripts/gen_unicode_tables.py to compare")
+    ucd = unicode_database(core.unicode_version)
     white = {cp for cp in range(0x110000) if PAT_S.match(chr(cp))}
     bad = []
     for cp in range(0x110000):
-        cat = unicodedata.category(chr(cp))
+        cat = ucd.category(chr(cp))
         want = 1 if cat[0] == "L" else 2 if cat[0] == "N" else 3 if cp in white else 0
         if core.char_class(cp) != want:
             bad.append((hex(cp), cat, core.char_class(cp), want))
@@ -728,3 +737,164 @@ def test_equals_tiktoken_on_corpus(gpt2, tmp_path):
     assert gpt2.encode_batch(texts, disallowed_special=()) == enc.encode_ordinary_batch(texts)
     whole = "<|endoftext|>".join(texts)
     assert gpt2.encode(whole, allowed_special="all") == enc.encode(whole, allowed_special="all")
+
+
+# ---- the Unicode version of the code-point classes, against tiktoken's regex engine ----------------
+#
+# tiktoken splits text with Rust's fancy-regex over regex-syntax's Unicode tables; gptcore's
+# tables (scripts/gen_unicode_tables.py) must be generated from the same Unicode version, or
+# code points assigned in between get different ids. tiktoken 0.14 uses Unicode 16.0.
+
+TABLES_UNICODE_VERSION = "16.0.0"
+
+# Code points first assigned in each version after 14.0, as (version, code point, class).
+NEW_CODE_POINTS = [
+    ("15.0", 0x31350, 1),  # CJK Unified Ideographs Extension H
+    ("15.0", 0x11F04, 1),  # Kawi letter
+    ("15.0", 0x11F50, 2),  # Kawi digit zero
+    ("15.1", 0x2EBF0, 1),  # CJK Unified Ideographs Extension I
+    ("16.0", 0x13460, 1),  # Egyptian Hieroglyphs Extended-A
+    ("16.0", 0x105C0, 1),  # Todhri letter
+    ("16.0", 0x10D40, 2),  # Garay digit zero
+    ("16.0", 0x16D70, 2),  # Kirat Rai digit zero
+    ("17.0", 0x10940, 1),  # Sidetic letter
+    ("17.0", 0x323B0, 1),  # CJK Unified Ideographs Extension J
+]
+
+
+def tiktoken_classes() -> np.ndarray:
+    """The class (0 other, 1 \\p{L}, 2 \\p{N}, 3 \\s) tiktoken's regex engine gives every code point.
+
+    A tiktoken Encoding built here with the pattern ``\\p{L}`` and the 256 single bytes as its whole
+    vocabulary encodes only the letters of a text, one token per byte; decoding that gives the
+    letters back. Run over a text of every code point (surrogates have no UTF-8), once per class.
+    """
+    tiktoken = pytest.importorskip("tiktoken")
+    ranks = {bytes([b]): b for b in range(256)}
+    text = "".join(chr(cp) for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF)
+    out = np.zeros(0x110000, dtype=np.int8)
+    for cls, pattern in [(3, r"\s"), (2, r"\p{N}"), (1, r"\p{L}")]:  # none overlap
+        enc = tiktoken.Encoding(f"gptcore-probe-{cls}", pat_str=pattern, mergeable_ranks=ranks,
+                                special_tokens={})
+        members = enc.decode_bytes(enc.encode_ordinary(text)).decode("utf-8")
+        out[[ord(ch) for ch in members]] = cls
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiktoken_class_of():
+    return tiktoken_classes()
+
+
+def test_tables_are_tiktokens_unicode_version(tiktoken_class_of):
+    # Says which version: 16.0. A tiktoken that moves to a newer Unicode fails here first, with
+    # the version to regenerate the tables from.
+    assert core.unicode_version == TABLES_UNICODE_VERSION
+    newest = max((v for v, cp, cls in NEW_CODE_POINTS if tiktoken_class_of[cp] == cls),
+                 key=lambda v: tuple(map(int, v.split("."))))
+    unknown = [v for v, cp, _ in NEW_CODE_POINTS if tiktoken_class_of[cp] == 0]
+    assert newest == "16.0" and set(unknown) == {"17.0"}, (
+        f"tiktoken classifies code points of Unicode {newest} (not: {sorted(set(unknown))}); "
+        "regenerate csrc/tokenizer/unicode_tables.h with scripts/gen_unicode_tables.py for it")
+
+
+def test_class_of_every_code_point_matches_tiktoken(tiktoken_class_of):
+    ours = np.array([core.char_class(cp) for cp in range(0x110000)], dtype=np.int8)
+    ours[0xD800:0xE000] = 0  # no UTF-8; tiktoken never sees them
+    bad = np.flatnonzero(ours != tiktoken_class_of)
+    assert bad.size == 0, [(hex(cp), int(ours[cp]), int(tiktoken_class_of[cp])) for cp in bad[:20]]
+
+
+def class_samples(class_of: np.ndarray, per_window: int = 2) -> list:
+    """A few code points of each class from every 256-code-point window that has any: every
+    Unicode block (blocks are aligned to 16 and at least 16 long) is in some window."""
+    out = []
+    for lo in range(0, 0x110000, 256):
+        window = class_of[lo:lo + 256]
+        for cls in range(4):
+            hits = np.flatnonzero(window == cls)
+            if cls == 0:  # "other" also covers all unassigned code points: one per window
+                hits = hits[:1]
+            for k in hits[:: max(1, len(hits) // per_window)][:per_window]:
+                cp = lo + int(k)
+                if not 0xD800 <= cp <= 0xDFFF:
+                    out.append(cp)
+    return out
+
+
+def class_probe_texts(cp: int) -> list:
+    """Texts in which the class of chr(cp) decides the pieces and so the ids: "'s" is one GPT-2
+    token only when it is split off as a contraction (after a letter or number, not after an
+    "other" run, which swallows the apostrophe); a space joins a following non-space; runs of
+    one class stay together; white space before a word gives its last code point to the word."""
+    c = chr(cp)
+    return [f"{c}'s", f" {c}{c}'ll", f"a{c}b", f"1{c}2", f"!{c}?", f"{c}  x", f"x{c}{c} y",
+            f"don't{c}'t", f"{c}\n\n{c}"]
+
+
+def test_encodings_match_tiktoken_in_every_block(gpt2, tmp_path, tiktoken_class_of):
+    enc = tiktoken_gpt2(tmp_path)
+    cps = class_samples(tiktoken_class_of)
+    cps += [cp for _, cp, _ in NEW_CODE_POINTS] + list(range(0x31350, 0x31360)) + list(range(0x13460, 0x13470))
+    cases = [(cp, t) for cp in cps for t in class_probe_texts(cp)]
+    texts = [t for _, t in cases]
+    got = gpt2.encode_batch(texts, disallowed_special=())
+    want = enc.encode_ordinary_batch(texts)
+    bad = [(hex(cp), t, g, w) for (cp, t), g, w in zip(cases, got, want) if g != w]
+    assert not bad, bad[:10]
+    assert len(cps) > 2000  # every class in every block, not a handful
+
+
+# ---- empty, cut and hostile vocabulary files ---------------------------------------------------------
+
+def test_vocab_bpe_without_merges_is_refused(tmp_path):
+    # GPT-2's encoder.json with an empty or header-only vocab.bpe: every token longer than one byte
+    # would be unreachable and text would encode byte by byte. It was accepted silently.
+    for text in ("", "#version: 0.2\n", "\n\n", "#version: 0.2\r\n\r\n"):
+        e, v = write_gpt2_copy(tmp_path, merges_text=text)
+        with pytest.raises(ValueError, match="holds no merges.*50000 tokens longer than one byte") as exc:
+            Tokenizer.from_files(e, v)
+        assert str(v) in str(exc.value) and str(e) in str(exc.value)
+    # a byte-level vocabulary (256 tokens and the special one) needs no merges
+    _, enc, _ = read_gpt2_files()
+    e, v = write_gpt2_copy(tmp_path, encoder={**{k: i for k, i in enc.items() if i < 256},
+                                              "<|endoftext|>": 256},
+                           merges_text="#version: 0.2\n")
+    tok = Tokenizer.from_files(e, v)
+    assert tok.vocab_size == 257 and tok.decode(tok.encode("héllo")) == "héllo"
+    # and a trained one with no merges saves and loads back
+    small = Tokenizer.train("ab", 256 + 1)
+    small.save(tmp_path / "small")
+    assert Tokenizer.load(tmp_path / "small").encode("abc") == small.encode("abc")
+
+
+def test_hostile_json_vocabulary_files(tmp_path):
+    _, enc, _ = read_gpt2_files()
+    e, v = write_gpt2_copy(tmp_path)
+    deep = "[" * 100_000 + "]" * 100_000
+    cases = [
+        (deep, "nested too deeply"),                               # was RecursionError
+        ('{"!": 0, "!": 1}', "duplicate key '!'"),                 # json kept the last silently
+        ('{"!": NaN}', "NaN is not JSON"),
+        ('{"!": ' + "9" * 5000 + "}", "not JSON"),
+    ]
+    for text, message in cases:
+        (tmp_path / "hostile.json").write_text(text)
+        with pytest.raises(ValueError, match=message) as exc:
+            Tokenizer.from_files(tmp_path / "hostile.json", v)
+        assert "hostile.json" in str(exc.value)
+        with pytest.raises(ValueError, match=message):
+            Tokenizer.from_hf(tmp_path / "hostile.json")
+    # encoder.json that does not cover all 256 bytes, or has ids out of range
+    for bad in ({k: i for k, i in enc.items() if k != "Ā"},           # byte 0x00 missing
+                {**enc, "Ġthe": -1}, {**enc, "Ġthe": 10**12}):
+        e2 = tmp_path / "bad.json"
+        e2.write_text(json.dumps(bad))
+        with pytest.raises(ValueError) as exc:
+            Tokenizer.from_files(e2, v)
+        assert "bad.json" in str(exc.value)
+    # special_tokens.json of a saved tokenizer
+    Tokenizer.gpt2().save(tmp_path / "saved")
+    (tmp_path / "saved" / "special_tokens.json").write_text(deep)
+    with pytest.raises(ValueError, match="special_tokens.json.*nested too deeply"):
+        Tokenizer.load(tmp_path / "saved")

@@ -7,10 +7,6 @@
 #include "core/ops.h"
 #include "cpu/common.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace gptcore {
 namespace cpu {
 
@@ -88,31 +84,27 @@ void residual_layernorm_forward(const Tensor& x, const Tensor& residual, const T
 }
 
 // dx = dresidual + rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * weight.
-// dweight/dbias are reduced per thread into private buffers, then summed in thread order so
-// the result does not depend on scheduling.
+// dweight/dbias are reduced over fixed blocks of kRowsPerPartial rows into one private partial
+// each, then the partials are summed in block order: the blocks do not depend on the thread
+// count or the schedule, so neither do the sums (a run resumed with another --threads continues
+// bit for bit).
 void layernorm_backward(const Tensor& dout, const Tensor& x, const Tensor& mean,
                         const Tensor& rstd, const Tensor& dresidual, const Tensor& weight,
                         Tensor& dweight, Tensor& dbias, Tensor& dx) {
+  constexpr int64_t kRowsPerPartial = 32;
   const int64_t C = x.size(-1), N = x.numel() / C;
   const float *xp = x.data<float>(), *dy = dout.data<float>(), *w = weight.data<float>();
   const float *mu = mean.data<float>(), *rs = rstd.data<float>();
   const float* dres = dresidual.defined() ? dresidual.data<float>() : nullptr;
   float* dxp = dx.data<float>();
-  int nthreads = 1;
-#ifdef _OPENMP
-  nthreads = omp_get_max_threads();
-#endif
-  std::vector<float> partial(static_cast<size_t>(nthreads) * 2 * C, 0.f);
-#pragma omp parallel num_threads(nthreads)
-  {
-    int tid = 0;
-#ifdef _OPENMP
-    tid = omp_get_thread_num();
-#endif
-    float* dw_t = partial.data() + static_cast<size_t>(tid) * 2 * C;
+  const int64_t nblocks = (N + kRowsPerPartial - 1) / kRowsPerPartial;
+  std::vector<float> partial(static_cast<size_t>(nblocks) * 2 * C, 0.f);
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    float* dw_t = partial.data() + static_cast<size_t>(blk) * 2 * C;
     float* db_t = dw_t + C;
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < N; ++i) {
+    const int64_t i1 = std::min(N, (blk + 1) * kRowsPerPartial);
+    for (int64_t i = blk * kRowsPerPartial; i < i1; ++i) {
       const float* xr = xp + i * C;
       const float* dyr = dy + i * C;
       const float m = mu[i], r = rs[i];
@@ -135,12 +127,18 @@ void layernorm_backward(const Tensor& dout, const Tensor& x, const Tensor& mean,
       }
     }
   }
+  // Sum the partials in block order; each thread owns a slice of the channels.
   float *dw = dweight.data<float>(), *db = dbias.data<float>();
-  for (int t = 0; t < nthreads; ++t) {
-    const float* dw_t = partial.data() + static_cast<size_t>(t) * 2 * C;
-    for (int64_t c = 0; c < C; ++c) {
-      dw[c] += dw_t[c];
-      db[c] += dw_t[C + c];
+#pragma omp parallel for schedule(static) if (nblocks * C >= 65536)
+  for (int64_t c0 = 0; c0 < C; c0 += 64) {
+    const int64_t c1 = std::min(C, c0 + 64);
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const float* dw_t = partial.data() + static_cast<size_t>(blk) * 2 * C;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) {
+        dw[c] += dw_t[c];
+        db[c] += dw_t[C + c];
+      }
     }
   }
 }

@@ -1,7 +1,9 @@
 """Crash-safe file writes shared by checkpoints, token shards and vocabularies: write a
-temporary file beside the target, fsync it, then rename it into place."""
+temporary file beside the target, fsync it, then rename it into place. Also the one JSON reader
+for files that may be damaged or hostile (``parse_json``)."""
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -94,3 +96,41 @@ def write_atomic(path, chunks: Iterable[bytes]) -> None:
     with atomic_file(path) as f:
         for chunk in chunks:
             f.write(chunk)
+
+
+class _BadJSON(Exception):
+    """Raised inside parse_json's hooks; turned into the caller's error type."""
+
+
+def _unique_keys(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _BadJSON(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name):
+    raise _BadJSON(f"{name} is not JSON")
+
+
+def parse_json(data, where: str, error: type = ValueError):
+    """The value of the JSON text ``data`` (UTF-8 bytes or str), or ``error("<where>: <why>")``.
+
+    Everything a damaged or hostile file can make ``json.loads`` do becomes that one error: bytes
+    that are not UTF-8, text that is not JSON, an object with the same key twice (``json`` would
+    keep the last silently), NaN/Infinity (Python extensions, not JSON), an integer with more
+    digits than Python converts (a bare ValueError) and nesting deep enough to exhaust the
+    recursion limit (RecursionError)."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
+        raise error(f"{where}: not UTF-8 text, so not JSON ({exc})") from None
+    except _BadJSON as exc:
+        raise error(f"{where}: {exc}") from None
+    except RecursionError:
+        raise error(f"{where}: not JSON that can be read (arrays/objects nested too deeply)") from None
+    except ValueError as exc:  # json.JSONDecodeError, or an integer with too many digits
+        raise error(f"{where}: not JSON ({exc})") from None

@@ -58,7 +58,7 @@ from typing import AbstractSet, Collection, Literal, Optional, Sequence, Union
 import numpy as np
 
 from ._load import _C
-from ._fileio import write_atomic
+from ._fileio import parse_json, write_atomic
 
 _core = _C.tokenizer
 
@@ -85,10 +85,7 @@ def _read_bytes(path: PathLike, arg: str) -> bytes:
 
 
 def _parse_encoder_json(data: bytes, where: str) -> dict:
-    try:
-        encoder = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{where}: not a valid JSON file ({exc})") from None
+    encoder = parse_json(data, where)
     if not isinstance(encoder, dict) or not encoder:
         raise ValueError(f"{where}: expected a JSON object mapping tokens to ids")
     for key, value in encoder.items():
@@ -158,6 +155,13 @@ def _build_from_gpt2_files(encoder_data: bytes, bpe_data: bytes, special_tokens,
 
     ordinary = [(k, i) for k, i in zip(keys, ids) if k not in special_names]
     token_bytes = _unmap([k for k, _ in ordinary], where_enc)
+    if not merges_str:
+        # Only merges make tokens longer than one byte: without any, those tokens would never be
+        # produced and every text would encode byte by byte (an empty or cut vocab.bpe).
+        long = sum(len(b) > 1 for b in token_bytes)
+        if long:
+            raise ValueError(f"{where_bpe}: holds no merges, but {where_enc} has {long} tokens "
+                             "longer than one byte, which only merges make (empty or wrong file?)")
     vocab = list(zip(token_bytes, [i for _, i in ordinary]))
     flat = _unmap([s for pair in merges_str for s in pair], where_bpe)
     merges = list(zip(flat[0::2], flat[1::2]))
@@ -292,10 +296,7 @@ class Tokenizer:
         become special tokens."""
         data = _read_bytes(tokenizer_json, "tokenizer_json")
         where = f"tokenizer_json ({os.fspath(tokenizer_json)})"
-        try:
-            spec = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{where}: not a valid JSON file ({exc})") from None
+        spec = parse_json(data, where)
         if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
             raise ValueError(f"{where}: no 'model' object; not a Hugging Face tokenizer.json")
         model = spec["model"]
@@ -421,10 +422,7 @@ class Tokenizer:
         special_path = os.path.join(directory, "special_tokens.json")
         specials = None
         if os.path.exists(special_path):
-            try:
-                specials = json.loads(_read_bytes(special_path, "directory").decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ValueError(f"{special_path}: not a valid JSON file ({exc})") from None
+            specials = parse_json(_read_bytes(special_path, "directory"), special_path)
             specials = _check_special_map(specials, special_path)
         tok = cls.from_files(os.path.join(directory, "encoder.json"),
                              os.path.join(directory, "vocab.bpe"), special_tokens=specials)

@@ -179,3 +179,11 @@ def test_prepare_with_gpt2_tokenizer(tmp_path):
     assert ids[-1] == 50256 and (ids == 50256).sum() == 1
     assert tok.decode(ids[:-1]) == text
     assert ids.size < len(text) / 2  # BPE, not bytes
+
+
+def test_load_meta_hostile_json(tmp_path):
+    for text in ("[" * 100_000 + "]" * 100_000, '{"vocab_size": 3, "vocab_size": 50257}'):
+        (tmp_path / "meta.json").write_text(text)
+        with pytest.raises(ValueError, match="nested too deeply|duplicate key") as e:
+            gd.load_meta(str(tmp_path))
+        assert "meta.json" in str(e.value)

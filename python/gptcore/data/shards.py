@@ -11,7 +11,6 @@ A prepared data directory holds ``train_NNNNNN.bin`` and ``val_NNNNNN.bin`` shar
 from __future__ import annotations
 
 import glob
-import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -27,6 +26,7 @@ META_NAME = "meta.json"
 # ---- shards -----------------------------------------------------------------------------
 
 
+from .._fileio import parse_json  # noqa: E402
 from .._fileio import write_atomic as _atomic_write_bytes  # noqa: E402
 
 
@@ -96,11 +96,8 @@ def load_meta(data_dir: str) -> Dict:
     path = os.path.join(data_dir, META_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} is missing: prepare the directory with `gptcore prepare`")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            meta = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path!r} is not valid JSON: {e}") from None
+    with open(path, "rb") as f:
+        meta = parse_json(f.read(), repr(path))
     if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] < 1:
         raise ValueError(f"{path!r}: expected an object with a positive integer 'vocab_size'")
     meta.setdefault("tokenizer", "byte" if meta["vocab_size"] <= 257 else "gpt2")

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .._fileio import atomic_file as _atomic_file
+from .._fileio import parse_json
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -134,15 +135,6 @@ _NP_TO_ST = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(
 _ST_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit too
 
 
-def _no_duplicate_keys(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise CheckpointError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 class SafetensorsFile:
     """A validated, memory-mapped safetensors file.
 
@@ -172,15 +164,12 @@ class SafetensorsFile:
                 raise CheckpointError(f"{path!r} is truncated: its safetensors header needs {n} bytes, "
                                       f"only {size - 8} follow")
             raw_header = f.read(n)
-        try:
-            header = json.loads(raw_header.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path!r}: damaged safetensors header ({e})") from None
-        except (UnicodeDecodeError, ValueError):
-            raise CheckpointError(f"{path!r} is not a safetensors file (its header is not JSON)") from None
+        header = parse_json(raw_header, f"{path!r}: safetensors header (damaged, or not safetensors)",
+                            CheckpointError)
         if not isinstance(header, dict):
             raise CheckpointError(f"{path!r}: safetensors header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None)
+        meta = {} if meta is None else meta
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise CheckpointError(f"{path!r}: __metadata__ must map strings to strings")
         self.metadata: Dict[str, str] = meta
@@ -198,6 +187,10 @@ class SafetensorsFile:
             if (not isinstance(shape, list)
                     or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
                 raise CheckpointError(f"{where}: malformed shape {shape!r}")
+            # NumPy's limits: 64 dimensions, and dimensions whose product fits its index type
+            # even when another dimension is 0 (the data size check below cannot see those)
+            if len(shape) > 64 or math.prod(d for d in shape if d) * _ST_DTYPES[dt].itemsize >= 2**63:
+                raise CheckpointError(f"{where}: shape {shape!r} is too large for an array")
             if (not isinstance(offs, list) or len(offs) != 2
                     or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
                 raise CheckpointError(f"{where}: malformed data_offsets {offs!r}")

@@ -1,0 +1,38 @@
+"""Tests for gptcore._fileio.parse_json: every way a damaged or hostile JSON file can fail
+becomes the caller's one error type, naming the file."""
+
+from __future__ import annotations
+
+import pytest
+
+from gptcore._fileio import parse_json
+
+
+class FileError(ValueError):
+    pass
+
+
+def test_parse_json_reads_json():
+    assert parse_json(b'{"a": [1, 2.5, "x", null, true]}', "f") == {"a": [1, 2.5, "x", None, True]}
+    assert parse_json('{"\\u00e9": 1}', "f") == {"é": 1}  # str input too
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),          # RecursionError in json
+    (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (b'{"a": ' + b"9" * 5000 + b"}", "digits"),                      # int() digit limit
+    (b'{"a": 1, "a": 2}', "duplicate key 'a'"),                      # json keeps the last silently
+    (b'{"a": {"b": 1, "b": 1}}', "duplicate key 'b'"),
+    (b'{"a": NaN}', "NaN is not JSON"),
+    (b"[Infinity]", "Infinity is not JSON"),
+    (b"[-Infinity]", "-Infinity is not JSON"),
+    (b"\xff\xfe{}", "not UTF-8"),
+    (b"", "not JSON"),
+    (b"{", "not JSON"),
+    (b"{} trailing", "not JSON"),
+])
+def test_parse_json_hostile_input_gives_one_error(data, message):
+    with pytest.raises(FileError, match=message) as e:
+        parse_json(data, "some/file.json", FileError)
+    assert str(e.value).startswith("some/file.json: ")
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no json internals chained
