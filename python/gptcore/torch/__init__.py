@@ -13,7 +13,8 @@ Nothing else in gptcore imports this package, and ``import gptcore`` never impor
 
 from .ops import (attention, attention_qkv, cross_entropy, embedding, layer_norm, linear,
                   linear_cross_entropy, linear_gelu, residual_layer_norm)
+from .model import GPT
 from .optim import AdamW
 
-__all__ = ["AdamW", "attention", "attention_qkv", "cross_entropy", "embedding", "layer_norm", "linear",
+__all__ = ["GPT", "AdamW", "attention", "attention_qkv", "cross_entropy", "embedding", "layer_norm", "linear",
            "linear_cross_entropy", "linear_gelu", "residual_layer_norm"]
