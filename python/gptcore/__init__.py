@@ -46,3 +46,17 @@ from .models import GPT, GPTConfig  # noqa: E402
 from .optim import AdamW, cosine_lr, linear_lr  # noqa: E402
 
 __all__ += ["GPTConfig", "GPT", "AdamW", "cosine_lr", "linear_lr"]
+
+# ---- GPT-1 style fine-tuning (gptcore.train.finetune), imported on first use ----
+_FINETUNE = ("finetune", "FinetuneConfig", "Classifier", "MultipleChoice", "load_task_model")
+
+
+def __getattr__(name):
+    if name in _FINETUNE:
+        from .train import finetune as _ft
+
+        return getattr(_ft, name)
+    raise AttributeError(f"module 'gptcore' has no attribute {name!r}")
+
+
+__all__ += list(_FINETUNE)

@@ -259,3 +259,18 @@ def test_checkpoint_without_task_head_and_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="already holds task head"):
         finetune(task="classify", train=tr, checkpoint=str(tmp_path / "ft"), out=None,
                  progress=False)
+
+
+def test_python_api_is_exported_without_loading_training_at_import():
+    import subprocess
+    import sys
+
+    import gptcore
+    from gptcore.train import finetune as ft
+
+    assert gptcore.finetune is ft.finetune and gptcore.MultipleChoice is ft.MultipleChoice
+    assert gptcore.Classifier is ft.Classifier and gptcore.load_task_model is ft.load_task_model
+    r = subprocess.run([sys.executable, "-c", "import sys, gptcore; "
+                        "print('gptcore.train.finetune' in sys.modules)"],
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == "False", r.stderr

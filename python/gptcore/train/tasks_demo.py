@@ -33,7 +33,7 @@ from .. import data as gdata
 from .._fileio import write_atomic
 from ..data.tasks import TaskData
 from ..models.gpt import GPT
-from .corpus import DEFAULT_CORPUS_BYTES, _cache_root, _stdlib_files
+from .corpus import DEFAULT_CORPUS_BYTES, _cache_root, _stdlib_files, default_corpus_dir
 from .finetune import FinetuneConfig, evaluate_task, finetune
 
 __all__ = ["build_tasks", "pretrained_model", "run_demo", "DEMO_PRETRAIN", "DEMO_FINETUNE"]
@@ -66,44 +66,53 @@ def _lines(path: str) -> List[str]:
 
 
 def _code_lines(lines: Sequence[str]) -> List[int]:
-    """Indices of lines worth predicting: not blank, not comments, not too short or long."""
+    """Indices of lines worth predicting: not comments, 8+ characters, at most 60 with their
+    indentation (so that a line always fits in half of a 128-position context)."""
     return [i for i, ln in enumerate(lines)
-            if 8 <= len(ln.strip()) <= 60 and not ln.strip().startswith("#")]
+            if len(ln.strip()) >= 8 and len(ln) <= 60 and not ln.strip().startswith("#")]
+
+
+def _tail(lines: Sequence[str], budget: int) -> List[str]:
+    """The last of ``lines`` that fit in ``budget`` characters together (at least one)."""
+    out: List[str] = []
+    for ln in reversed(lines):
+        if out and sum(len(x) + 1 for x in out) + len(ln) > budget:
+            break
+        out.insert(0, ln)
+    return out
 
 
 def _choice_and_entail(files: Sequence[str], rng: np.random.Generator, n: int
                        ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """Both built around one position of a file: the lines before it (as many of the last 3 as
+    fit in 56 characters, so that nothing is cut at 128 positions) and the line there."""
     texts = {f: _lines(f) for f in files}
     texts = {f: ls for f, ls in texts.items() if len(ls) > 20}
     names = sorted(texts)
     pool = [(f, i) for f in names for i in _code_lines(texts[f])]
-    choice, entail = [], []
+    choice: List[Dict[str, Any]] = []
+    entail: List[Dict[str, Any]] = []
     while len(choice) < n or len(entail) < n:
         f = names[rng.integers(len(names))]
         ls = texts[f]
         i = int(rng.integers(3, len(ls) - 2))
-        ctx, nxt = ls[i - 3:i], ls[i]
-        if not all(s.strip() for s in ctx) or i not in set(_code_lines(ls)):
+        if i not in set(_code_lines(ls)) or not ls[i - 1].strip():
             continue
-        others = []
-        while len(others) < 3:  # distractors: lines of other files
+        ctx, nxt = _tail([x for x in ls[i - 3:i] if x.strip()], 56), ls[i]
+        if sum(len(x) + 1 for x in ctx) > 60:
+            continue  # one long line before: it would be cut
+        others: List[str] = []
+        while len(others) < 4:  # lines of other files: 3 distractors and a non-continuation
             g, j = pool[rng.integers(len(pool))]
             if g != f and texts[g][j] != nxt:
                 others.append(texts[g][j])
         if len(choice) < n:
             right = int(rng.integers(4))
-            options = others[:right] + [nxt] + others[right:]
+            options = others[:right] + [nxt] + others[right:3]
             choice.append({"context": "\n".join(ctx) + "\n", "choices": options, "label": right})
         if len(entail) < n:
             follows = bool(rng.integers(2))
-            if follows:
-                b = ls[i:i + 2]
-            else:
-                g, j = pool[rng.integers(len(pool))]
-                b = texts[g][j:j + 2]
-                if g == f:
-                    continue
-            entail.append({"premise": "\n".join(ctx), "hypothesis": "\n".join(b),
+            entail.append({"premise": "\n".join(ctx), "hypothesis": nxt if follows else others[3],
                            "label": "continues" if follows else "other"})
     return choice, entail
 
@@ -111,8 +120,8 @@ def _choice_and_entail(files: Sequence[str], rng: np.random.Generator, n: int
 _DEF = re.compile(r"^(\s*)def \w+\(")
 
 
-def _functions(files: Sequence[str], rng: np.random.Generator, n: int) -> List[Dict[str, Any]]:
-    """The first lines of functions from the 4 packages with the most functions."""
+def _functions_by_package(files: Sequence[str]) -> Dict[str, List[str]]:
+    """package -> the first lines (at most 120 characters) of each function its files define."""
     root = os.path.dirname(os.__file__)
     by_pkg: Dict[str, List[str]] = {}
     for f in files:
@@ -123,13 +132,22 @@ def _functions(files: Sequence[str], rng: np.random.Generator, n: int) -> List[D
         for i, ln in enumerate(ls):
             m = _DEF.match(ln)
             if m:
-                body = [x for x in ls[i:i + 6] if x.strip()]
-                by_pkg.setdefault(rel[0], []).append("\n".join(x[len(m.group(1)):] for x in body))
-    top = sorted(by_pkg, key=lambda p: -len(by_pkg[p]))[:4]
-    per = n // len(top)
+                body = [x[len(m.group(1)):] for x in ls[i:i + 6] if x.strip()]
+                text = body[0]
+                for x in body[1:]:
+                    if len(text) + 1 + len(x) > 120:
+                        break
+                    text += "\n" + x
+                by_pkg.setdefault(rel[0], []).append(text[:120])
+    return by_pkg
+
+
+def _functions(by_pkg: Dict[str, List[str]], packages: Sequence[str], rng: np.random.Generator,
+               n: int) -> List[Dict[str, Any]]:
+    per = n // len(packages)
     out = []
-    for p in sorted(top):
-        funcs = by_pkg[p]
+    for p in packages:
+        funcs = by_pkg.get(p, [])
         pick = rng.choice(len(funcs), size=min(per, len(funcs)), replace=False)
         out += [{"text": funcs[i], "label": p} for i in pick]
     return [out[i] for i in rng.permutation(len(out))]
@@ -144,11 +162,14 @@ def build_tasks(seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_TEST
     order = rng.permutation(len(files))
     halves = ([files[i] for i in order[::2]], [files[i] for i in order[1::2]])
     made: Dict[str, List[List[Dict[str, Any]]]] = {"choice": [], "entail": [], "classify": []}
-    for part, n in zip(halves, (n_train, n_test)):
+    funcs = [_functions_by_package(h) for h in halves]
+    # the 4 packages with the most functions in the smaller of the two halves
+    packages = sorted(sorted(funcs[0], key=lambda p: -min(len(funcs[0][p]), len(funcs[1].get(p, []))))[:4])
+    for part, by_pkg, n in zip(halves, funcs, (n_train, n_test)):
         choice, entail = _choice_and_entail(part, rng, n)
         made["choice"].append(choice)
         made["entail"].append(entail)
-        made["classify"].append(_functions(part, rng, n))
+        made["classify"].append(_functions(by_pkg, packages, rng, n))
 
     def as_data(task, exs, split):
         return TaskData(task, f"<demo {task} {split}>", exs,
@@ -165,7 +186,9 @@ def pretrained_model(progress: bool = True) -> Tuple[str, float]:
     once with :data:`DEMO_PRETRAIN` and cached."""
     from .pretrain import TrainConfig, train
 
-    key = hashlib.sha1(json.dumps(DEMO_PRETRAIN, sort_keys=True).encode()).hexdigest()[:10]
+    corpus = default_corpus_dir(progress=progress)  # its name is a hash of the files it holds
+    key = hashlib.sha1(json.dumps([DEMO_PRETRAIN, os.path.basename(corpus)],
+                                  sort_keys=True).encode()).hexdigest()[:10]
     out = os.path.join(_cache_root(), f"finetune-demo-pretrain-{key}")
     done = os.path.join(out, "done.json")
     if os.path.isfile(done):
@@ -173,8 +196,8 @@ def pretrained_model(progress: bool = True) -> Tuple[str, float]:
             return os.path.join(out, "checkpoint"), float(json.load(f)["val_loss"])
     if progress:
         print(f"Pre-training the demo model once ({DEMO_PRETRAIN}) -> {out}", flush=True)
-    res = train(TrainConfig(out=out, sample_tokens=0, eval_every=500, progress=progress,
-                            **DEMO_PRETRAIN))
+    res = train(TrainConfig(out=out, data=corpus, sample_tokens=0, eval_every=500,
+                            progress=progress, **DEMO_PRETRAIN))
     write_atomic(done, [json.dumps({"val_loss": res["val_loss"]}).encode()])
     return os.path.join(out, "checkpoint"), float(res["val_loss"])
 
