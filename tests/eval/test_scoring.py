@@ -45,6 +45,26 @@ def test_loglikelihood_equals_plain_scoring(gpt2_tok, prenorm):
         assert a[1] == b[1] == greedy, req
 
 
+@pytest.mark.parametrize("batch_size", [2, 7, 64])
+def test_shared_contexts_batch_together(model, gpt2_tok, rng, batch_size):
+    """Several questions' contexts in one prefill pass (of one length and not), cache rows
+    copied per choice, choices of different lengths, a question with more choices than a
+    batch."""
+    sc = Scorer(model, gpt2_tok, batch_size=batch_size)
+    pairs = []
+    for q, n_choices in enumerate((3, 4, 9, 2, 3)):
+        ctx = [int(t) for t in rng.integers(0, 50257, (12, 12, 12, 7, 20)[q])]
+        pairs += [(ctx, [int(t) for t in rng.integers(0, 50257, 1 + (q + c) % 5)])
+                  for c in range(n_choices)]
+    pairs.append(([5, 6, 7], [8, 9]))  # a lone request: the plain path
+    rng.shuffle(pairs)
+    got = sc.loglikelihood_tokens(pairs)
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
+        want, want_greedy = reference_ll(model, ctx, cont)
+        assert ll == pytest.approx(want, rel=1e-5, abs=1e-5), rng
+        assert greedy == want_greedy
+
+
 def test_greedy_flag_is_true_for_the_argmax_continuation(model, gpt2_tok):
     sc = Scorer(model, gpt2_tok)
     ctx = sc.encode("The weather today")

@@ -50,7 +50,7 @@ class GPTCoreLM(LM):
             # layouts, byte-level tokenizers); this backend is an entry point like they are
             from ..cli.sample import load_for_sampling
 
-            model, tokenizer = load_for_sampling(str(checkpoint), device=str(device or "cpu"),
+            model, tokenizer = load_for_sampling(str(checkpoint), device=_device(device),
                                                  tokenizer=tokenizer)
         elif tokenizer is None or isinstance(tokenizer, str):
             raise ValueError("gptcore: with model= pass the tokenizer object as tokenizer=")
@@ -90,6 +90,21 @@ class GPTCoreLM(LM):
             batch.append((context, until + ([eos] if eos not in until else []),
                           int(kw["max_gen_toks"])))
         return self.scorer.generate_until(batch)
+
+
+def _device(device) -> str:
+    """The harness's command line asks for cuda:0 unless told otherwise; like its hf backend,
+    run on the CPU where there is no GPU (the numbers do not depend on it)."""
+    from .. import cuda
+
+    device = str(device or "cpu")
+    if device.startswith("cuda") and not cuda.is_available():
+        import logging
+
+        logging.getLogger(__name__).warning("gptcore: %s asked for, no CUDA GPU here: using the "
+                                            "CPU", device)
+        return "cpu"
+    return device
 
 
 def main(argv=None) -> None:

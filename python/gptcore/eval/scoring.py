@@ -12,9 +12,9 @@ numbers agree with its ``hf`` backend on the same model:
   :attr:`Scorer.truncated` counts those requests).
 
 Speed. Requests whose (tokenised) contexts are equal -- the choices of a multiple-choice
-question -- share one run of the context: it is fed once through a KV cache at batch 1, the
-cache rows are copied into a cache of one row per continuation, and the continuations run
-together from the context's end (:meth:`Scorer._score_group`). Everything else is sorted by
+question -- share one run of the context: a batch of questions' contexts fill a KV cache
+together (one row each), each continuation gets a copy of its context's row, and the
+continuations of contexts of one length run together from there (:meth:`Scorer._score_shared`). Everything else is sorted by
 length and batched, longest first, so padding stays small. The LM head runs only on the
 positions that are scored.
 
@@ -221,16 +221,23 @@ class Scorer:
         for i, (ctx, _) in enumerate(prepared):
             groups[tuple(ctx)].append(i)
         singles: List[int] = []
+        # shared contexts: whole questions, longest context first, up to batch_size choices a chunk
+        shared: List[Tuple[List[int], List[int]]] = []
         for ctx, members in groups.items():
             if self.share_context and len(members) > 1 and len(ctx) > 1:
-                for s in range(0, len(members), self.batch_size):
-                    part = members[s: s + self.batch_size]
-                    for i, r in zip(part, self._score_group(list(ctx),
-                                                            [prepared[j][1] for j in part])):
-                        results[i] = r
-                    self._advance(len(part))
+                shared.append((list(ctx), members))
             else:
                 singles.extend(members)
+        shared.sort(key=lambda g: -len(g[0]))
+        chunk: List[Tuple[List[int], List[int]]] = []
+        for g in shared + [None]:  # type: ignore[list-item]
+            if chunk and (g is None or sum(len(m) for _, m in chunk) + len(g[1]) > self.batch_size):
+                scores = self._score_shared([(c, [prepared[j][1] for j in m]) for c, m in chunk])
+                for i, r in zip([j for _, m in chunk for j in m], scores):
+                    results[i] = r
+                chunk = []
+            if g is not None:
+                chunk.append(g)
         # the rest: longest first, batches of similar lengths
         singles.sort(key=lambda i: -(len(prepared[i][0]) + len(prepared[i][1])))
         for s in range(0, len(singles), self.batch_size):
@@ -260,37 +267,61 @@ class Scorer:
         hs = np.asarray(h.numpy())[rows, cols]  # (N, C): only the scored positions
         return self._head_scores(hs, targets, [len(c) for _, c in batch])
 
-    def _score_group(self, ctx: List[int], conts: Sequence[List[int]]) -> List[Tuple[float, bool]]:
-        """Score several continuations of one context, running the context once: its first
-        len(ctx) - 1 tokens fill a batch-1 KV cache, whose rows are copied into a cache of one
-        row per continuation; then every row feeds [ctx[-1]] + cont[:-1] from there together
-        (right-padded; padding comes after a row's own positions, so causal attention keeps it
-        out of them)."""
+    def _score_shared(self, groups: Sequence[Tuple[List[int], Sequence[List[int]]]]
+                      ) -> List[Tuple[float, bool]]:
+        """Score the continuations of several contexts, running each context once.
+
+        The contexts without their last token fill a KV cache, one row each, in one pass
+        (right-padded: a row's padding comes after its own positions, so causal attention keeps
+        it out of them, and its cache entries there are overwritten below before anything reads
+        them). Then each continuation gets a copy of its context's cache row, and the
+        continuations of contexts of one length P run together from position P:
+        [ctx[-1]] + cont[:-1], right-padded likewise. Returns the scores in the order of the
+        groups' continuations."""
         model = self.model
-        P = len(ctx) - 1
-        tails = [[ctx[-1]] + c[:-1] for c in conts]
-        Tn = max(len(t) for t in tails)
-        n = len(conts)
-        one = Decoder(model, 1, P + Tn)  # same max_len: a row of each cache has one layout
-        one.forward_tensor(model._to_device_ids(np.asarray([ctx[:-1]], np.int32)), head=False)
-        many = Decoder(model, n, P + Tn)
-        for src_list, dst_list in ((one.cache.k, many.cache.k), (one.cache.v, many.cache.v)):
-            for src, dst in zip(src_list, dst_list):
-                flat_src = src.view([1, src.numel()])
-                flat_dst = dst.view([n, src.numel()])
-                for b in range(n):
-                    flat_dst.narrow(b, 1).copy_(flat_src)
-        idx = np.zeros((n, Tn), np.int32)
-        for b, t in enumerate(tails):
-            idx[b, : len(t)] = t
-        # the trunk over the cached context, ending with the final LayerNorm (the Decoder's own
-        # forward runs the head on one position only; here every tail position is scored)
-        h = model._trunk_forward(model._to_device_ids(idx), many._buffers(Tn), cache=many.cache,
-                                 pos=P, final_ln=True)
-        rows = [b for b, c in enumerate(conts) for _ in c]
-        cols = [j for c in conts for j in range(len(c))]
-        hs = np.asarray(h.numpy())[rows, cols]
-        return self._head_scores(hs, [t for c in conts for t in c], [len(c) for c in conts])
+        G = len(groups)
+        L = max(len(ctx) - 1 + len(c) for ctx, conts in groups for c in conts)
+        P_max = max(len(ctx) for ctx, _ in groups) - 1
+        idx = np.zeros((G, P_max), np.int32)
+        for g, (ctx, _) in enumerate(groups):
+            idx[g, : len(ctx) - 1] = ctx[:-1]
+        prefix = Decoder(model, G, L)  # one max_len for every cache: a row has one layout
+        prefix.forward_tensor(model._to_device_ids(idx), head=False)
+        rows = [(g, len(ctx) - 1, ctx[-1], cont)
+                for g, (ctx, conts) in enumerate(groups) for cont in conts]
+        scores: Dict[int, Tuple[float, bool]] = {}
+        by_len: Dict[int, List[int]] = defaultdict(list)  # P -> rows continuing from there
+        for r, (_, P, _, _) in enumerate(rows):
+            by_len[P].append(r)
+        for P, members in by_len.items():
+            for s in range(0, len(members), self.batch_size):
+                part = members[s: s + self.batch_size]
+                n = len(part)
+                many = Decoder(model, n, L)
+                for src_list, dst_list in ((prefix.cache.k, many.cache.k),
+                                           (prefix.cache.v, many.cache.v)):
+                    for src, dst in zip(src_list, dst_list):
+                        row = src.numel() // G  # one context's H * L * head_dim values
+                        flat_src, flat_dst = src.view([G, row]), dst.view([n, row])
+                        for b, r in enumerate(part):
+                            flat_dst.narrow(b, 1).copy_(flat_src.narrow(rows[r][0], 1))
+                conts = [rows[r][3] for r in part]
+                tails = [[rows[r][2]] + rows[r][3][:-1] for r in part]
+                Tn = max(len(t) for t in tails)
+                tail_idx = np.zeros((n, Tn), np.int32)
+                for b, t in enumerate(tails):
+                    tail_idx[b, : len(t)] = t
+                # the trunk over the cached contexts, ending with the final LayerNorm (the
+                # Decoder's own forward runs the head on one position only; here every tail
+                # position is scored)
+                h = model._trunk_forward(model._to_device_ids(tail_idx), many._buffers(Tn),
+                                         cache=many.cache, pos=P, final_ln=True)
+                hs = np.asarray(h.numpy())[[b for b, c in enumerate(conts) for _ in c],
+                                           [j for c in conts for j in range(len(c))]]
+                got = self._head_scores(hs, [t for c in conts for t in c], [len(c) for c in conts])
+                scores.update(zip(part, got))
+                self._advance(n)
+        return [scores[r] for r in range(len(rows))]
 
     def _head_scores(self, hs: np.ndarray, targets: Sequence[int],
                      lengths: Sequence[int]) -> List[Tuple[float, bool]]:
