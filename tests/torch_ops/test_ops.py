@@ -352,3 +352,19 @@ def test_compiled_cross_entropy_with_ignore_index_matches_eager(gen):
     close("dlogits", grads(got, [logits], None)[0], grads(want, [logits], None)[0])
     targets[5:9] = -100  # a different count of ignored positions: no stale constant
     close("loss, new mask", fn(logits, targets), F.cross_entropy(logits, targets))
+
+
+def test_tensors_cross_without_a_copy():
+    """torch -> gptcore views the same memory (CPU: NumPy's buffer), gptcore -> torch through
+    DLPack too, and an op's output is the buffer torch allocated."""
+    import gptcore
+
+    x = torch.randn(3, 8)
+    assert gops._g(x, "x").data_ptr() == x.data_ptr()
+    ids = torch.tensor([[1, 2]])
+    assert gops._g(ids, "ids").data_ptr() == ids.data_ptr()
+    t = gptcore.zeros([2, 5])
+    y = torch.from_dlpack(t)
+    assert y.data_ptr() == t.data_ptr()
+    y += 1.0  # one memory: gptcore sees the write
+    assert float(t.numpy().sum()) == 10.0
