@@ -224,6 +224,8 @@ def test_bpe_tokenizer_learns_the_task_tokens_as_specials(tmp_path):
     ([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}],
      [{"text": "c", "label": "w"}], "classify", r"val\.jsonl:1: unknown label 'w'"),
     ([{"premise": "a", "label": "x"}], None, "entail", r"train\.jsonl:1: missing field 'hypothesis'"),
+    ([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}], [{"text": "c"}], "classify",
+     r"val\.jsonl:1: missing field 'label'"),
     ([{"context": "a", "choices": [], "label": 0}], None, "choice",
      r"train\.jsonl:1: field 'choices' must be a non-empty list"),
     ([{"context": "a", "choices": ["x", "y"], "label": 0},
@@ -274,3 +276,33 @@ def test_python_api_is_exported_without_loading_training_at_import():
                         "print('gptcore.train.finetune' in sys.modules)"],
                        capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stderr
+
+
+@pytest.mark.parametrize("task", ["entail", "choice"])
+def test_finetuned_model_opens_in_transformers_with_equal_logits(tmp_path, task):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    rng = np.random.default_rng(4)
+    rows = (choice_task(rng, 12) if task == "choice" else
+            [{"premise": r["text"], "hypothesis": r["text"][:3], "label": r["label"]}
+             for r in letters_task(rng, 12)])
+    r = finetune(task=task, train=as_data(task, rows), base=tiny_base(), out=str(tmp_path / "run"),
+                 epochs=1, batch_size=4, progress=False)
+    tm = load_task_model(tmp_path / "run")
+    data = as_data(task, rows)
+    ours = tm.scores(data)
+    np.testing.assert_allclose(ours, r["model"].scores(data), rtol=1e-5, atol=1e-6)
+    batch = next(tm.batches(data, np.arange(len(rows)), len(rows)))
+    ids = torch.tensor(batch.ids, dtype=torch.long)
+    path = tmp_path / "run" / "model"
+    with torch.no_grad():
+        if task == "choice":
+            hf = transformers.GPT2DoubleHeadsModel.from_pretrained(path).eval()
+            k = batch.group
+            theirs = hf(ids.view(len(rows), k, -1),
+                        mc_token_ids=torch.tensor(batch.extract).view(len(rows), k)).mc_logits
+        else:
+            hf = transformers.GPT2ForSequenceClassification.from_pretrained(path).eval()
+            theirs = hf(ids).logits
+            assert hf.config.id2label == {0: "no", 1: "yes"}
+    np.testing.assert_allclose(theirs.numpy(), ours, rtol=1e-4, atol=1e-5)

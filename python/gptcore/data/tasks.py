@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["TASKS", "TASK_FIELDS", "SPECIAL_TOKENS", "TaskData", "LabelSpace", "read_jsonl",
-           "check_examples", "TaskEncoder", "Batch", "collate"]
+           "check_example", "check_examples", "TaskEncoder", "Batch", "collate"]
 
 TASKS = ("classify", "entail", "similar", "choice")
 # the text fields of each task, in the order they enter the sequence
@@ -79,8 +79,9 @@ def _is_num(v) -> bool:
             and math.isfinite(float(v)))
 
 
-def _check_example(task: str, ex: Any, where: str, need_label: bool) -> None:
-    """Raise ValueError naming ``where`` unless ``ex`` is a valid ``task`` example."""
+def check_example(task: str, ex: Any, where: str, need_label: bool) -> None:
+    """Raise ValueError naming ``where`` unless ``ex`` is a valid ``task`` example (a label is
+    required when ``need_label``)."""
     if not isinstance(ex, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(ex).__name__}")
     for name in TASK_FIELDS[task]:
@@ -144,7 +145,7 @@ def read_jsonl(path, task: str, need_labels: bool = True) -> TaskData:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{at}: malformed JSON ({e.msg} at column {e.colno})") from None
-            _check_example(task, ex, at, need_labels)
+            check_example(task, ex, at, need_labels)
             labelled += "label" in ex
             examples.append(ex)
             where.append(at)

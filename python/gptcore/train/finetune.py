@@ -48,6 +48,7 @@ from ..data.tasks import (
     LabelSpace,
     TaskData,
     TaskEncoder,
+    check_example,
     check_examples,
     collate,
     read_jsonl,
@@ -205,12 +206,10 @@ class TaskModel:
         if isinstance(examples, TaskData):
             data = examples
         else:
-            from ..data.tasks import _check_example
-
             examples = list(examples)
             where = [f"examples[{i}]" for i in range(len(examples))]
             for ex, at in zip(examples, where):
-                _check_example(self.task, ex, at, need_labels)
+                check_example(self.task, ex, at, need_labels)
             if not examples:
                 raise ValueError("examples: expected at least one example")
             data = TaskData(self.task, "examples", examples, where,
@@ -338,7 +337,8 @@ def _pearson(a, b) -> float:
 
 
 def metrics(labels: LabelSpace, scores: np.ndarray, y: np.ndarray) -> Dict[str, float]:
-    """accuracy (and F1 of class 1 for two classes); Pearson, Spearman and MSE for regression."""
+    """accuracy, and for two classes F1 of class 1 (the second of the sorted labels: 1 of 0/1,
+    "yes" of no/yes); Pearson, Spearman and MSE for regression. ``y``: class ids or targets."""
     if labels.kind == "regression":
         s = np.asarray(scores, np.float64)
         return {"pearson": _pearson(s, y), "spearman": _pearson(_ranks(s), _ranks(np.asarray(y))),
@@ -440,10 +440,8 @@ def _loss_and_backward(tm: TaskModel, batch, lm_weight: float) -> Tuple[float, f
 def _task_data(source, task: str) -> TaskData:
     """A JSONL file's examples, or examples already in memory (a TaskData, checked here)."""
     if isinstance(source, TaskData):
-        from ..data.tasks import _check_example
-
         for ex, at in zip(source.examples, source.where):
-            _check_example(task, ex, at, False)
+            check_example(task, ex, at, False)
         return source
     return read_jsonl(source, task)
 
@@ -497,13 +495,13 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, base=None, **kwargs) -> Di
     else:
         labels = LabelSpace.from_data(train_data)
         tm = _new_task_model(cfg, labels, base if base is not None else cfg.checkpoint)
+    check_examples(train_data, tm.labels)  # (a resumed run: the checkpoint's labels)
     train_y = tm.labels.encode(train_data)
     if val_data is not None:
-        check_examples(val_data, tm.labels)
         if not val_data.has_labels:
-            raise ValueError(f"{val_data.path}: validation examples need labels")
-    if tm.task == "choice" and len(train_data.examples[0]["choices"]) != tm.labels.n_choices:
-        check_examples(train_data, tm.labels)
+            first = next(w for ex, w in zip(val_data.examples, val_data.where) if "label" not in ex)
+            raise ValueError(f"{first}: missing field 'label' (validation examples need labels)")
+        check_examples(val_data, tm.labels)
 
     model = tm.model
     opt = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
