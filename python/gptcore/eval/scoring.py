@@ -32,6 +32,7 @@ import numpy as np
 
 from .. import ops
 from ..models.kvcache import Decoder
+from ..tensor import from_numpy, upload
 
 __all__ = ["Scorer", "rolling_windows"]
 
@@ -327,20 +328,18 @@ class Scorer:
                      lengths: Sequence[int]) -> List[Tuple[float, bool]]:
         """The tied LM head on the scored hidden states only: (N, C) -> log p(target) and
         whether the target is the argmax, summed / and-ed per request of ``lengths`` tokens."""
-        from ..tensor import upload
-
         model = self.model
         V = model.config.vocab_size
         h_t = upload(np.ascontiguousarray(hs, dtype=np.float32), model.device, model.dtype)
         logits, _ = ops.linear_forward(h_t, model.parameters()["wte"], None)
-        host = np.asarray(logits.numpy())[:, :V]
-        tgt = np.asarray(targets, np.int64)
-        greedy = host.argmax(axis=1) == tgt
-        # log p = logit[target] - logsumexp(logits), accumulated in float64
-        m = host.max(axis=1, keepdims=True)
-        lse = m[:, 0].astype(np.float64) + np.log(
-            np.exp(host - m).sum(axis=1, dtype=np.float64))
-        logp = host[np.arange(len(tgt)), tgt].astype(np.float64) - lse
+        tgt = np.asarray(targets, np.int32)
+        greedy = np.asarray(logits.numpy())[:, :V].argmax(axis=1) == tgt
+        tgt_t = from_numpy(tgt, "targets")
+        if model.device != "cpu":
+            tgt_t = tgt_t.to(device=model.device)
+        # -log p(target): the fused softmax cross-entropy over the real vocabulary
+        nll = ops.cross_entropy_forward(logits, tgt_t, V, -1)
+        logp = -np.asarray(nll.numpy(), dtype=np.float64)
         out, s = [], 0
         for n in lengths:
             out.append((float(logp[s: s + n].sum()), bool(greedy[s: s + n].all())))
