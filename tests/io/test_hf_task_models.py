@@ -336,3 +336,56 @@ def test_transformers_task_model_opens_in_gptcore(tmp_path, rng, hf, head, gpt1)
         assert again.config.id2label == {0: "no", 1: "maybe", 2: "yes"}
     else:
         assert rel_err(_their_logits(hf, again, head, ids, last, K)[0], ours.reshape(2, K)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole path: `gptcore.finetune` writes a model transformers opens with the same logits
+# ------------------------------------------------------------------------------------------------
+
+
+def _pad(seqs, pad: int) -> tuple:
+    T = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), T), pad, np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+    return ids, np.array([len(s) - 1 for s in seqs])
+
+
+@pytest.mark.parametrize("task", ["classify", "choice"])
+def test_finetuned_model_opens_in_transformers(tmp_path, rng, hf, task):
+    """gptcore.train.finetune's own output directory (its task record passed as task_config)
+    opens in transformers' task model, whose logits on right-padded batches equal the task
+    model's scores."""
+    ft = pytest.importorskip("gptcore.train.finetune")
+    from gptcore.data import get_tokenizer
+
+    torch, tr = hf
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    if task == "classify":
+        examples = [{"text": " ".join(rng.choice(words, int(rng.integers(1, 5)))), "label": ["x", "y", "z"][i % 3]}
+                    for i in range(12)]
+    else:
+        examples = [{"context": str(rng.choice(words)), "choices": [str(w) * (j + 1) for j, w in
+                     enumerate(rng.choice(words, 3))], "label": int(rng.integers(3))} for _ in range(8)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(ex) + "\n" for ex in examples))
+    cfg = tiny(vocab_size=257, block_size=64)
+    out = ft.finetune(task=task, train=str(data), out=str(tmp_path / "run"), epochs=1, batch_size=4,
+                      progress=False, base=(randomised(cfg, rng), get_tokenizer("byte")))
+    tm = out["model"]  # scores() runs in evaluation mode
+    model_dir = tmp_path / "run" / ft.MODEL_NAME
+    want = tm.scores(examples)
+    seqs = [s for ex in examples for s in tm.encoder.sequences(ex)]
+    ids, last = _pad(seqs, tm.encoder.start)
+    assert len(set(last)) > 1  # the batch really is padded
+    if task == "classify":
+        theirs = tr.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        assert theirs.config.id2label == {0: "x", 1: "y", 2: "z"}
+        with torch.no_grad():
+            got = theirs(torch.as_tensor(ids)).logits.numpy()
+    else:
+        theirs = tr.GPT2DoubleHeadsModel.from_pretrained(model_dir).eval()
+        with torch.no_grad():
+            got = theirs(torch.as_tensor(ids).view(len(examples), 3, -1),
+                         mc_token_ids=torch.as_tensor(last).view(len(examples), 3)).mc_logits.numpy()
+    assert rel_err(got, want) < 1e-5, rng
