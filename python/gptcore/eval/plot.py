@@ -31,7 +31,7 @@ def plot_shots(rows: Sequence[Dict], path) -> None:
     tasks: List[str] = list(dict.fromkeys(r["task"] for r in picked))
     shots: List[int] = sorted({r["shots"] for r in picked})
     width = 0.8 / len(shots)
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(tasks) * len(shots) ** 0.5), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(tasks) * len(shots) ** 0.5), 3.6))
     try:
         for j, k in enumerate(shots):
             xs, ys, es = [], [], []
@@ -47,7 +47,7 @@ def plot_shots(rows: Sequence[Dict], path) -> None:
         ax.set_xticklabels(tasks)
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
-        ax.set_title("accuracy against the number of demonstrations in context")
+        ax.set_title("accuracy by number of demonstrations (shots)", fontsize=10)
         ax.legend()
         fig.tight_layout()
         with atomic_file(os.fspath(path)) as f:
