@@ -36,3 +36,28 @@ def test_parse_json_hostile_input_gives_one_error(data, message):
         parse_json(data, "some/file.json", FileError)
     assert str(e.value).startswith("some/file.json: ")
     assert e.value.__cause__ is None and e.value.__suppress_context__  # no json internals chained
+
+
+def test_every_checkpoint_json_reader_refuses_deep_nesting(tmp_path):
+    """Siblings of the safetensors header: config.json (transformers and gptcore's old native
+    format), state.json, trainer_state.json and GPTConfig.from_json name the file, never
+    RecursionError."""
+    from gptcore.io import CheckpointError, load_pretrained
+    from gptcore.models import GPT, GPTConfig
+    from gptcore.train import load_checkpoint, recorded_tokenizer
+
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(ValueError, match="config: .*nested too deeply"):
+        GPTConfig.from_json(deep)
+    ck = tmp_path / "ck"
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)).save_pretrained(ck)
+    (ck / "config.json").write_text(deep)
+    with pytest.raises(CheckpointError, match="config.json.*nested too deeply"):
+        load_pretrained(ck)
+    native = tmp_path / "native"
+    native.mkdir()
+    for name in ("config.json", "model.npz", "optim.npz", "state.json"):
+        (native / name).write_text(deep)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_checkpoint(str(native))
+    assert recorded_tokenizer(str(native)) is None

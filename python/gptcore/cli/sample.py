@@ -16,8 +16,9 @@ __all__ = ["add_subcommand", "run", "load_for_sampling"]
 
 
 def _resolve_tokenizer(spec: Optional[str], path: str, vocab_size: int, meta_name: Optional[str]):
-    """A tokenizer for a checkpoint: --tokenizer NAME|DIR, else the checkpoint's own files,
-    else the training data's tokenizer, else by vocabulary size (GPT-2's 50257, bytes' 257)."""
+    """A tokenizer for a checkpoint: --tokenizer NAME|DIR, else the training data's tokenizer a
+    `gptcore train` run recorded, else the checkpoint's own files, else by vocabulary size
+    (GPT-2's 50257, bytes' 257)."""
     from .. import data as gdata
 
     from ..io.pretrained import load_tokenizer
@@ -27,12 +28,12 @@ def _resolve_tokenizer(spec: Optional[str], path: str, vocab_size: int, meta_nam
         if os.path.isdir(spec):
             return Tokenizer.load(spec)
         return gdata.get_tokenizer(spec)
+    if meta_name:  # the tokenizer a `gptcore train` run's data was made with
+        return gdata.get_tokenizer(meta_name)
     if os.path.isdir(path):
         tok = load_tokenizer(path)
         if tok is not None:
             return tok
-    if meta_name:
-        return gdata.get_tokenizer(meta_name)
     if vocab_size == 257:
         return gdata.get_tokenizer("byte")
     if vocab_size in (50257, 50304):

@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from .._fileio import parse_json
 from ..models import schema
 from ..models.config import GPTConfig
 from .safetensors import (
@@ -228,13 +229,9 @@ def _config_from_hf(d: Any, where: str) -> GPTConfig:
 
 
 def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise
-    except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path!r} is not valid JSON ({e})") from None
+    with open(path, "rb") as f:
+        data = f.read()
+    return parse_json(data, repr(path), CheckpointError)
 
 
 def _open_hf_tensors(directory: str) -> Dict[str, Tuple[SafetensorsFile, str]]:

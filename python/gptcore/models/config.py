@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from .._fileio import parse_json
 from .schema import count_parameters
 
 __all__ = ["GPTConfig", "PRESETS", "GPT3_BAND_WIDTH"]
@@ -145,7 +146,7 @@ class GPTConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "GPTConfig":
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(parse_json(text, "config"))
 
     def replace(self, **changes) -> "GPTConfig":
         """A copy with some fields changed (attn_window is re-derived if n_layer changes)."""

@@ -1,12 +1,12 @@
 """Training-run checkpoints: save, resume and the data tokenizer a run recorded."""
 
-import json
 import os
 from typing import Any, Dict, Optional
 
 import numpy as np
 
 from .. import io as gckpt
+from .._fileio import parse_json
 from ..models.config import GPTConfig
 from ..models.gpt import GPT
 from ..optim import AdamW
@@ -87,10 +87,10 @@ def _load_native_v1(path: str) -> Dict[str, Any]:
         if not os.path.isfile(os.path.join(path, name)):
             raise FileNotFoundError(f"checkpoint {path!r} is incomplete: {name} is missing")
     try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            config = GPTConfig.from_dict(json.load(f))
-        with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
-            state = json.load(f)
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            config = GPTConfig.from_dict(parse_json(f.read(), "config.json"))
+        with open(os.path.join(path, "state.json"), "rb") as f:
+            state = parse_json(f.read(), "state.json")
     except (ValueError, TypeError) as e:
         raise ValueError(f"checkpoint {path!r}: damaged config.json or state.json ({e})") from None
     if not isinstance(state, dict) or state.get("format") != "gptcore-native-1":
@@ -116,8 +116,8 @@ def recorded_tokenizer(path: str) -> Optional[str]:
     path = os.fspath(path)
     name = "state.json" if is_native_v1_checkpoint(path) else "trainer_state.json"
     try:
-        with open(os.path.join(path, name), encoding="utf-8") as f:
-            d = json.load(f)
+        with open(os.path.join(path, name), "rb") as f:
+            d = parse_json(f.read(), name)
         state = d if name == "state.json" else d.get("state")
         tok = (state.get("data_meta") or {}).get("tokenizer")
     except (OSError, ValueError, AttributeError):
