@@ -264,8 +264,8 @@ class Scorer:
             rows += [b] * len(cont)
             cols += range(start, start + len(cont))
             targets += cont
-        h = self.model.hidden_states(idx)
-        hs = np.asarray(h.numpy())[rows, cols]  # (N, C): only the scored positions
+        dec = Decoder(self.model, len(batch), T)
+        hs = _hidden(dec, idx, 0)[rows, cols]  # (N, C): only the scored positions
         return self._head_scores(hs, targets, [len(c) for _, c in batch])
 
     def _score_shared(self, groups: Sequence[Tuple[List[int], Sequence[List[int]]]]
@@ -312,13 +312,8 @@ class Scorer:
                 tail_idx = np.zeros((n, Tn), np.int32)
                 for b, t in enumerate(tails):
                     tail_idx[b, : len(t)] = t
-                # the trunk over the cached contexts, ending with the final LayerNorm (the
-                # Decoder's own forward runs the head on one position only; here every tail
-                # position is scored)
-                h = model._trunk_forward(model._to_device_ids(tail_idx), many._buffers(Tn),
-                                         cache=many.cache, pos=P, final_ln=True)
-                hs = np.asarray(h.numpy())[[b for b, c in enumerate(conts) for _ in c],
-                                           [j for c in conts for j in range(len(c))]]
+                hs = _hidden(many, tail_idx, P)[[b for b, c in enumerate(conts) for _ in c],
+                                                [j for c in conts for j in range(len(c))]]
                 got = self._head_scores(hs, [t for c in conts for t in c], [len(c) for c in conts])
                 scores.update(zip(part, got))
                 self._advance(n)
@@ -345,6 +340,20 @@ class Scorer:
             out.append((float(logp[s: s + n].sum()), bool(greedy[s: s + n].all())))
             s += n
         return out
+
+
+def _hidden(dec: Decoder, idx: np.ndarray, pos: int) -> np.ndarray:
+    """The final hidden states (B, T, C) of ``idx`` fed to ``dec``'s cache from position
+    ``pos`` (a host view, valid until the decoder runs again). The trunk's own cached forward
+    (the same block code as training and decoding) with its final LayerNorm: the Decoder's
+    forward runs the LM head on one position only, scoring needs every position. A Decoder's
+    buffers are shared by all layers, unlike a full-sequence forward's, which keeps every
+    layer's activations for a backward that scoring never runs."""
+    model = dec.model
+    h = model._trunk_forward(model._to_device_ids(idx), dec._buffers(idx.shape[1]),
+                             cache=dec.cache, pos=pos, final_ln=True)
+    dec.pos = pos + idx.shape[1]
+    return np.asarray(h.numpy())
 
 
 def _pair(req, i: int) -> Tuple[str, str]:
