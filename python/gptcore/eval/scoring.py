@@ -164,7 +164,7 @@ class Scorer:
         from ..generate import PAD, generate
 
         out: List[Optional[str]] = [None] * len(requests)
-        by_budget: Dict[int, List[int]] = defaultdict(list)
+        by_kind: Dict[int, List[int]] = defaultdict(list)  # max_tokens -> requests
         prompts, stops = [], []
         for i, req in enumerate(requests):
             if not isinstance(req, (tuple, list)) or len(req) != 3:
@@ -184,10 +184,12 @@ class Scorer:
                 self.truncated += 1
             prompts.append(ids)
             stops.append(until)
-            by_budget[int(max_tokens)].append(i)
-        for budget, rows in by_budget.items():
+            by_kind[int(max_tokens)].append(i)
+        for budget, rows in by_kind.items():
             for s in range(0, len(rows), self.batch_size):
                 chunk = rows[s: s + self.batch_size]
+                # no stop= here: the sampler ends a row at a whole token, and the harness keeps
+                # the text of a token in which a stop string begins, up to that string
                 toks = generate(self.model, [prompts[i] for i in chunk], budget, temperature=0.0,
                                 tokenizer=self.tokenizer)
                 for r, i in enumerate(chunk):
