@@ -21,6 +21,7 @@ the parameter's dtype. There is no float64 kernel: a float64 input raises TypeEr
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -29,6 +30,8 @@ from torch import Tensor
 from .. import cuda as _gcuda
 from .. import ops as _ops
 from .._load import _C
+from ..tensor import empty as _gempty
+from ..tensor import zeros as _gzeros
 
 __all__ = ["attention", "attention_qkv", "layer_norm", "residual_layer_norm", "linear",
            "linear_gelu", "cross_entropy", "linear_cross_entropy", "embedding"]
@@ -71,10 +74,29 @@ def _on(t: Tensor):
             _gcuda.set_stream(prev)
 
 
+_BIG = 1 << 16  # elements; below this torch's allocator does as well
+
+
+def _empty(shape, dtype, device, zero: bool = False) -> Tensor:
+    """A buffer for an op to write. Large float32 CPU buffers come from gptcore's allocator
+    (64-byte aligned, huge pages; zeroed pages straight from the system), handed to torch through
+    DLPack, which keeps them alive: fewer page faults and no separate zero-fill pass than
+    ``torch.empty``/``torch.zeros``. Everything else (CUDA included: its caching allocator, which
+    orders memory reuse on PyTorch's streams) comes from torch."""
+    shape = tuple(shape)
+    if device.type == "cpu" and dtype == torch.float32 and math.prod(shape) >= _BIG:
+        return torch.from_dlpack((_gzeros if zero else _gempty)(list(shape), "float32", "cpu"))
+    return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+
+
+def _like(t: Tensor) -> Tensor:
+    return _empty(t.shape, t.dtype, t.device)
+
+
 def _f32_zeros(like: Tensor) -> Tensor:
     """A float32 gradient buffer for a parameter (the kernels accumulate parameter gradients
     in float32 and add into the buffer)."""
-    return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+    return _empty(like.shape, torch.float32, like.device, zero=True)
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -85,8 +107,8 @@ def _attention_fwd(qkv: Tensor, n_head: int, window: Optional[int], dropout_p: f
                    seed: int, stream: int) -> Tuple[Tensor, Tensor]:
     qkv = qkv.contiguous()
     B, T, C3 = qkv.shape
-    out = torch.empty((B, T, C3 // 3), dtype=qkv.dtype, device=qkv.device)
-    lse = torch.empty((B, n_head, T), dtype=torch.float32, device=qkv.device)
+    out = _empty((B, T, C3 // 3), qkv.dtype, qkv.device)
+    lse = _empty((B, n_head, T), torch.float32, qkv.device)
     with _on(qkv):
         _ops.attention_forward(_g(qkv, "qkv"), n_head, window, dropout_p=dropout_p, seed=seed,
                                stream=stream, out=(_g(out, "out"), _g(lse, "lse")))
@@ -104,7 +126,7 @@ def _(qkv, n_head, window, dropout_p, seed, stream):
 def _attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, n_head: int,
                    window: Optional[int], dropout_p: float, seed: int, stream: int) -> Tensor:
     dout, qkv, out, lse = (t.contiguous() for t in (dout, qkv, out, lse))
-    dqkv = torch.empty_like(qkv)
+    dqkv = _like(qkv)
     with _on(qkv):
         _ops.attention_backward(_g(dout, "dout"), _g(qkv, "qkv"), _g(out, "out"), _g(lse, "lse"),
                                 n_head, window, dropout_p=dropout_p, seed=seed, stream=stream,
@@ -180,9 +202,9 @@ def attention_qkv(q: Tensor, k: Tensor, v: Tensor, window: Optional[int] = None,
 def _layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor,
                     eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
-    out = torch.empty_like(x)
-    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
+    out = _like(x)
+    mean = _empty(x.shape[:-1], torch.float32, x.device)
+    rstd = _like(mean)
     with _on(x):
         _ops.layernorm_forward(_g(x, "x"), _g(weight, "weight"), _g(bias, "bias"), eps,
                                out=(_g(out, "out"), _g(mean, "mean"), _g(rstd, "rstd")))
@@ -203,7 +225,7 @@ def _layer_norm_bwd(dout: Tensor, dresidual: Optional[Tensor], x: Tensor, mean: 
     elsewhere in ``dresidual``."""
     dout, dresidual, x, weight = (_dense(t) for t in (dout, dresidual, x, weight))
     dweight, dbias = _f32_zeros(weight), _f32_zeros(weight)
-    dx = torch.empty_like(x)
+    dx = _like(x)
     with _on(x):
         _ops.layernorm_backward(_g(dout, "dout"), _g(x, "x"), _g(mean.contiguous(), "mean"),
                                 _g(rstd.contiguous(), "rstd"),
@@ -250,9 +272,9 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
 def _residual_layer_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
                              eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     x, residual, weight, bias = (t.contiguous() for t in (x, residual, weight, bias))
-    s, out = torch.empty_like(x), torch.empty_like(x)
-    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
+    s, out = _like(x), _like(x)
+    mean = _empty(x.shape[:-1], torch.float32, x.device)
+    rstd = _like(mean)
     with _on(x):
         _ops.residual_layernorm_forward(_g(x, "x"), _g(residual, "residual"), _g(weight, "weight"),
                                         _g(bias, "bias"), eps,
@@ -305,7 +327,7 @@ def _linear_out_shape(x: Tensor, weight: Tensor):
 @torch.library.custom_op("gptcore::linear_fwd", mutates_args=())
 def _linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     x, weight, bias = _dense(x), _dense(weight), _dense(bias)
-    out = torch.empty(_linear_out_shape(x, weight), dtype=x.dtype, device=x.device)
+    out = _empty(_linear_out_shape(x, weight), x.dtype, x.device)
     with _on(x):
         _ops.linear_forward(_g(x, "x"), _g(weight, "weight"), _g(bias, "bias"),
                             out=_g(out, "out"))
@@ -321,8 +343,8 @@ def _(x, weight, bias):
 def _linear_gelu_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     x, weight, bias = _dense(x), _dense(weight), _dense(bias)
     shape = _linear_out_shape(x, weight)
-    out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    pre = torch.empty_like(out)
+    out = _empty(shape, x.dtype, x.device)
+    pre = _like(out)
     with _on(x):
         _ops.linear_forward(_g(x, "x"), _g(weight, "weight"), _g(bias, "bias"), gelu=True,
                             out=(_g(out, "out"), _g(pre, "pre")))
@@ -342,8 +364,8 @@ def _linear_bwd(dout: Tensor, x: Tensor, pre: Optional[Tensor], weight: Tensor,
     computed whether or not the layer has a bias: it is one column sum)."""
     dout, x, pre, weight = (_dense(t) for t in (dout, x, pre, weight))
     dweight = _f32_zeros(weight)
-    dbias = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
-    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+    dbias = _empty((weight.shape[0],), torch.float32, x.device, zero=True)
+    dx = _like(x) if need_dx else x.new_empty((0,))
     with _on(x):
         _ops.linear_backward(_g(dout, "dout"), _g(x, "x"), pre=_g(pre, "pre"),
                              weight=_g(weight, "weight"), need_dx=need_dx,
@@ -400,7 +422,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
 def _cross_entropy_loss(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
     """Per-position losses only (no gradient), for inputs that need none."""
     logits, targets = logits.contiguous(), targets.contiguous()
-    losses = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    losses = _empty(targets.shape, torch.float32, logits.device)
     with _on(logits):
         _ops.cross_entropy_forward(_g(logits, "logits"), _g(targets, "targets"),
                                    ignore_index=ignore_index, out=_g(losses, "losses"))
@@ -419,8 +441,8 @@ def _cross_entropy_fwd(logits: Tensor, targets: Tensor,
     (``softmax - onehot``, zero on ignored rows): backward is then one multiplication, and the
     softmax is never stored (llm.c's and Liger-Kernel's fused classifier)."""
     logits, targets = logits.contiguous(), targets.contiguous()
-    losses = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    dlogits = torch.empty_like(logits)
+    losses = _empty(targets.shape, torch.float32, logits.device)
+    dlogits = _like(logits)
     with _on(logits):
         _ops.cross_entropy_forward_backward(_g(logits, "logits"), _g(targets, "targets"),
                                             ignore_index=ignore_index, grad_scale=1.0,
@@ -501,10 +523,10 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, targets: Tensor, ignore
     K, V = x.shape[-1], weight.shape[0]
     xf, tf = x.reshape(-1, K), targets.reshape(-1)
     N = xf.shape[0]
-    losses = torch.empty(N, dtype=torch.float32, device=x.device)
-    dx = torch.empty_like(xf)
+    losses = _empty((N,), torch.float32, x.device)
+    dx = _like(xf)
     dweight = _f32_zeros(weight)
-    logits = torch.empty((min(chunk, N), V), dtype=x.dtype, device=x.device)
+    logits = _empty((min(chunk, N), V), x.dtype, x.device)
     with _on(x):
         gw, gdw = _g(weight, "weight"), _g(dweight, "dweight")
         for r0 in range(0, N, chunk):
@@ -568,7 +590,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_inde
 @torch.library.custom_op("gptcore::embedding_fwd", mutates_args=())
 def _embedding_fwd(idx: Tensor, wte: Tensor, wpe: Tensor) -> Tensor:
     idx, wte, wpe = idx.contiguous(), wte.contiguous(), wpe.contiguous()
-    out = torch.empty((*idx.shape, wte.shape[1]), dtype=wte.dtype, device=wte.device)
+    out = _empty((*idx.shape, wte.shape[1]), wte.dtype, wte.device)
     with _on(wte):
         _ops.embedding_forward(_g(idx, "idx"), _g(wte, "wte"), _g(wpe, "wpe"), out=_g(out, "out"))
     return out
