@@ -112,12 +112,49 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
-def test_dropout_config_is_refused_in_training_mode():
-    model = GPT(_cfg(resid_pdrop=0.1))
-    x, _ = _batch(torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="dropout"):
-        model(x)
-    model.eval()(x)  # fine without dropout
+def test_dropout_trains_like_gptcore_gpt():
+    """With dropout everywhere, the module in training mode draws gptcore.GPT's masks: two
+    training steps give gptcore.GPT's losses and gradients; eval mode has no dropout."""
+    cfg = _cfg(embd_pdrop=0.1, attn_pdrop=0.2, resid_pdrop=0.15)
+    ref = gptcore.GPT(cfg, seed=7)
+    model = GPT(cfg, seed=7)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in ref.state_dict().items()})
+    gen = torch.Generator().manual_seed(7)
+    for step in range(2):
+        x, y = _batch(gen)
+        ref.zero_grad()
+        want = ref.forward(x.numpy(), y.numpy())
+        ref.backward()
+        model.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        loss.backward()
+        assert abs(loss.item() - want) < 2e-5, step
+        grads = ref.grads()
+        for n, p in model.named_parameters():
+            g = grads[n].numpy()[: p.shape[0]] if n == "wte" else grads[n].numpy()
+            np.testing.assert_allclose(p.grad.numpy(), g, rtol=1e-4, atol=1e-6, err_msg=n)
+    assert int(model.dropout_step) == 2 and "dropout_step" not in model.state_dict()
+    model.eval()
+    ref.eval()
+    x, _ = _batch(gen)
+    np.testing.assert_allclose(model(x)[0].detach().numpy(), ref.logits(x.numpy()), atol=2e-5)
+    assert int(model.dropout_step) == 2
+
+
+def test_compiled_dropout_model_matches_eager_over_steps():
+    """The dropout step lives in a buffer: the compiled model advances it and draws new masks
+    each step, like eager (no recompilation needed)."""
+    cfg = _cfg(attn_pdrop=0.1, resid_pdrop=0.1, embd_pdrop=0.1)
+    eager, comp = GPT(cfg, seed=8), GPT(cfg, seed=8)
+    compiled = torch.compile(comp, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(8)
+    losses = []
+    for _ in range(2):
+        x, y = _batch(gen)
+        a, b = eager(x, y)[1], compiled(x, y)[1]
+        assert abs(a.item() - b.item()) < 1e-6
+        losses.append(a.item())
+    assert losses[0] != losses[1] and int(comp.dropout_step) == 2
 
 
 def _ddp_worker(rank, world, init_file, out_dir, steps):

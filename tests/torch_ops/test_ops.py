@@ -207,6 +207,44 @@ def test_embedding_matches_torch(gen):
         close(name, a, r)
 
 
+def test_dropout_uses_gptcores_generator(gen):
+    """dropout, residual dropout and embedding dropout apply gptcore.reference's mask for
+    (p, seed, stream), and their gradients go through the same mask."""
+    from gptcore import reference
+
+    p, seed, stream = 0.3, 11, 5
+    x = randn(gen, 3, 7, 16, grad=True)
+    keep = torch.from_numpy(reference.dropout_mask(tuple(x.shape), p, seed, stream)
+                            .astype("float32"))
+    scale = 1.0 / (1.0 - p)
+    close("dropout", gt.dropout(x, p, seed, stream), x * keep * scale, tol=1e-6)
+    r, w, b = randn(gen, 3, 7, 16, grad=True), randn(gen, 16, grad=True), randn(gen, 16, grad=True)
+    s, out = gt.residual_layer_norm(x, r, w, b, dropout_p=p, seed=seed, stream=stream)
+    s_ref = x * keep * scale + r
+    out_ref = F.layer_norm(s_ref, (16,), w, b)
+    close("sum", s, s_ref)
+    close("out", out, out_ref)
+    gs, go = randn(gen, *s.shape), randn(gen, *s.shape)
+    for a, e in zip(torch.autograd.grad([s, out], [x, r, w, b], [gs, go]),
+                    torch.autograd.grad([s_ref, out_ref], [x, r, w, b], [gs, go])):
+        close("grad", a, e)
+    wte, wpe = randn(gen, 30, 16, grad=True), randn(gen, 9, 16, grad=True)
+    idx = torch.randint(0, 30, (3, 7), generator=gen)
+    e = gt.embedding(idx, wte, wpe, dropout_p=p, seed=seed, stream=stream)
+    e_ref = (F.embedding(idx, wte) + wpe[:7]) * keep * scale
+    close("embedding", e, e_ref)
+    ge = randn(gen, *e.shape)
+    for a, r_ in zip(torch.autograd.grad(e, [wte, wpe], ge),
+                     torch.autograd.grad(e_ref, [wte, wpe], ge)):
+        close("embedding grad", a, r_)
+    # seed and stream may be tensors (a model's step counter)
+    assert torch.equal(gt.dropout(x, p, torch.tensor(seed), torch.tensor(stream)),
+                       gt.dropout(x, p, seed, stream))
+    gradcheck(lambda t: gt.dropout(t, p, seed, stream), (x,))
+    gradcheck(lambda t, u: gt.residual_layer_norm(t, u, w, b, dropout_p=p, seed=1, stream=2),
+              (randn(gen, 2, 3, 16, grad=True), randn(gen, 2, 3, 16, grad=True)))
+
+
 # ---- traps --------------------------------------------------------------------------------------
 
 
@@ -299,7 +337,8 @@ def _opcheck_cases(gen):
     x = randn(gen, 2, 5, C, grad=True)
     w, b = randn(gen, C, grad=True), randn(gen, C, grad=True)
     qkv = randn(gen, 2, 5, 3 * C, grad=True)
-    out, lse = gops._attention_fwd(qkv.detach(), H, None, 0.0, 0, 0)
+    out, lse = gops._attention_fwd(qkv.detach(), H, None, 0.0, None)
+    rng = torch.tensor([5, 1])
     _, mean, rstd = gops._layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-5)
     W = randn(gen, 24, C, grad=True)
     pre = gops._linear_gelu_fwd(x.detach(), W.detach(), None)[1]
@@ -310,13 +349,18 @@ def _opcheck_cases(gen):
     wte, wpe = randn(gen, 30, C, grad=True), randn(gen, 8, C, grad=True)
     d = lambda t: randn(gen, *t.shape)
     return [
-        (gops._attention_fwd, (qkv, H, None, 0.0, 0, 0)),
-        (gops._attention_fwd, (qkv.detach(), H, 3, 0.25, 5, 1)),
-        (gops._attention_bwd, (d(out), qkv.detach(), out, lse, H, None, 0.0, 0, 0)),
+        (gops._attention_fwd, (qkv, H, None, 0.0, None)),
+        (gops._attention_fwd, (qkv, H, 3, 0.25, rng)),
+        (gops._attention_bwd, (d(out), qkv.detach(), out, lse, H, None, 0.0, None)),
+        (gops._attention_bwd, (d(out), qkv.detach(), out, lse, H, 2, 0.25, rng)),
+        (gops._dropout_fwd, (x, 0.3, rng)),
+        (gops._dropout_bwd, (d(x), 0.3, rng)),
         (gops._layer_norm_fwd, (x, w, b, 1e-5)),
         (gops._layer_norm_bwd, (d(x), None, x.detach(), mean, rstd, w.detach())),
         (gops._layer_norm_bwd, (d(x), d(x), x.detach(), mean, rstd, w.detach())),
-        (gops._residual_layer_norm_fwd, (x, randn(gen, 2, 5, C), w, b, 1e-5)),
+        (gops._residual_layer_norm_fwd, (x, randn(gen, 2, 5, C), w, b, 1e-5, 0.0, None)),
+        (gops._residual_layer_norm_fwd, (x, randn(gen, 2, 5, C, grad=True), w, b, 1e-5, 0.2,
+                                         rng)),
         (gops._linear_fwd, (x, W, randn(gen, 24, grad=True))),
         (gops._linear_fwd, (x.detach(), W, None)),
         (gops._linear_gelu_fwd, (x, W, randn(gen, 24))),
@@ -326,7 +370,8 @@ def _opcheck_cases(gen):
         (gops._cross_entropy_loss, (logits.detach(), targets, -100)),
         (gops._linear_cross_entropy_fwd, (randn(gen, 10, C, grad=True),
                                           randn(gen, 30, C, grad=True), targets, -100, 4)),
-        (gops._embedding_fwd, (idx, wte, wpe)),
+        (gops._embedding_fwd, (idx, wte, wpe, 0.0, None)),
+        (gops._embedding_fwd, (idx, wte, wpe, 0.1, rng)),
         (gops._embedding_bwd, (randn(gen, 2, 5, C), idx, wte.detach(), wpe.detach())),
     ]
 

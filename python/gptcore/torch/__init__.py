@@ -11,10 +11,10 @@
 Nothing else in gptcore imports this package, and ``import gptcore`` never imports torch.
 """
 
-from .ops import (attention, attention_qkv, cross_entropy, embedding, layer_norm, linear,
+from .ops import (attention, attention_qkv, cross_entropy, dropout, embedding, layer_norm, linear,
                   linear_cross_entropy, linear_gelu, residual_layer_norm)
 from .model import GPT
 from .optim import AdamW
 
-__all__ = ["GPT", "AdamW", "attention", "attention_qkv", "cross_entropy", "embedding", "layer_norm", "linear",
-           "linear_cross_entropy", "linear_gelu", "residual_layer_norm"]
+__all__ = ["GPT", "AdamW", "attention", "attention_qkv", "cross_entropy", "dropout", "embedding",
+           "layer_norm", "linear", "linear_cross_entropy", "linear_gelu", "residual_layer_norm"]

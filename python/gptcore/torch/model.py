@@ -6,7 +6,15 @@ is interchangeable with :meth:`gptcore.GPT.state_dict`, and :meth:`GPT.from_pret
 every checkpoint gptcore reads (gptcore and transformers GPT-2 directories, llm.c files).
 
 The forward fuses what gptcore's own model fuses: each residual add with the LayerNorm that
-follows it, GELU into the MLP's first GEMM, and the loss's gradient into the cross-entropy.
+follows it (and the residual dropout before it), GELU into the MLP's first GEMM, embedding dropout
+into the embedding, attention dropout into attention, and the loss's gradient into the
+cross-entropy.
+
+Dropout (the config's ``embd_pdrop``, ``attn_pdrop``, ``resid_pdrop``; training mode only) uses
+gptcore.GPT's generator streams: forward number ``k`` with dropout draws the masks gptcore.GPT's
+k-th training forward draws for the same seed, so the two models train identically. The counter
+is the buffer ``dropout_step`` (not in ``state_dict``; a tensor, so ``torch.compile`` does not
+recompile as it advances).
 """
 
 from __future__ import annotations
@@ -19,6 +27,11 @@ from torch import nn
 from . import ops as F
 
 __all__ = ["GPT"]
+
+# gptcore.GPT's dropout sites and stream layout: stream = (step << 12) | (layer * 4 + site), the
+# embedding being layer n_layer (gptcore/models/gpt.py)
+_SITE_ATTN, _SITE_RESID_ATTN, _SITE_RESID_MLP = 0, 1, 2
+_STREAM_LAYER_BITS = 12
 
 
 def _check_config(config) -> None:
@@ -54,8 +67,9 @@ class GPT(nn.Module):
     >>> logits, loss = model(idx, targets)     # idx, targets: (B, T) int64 tensors
 
     ``config`` is a :class:`gptcore.GPTConfig` (pre-LN with biases; GPT-3's banded layers via
-    ``attn_window``). The model has **no dropout**: a config asking for dropout is refused in
-    training mode (use one with zero ``*_pdrop``, or ``eval()``). Parameters are float32 on the
+    ``attn_window``); its dropout probabilities apply in training mode. ``seed`` seeds the
+    initialisation (torch's generator; unseeded: torch's global one) and keys the dropout masks
+    (0 when None), as ``gptcore.GPT(config, seed=...)``'s dropout. Parameters are float32 on the
     CPU, float32 or bfloat16 on CUDA (``model.to(...)``).
     """
 
@@ -63,6 +77,11 @@ class GPT(nn.Module):
         super().__init__()
         _check_config(config)
         self.config = config
+        self.dropout_seed = 0 if seed is None else int(seed)
+        if not 0 <= self.dropout_seed < 2 ** 63:
+            raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+        # forwards run with dropout so far: keys the next one's masks
+        self.register_buffer("dropout_step", torch.zeros((), dtype=torch.int64), persistent=False)
         C, L = config.n_embd, config.n_layer
         self.wte = nn.Parameter(torch.empty(config.vocab_size, C))
         self.wpe = nn.Parameter(torch.empty(config.block_size, C))
@@ -102,36 +121,49 @@ class GPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _check_dropout(self) -> None:
+    def _dropout(self):
+        """p, seed, stream -> the keywords of one dropout site for this forward (a function),
+        or None when this forward has no dropout."""
         c = self.config
-        if self.training and max(getattr(c, "embd_pdrop", 0.0), getattr(c, "attn_pdrop", 0.0),
-                                 getattr(c, "resid_pdrop", 0.0)) > 0:
-            raise ValueError("gptcore.torch.GPT has no dropout, but its config asks for some: "
-                             "set embd_pdrop, attn_pdrop and resid_pdrop to 0, or call eval()")
+        probs = {"embd": getattr(c, "embd_pdrop", 0.0), "attn": getattr(c, "attn_pdrop", 0.0),
+                 "resid": getattr(c, "resid_pdrop", 0.0)}
+        if not self.training or max(probs.values()) == 0:
+            return lambda kind, layer, site: {}
+        step = self.dropout_step.clone()
+        self.dropout_step.add_(1)
+
+        def kw(kind, layer, site):
+            if probs[kind] == 0:
+                return {}
+            stream = step * (1 << _STREAM_LAYER_BITS) + (layer * 4 + site)
+            return dict(dropout_p=probs[kind], seed=self.dropout_seed, stream=stream)
+        return kw
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """The final LayerNorm's output (B, T, C) for token ids idx (B, T)."""
-        self._check_dropout()
         if idx.dim() != 2:
             raise ValueError(f"idx: expected (B, T) token ids, got shape {tuple(idx.shape)}")
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"idx: sequence length {idx.shape[1]} exceeds block_size "
                              f"{self.config.block_size}")
         eps = getattr(self.config, "ln_eps", 1e-5)
-        H = self.config.n_head
-        x = F.embedding(idx, self.wte, self.wpe)
-        ln = self.h[0].ln_1 if len(self.h) else self.ln_f
-        h = F.layer_norm(x, ln.weight, ln.bias, eps)
+        H, L = self.config.n_head, self.config.n_layer
+        drop = self._dropout()
+        x = F.embedding(idx, self.wte, self.wpe, **drop("embd", L, 0))
+        h = F.layer_norm(x, self.h[0].ln_1.weight, self.h[0].ln_1.bias, eps)
         for i, block in enumerate(self.h):
             a = block.attn
-            att = F.attention(F.linear(h, a.c_attn.weight, a.c_attn.bias), H, block.window)
+            att = F.attention(F.linear(h, a.c_attn.weight, a.c_attn.bias), H, block.window,
+                              **drop("attn", i, _SITE_ATTN))
             x, h = F.residual_layer_norm(F.linear(att, a.c_proj.weight, a.c_proj.bias), x,
-                                         block.ln_2.weight, block.ln_2.bias, eps)
+                                         block.ln_2.weight, block.ln_2.bias, eps,
+                                         **drop("resid", i, _SITE_RESID_ATTN))
             m = block.mlp
             y = F.linear(F.linear_gelu(h, m.c_fc.weight, m.c_fc.bias), m.c_proj.weight,
                          m.c_proj.bias)
-            ln = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
-            x, h = F.residual_layer_norm(y, x, ln.weight, ln.bias, eps)
+            ln = self.h[i + 1].ln_1 if i + 1 < L else self.ln_f
+            x, h = F.residual_layer_norm(y, x, ln.weight, ln.bias, eps,
+                                         **drop("resid", i, _SITE_RESID_MLP))
         return h
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor = None, ignore_index: int = -1):

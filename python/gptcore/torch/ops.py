@@ -33,7 +33,7 @@ from .._load import _C
 from ..tensor import empty as _gempty
 from ..tensor import zeros as _gzeros
 
-__all__ = ["attention", "attention_qkv", "layer_norm", "residual_layer_norm", "linear",
+__all__ = ["attention", "attention_qkv", "dropout", "layer_norm", "residual_layer_norm", "linear",
            "linear_gelu", "cross_entropy", "linear_cross_entropy", "embedding"]
 
 
@@ -99,24 +99,114 @@ def _f32_zeros(like: Tensor) -> Tensor:
     return _empty(like.shape, torch.float32, like.device, zero=True)
 
 
+# ---- dropout ------------------------------------------------------------------------------------
+# Dropout masks come from gptcore's counter-based generator keyed by (seed, stream) (see
+# gptcore.ops.dropout_forward): nothing is stored, backward regenerates the mask. The pair travels
+# through the custom ops as ``rng``, a (2,) int64 CPU tensor, so that a model can derive it from a
+# step counter held in a tensor (a buffer) and torch.compile does not specialise on its value.
+
+
+def _rng(seed, stream) -> Tensor:
+    """(seed, stream) -- ints in [0, 2**63) or int64 tensors -- as the ops' ``rng`` tensor."""
+    if isinstance(seed, Tensor) or isinstance(stream, Tensor):
+        return torch.stack([torch.as_tensor(v, dtype=torch.int64).reshape(())
+                            for v in (seed, stream)]).cpu()
+    for name, v in (("seed", seed), ("stream", stream)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2 ** 63:
+            raise ValueError(f"{name}: expected an int in [0, 2**63), got {v!r}")
+    return torch.tensor([seed, stream], dtype=torch.int64)
+
+
+def _dropout_kw(dropout_p: float, rng: Optional[Tensor]) -> dict:
+    """The dropout keywords of a gptcore op (none without dropout)."""
+    if dropout_p == 0.0:
+        return {}
+    if rng is None:
+        raise ValueError("dropout_p > 0 needs a seed")
+    seed, stream = rng.tolist()
+    return dict(dropout_p=dropout_p, seed=seed, stream=stream)
+
+
+def _check_p(dropout_p) -> float:
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p!r}")
+    return p
+
+
+@torch.library.custom_op("gptcore::dropout_fwd", mutates_args=())
+def _dropout_fwd(x: Tensor, p: float, rng: Tensor) -> Tensor:
+    x = x.contiguous()
+    out = _like(x)
+    with _on(x):
+        _ops.dropout_forward(_g(x, "x"), **_ops_dropout_args(p, rng), out=_g(out, "out"))
+    return out
+
+
+@torch.library.custom_op("gptcore::dropout_bwd", mutates_args=())
+def _dropout_bwd(dout: Tensor, p: float, rng: Tensor) -> Tensor:
+    """``dout * mask / (1 - p)`` with the forward's regenerated mask."""
+    dout = dout.contiguous()
+    dx = _like(dout)
+    with _on(dout):
+        _ops.dropout_backward(_g(dout, "dout"), **_ops_dropout_args(p, rng), out=_g(dx, "dx"))
+    return dx
+
+
+def _ops_dropout_args(p: float, rng: Tensor) -> dict:
+    seed, stream = rng.tolist()
+    return dict(p=p, seed=seed, stream=stream)
+
+
+@_dropout_fwd.register_fake
+def _(x, p, rng):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_dropout_bwd.register_fake
+def _(dout, p, rng):
+    return torch.empty_like(dout, memory_format=torch.contiguous_format)
+
+
+def _dropout_setup(ctx, inputs, output):
+    ctx.p = inputs[1]
+    ctx.save_for_backward(inputs[2])
+
+
+def _dropout_backward(ctx, dout):
+    return _dropout_bwd(dout, ctx.p, *ctx.saved_tensors), None, None
+
+
+_dropout_fwd.register_autograd(_dropout_backward, setup_context=_dropout_setup)
+
+
+def dropout(x: Tensor, p: float, seed=0, stream=0) -> Tensor:
+    """Dropout with gptcore's counter-based generator: ``x * mask / (1 - p)``, the mask a pure
+    function of ``(p, seed, stream)`` and x's row-major element index, regenerated in backward
+    (nothing stored). ``seed``, ``stream``: ints in [0, 2**63) or int64 tensors. Apply it only
+    in training; use a fresh (seed, stream) per step and per site."""
+    p = _check_p(p)
+    return x if p == 0.0 else _dropout_fwd(x, p, _rng(seed, stream))
+
+
 # ---- attention ----------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("gptcore::attention_fwd", mutates_args=())
 def _attention_fwd(qkv: Tensor, n_head: int, window: Optional[int], dropout_p: float,
-                   seed: int, stream: int) -> Tuple[Tensor, Tensor]:
+                   rng: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     qkv = qkv.contiguous()
     B, T, C3 = qkv.shape
     out = _empty((B, T, C3 // 3), qkv.dtype, qkv.device)
     lse = _empty((B, n_head, T), torch.float32, qkv.device)
     with _on(qkv):
-        _ops.attention_forward(_g(qkv, "qkv"), n_head, window, dropout_p=dropout_p, seed=seed,
-                               stream=stream, out=(_g(out, "out"), _g(lse, "lse")))
+        _ops.attention_forward(_g(qkv, "qkv"), n_head, window, **_dropout_kw(dropout_p, rng),
+                               out=(_g(out, "out"), _g(lse, "lse")))
     return out, lse
 
 
 @_attention_fwd.register_fake
-def _(qkv, n_head, window, dropout_p, seed, stream):
+def _(qkv, n_head, window, dropout_p, rng):
     B, T, C3 = qkv.shape
     return (qkv.new_empty((B, T, C3 // 3)),
             qkv.new_empty((B, n_head, T), dtype=torch.float32))
@@ -124,45 +214,40 @@ def _(qkv, n_head, window, dropout_p, seed, stream):
 
 @torch.library.custom_op("gptcore::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, n_head: int,
-                   window: Optional[int], dropout_p: float, seed: int, stream: int) -> Tensor:
+                   window: Optional[int], dropout_p: float, rng: Optional[Tensor]) -> Tensor:
     dout, qkv, out, lse = (t.contiguous() for t in (dout, qkv, out, lse))
     dqkv = _like(qkv)
     with _on(qkv):
         _ops.attention_backward(_g(dout, "dout"), _g(qkv, "qkv"), _g(out, "out"), _g(lse, "lse"),
-                                n_head, window, dropout_p=dropout_p, seed=seed, stream=stream,
+                                n_head, window, **_dropout_kw(dropout_p, rng),
                                 dqkv=_g(dqkv, "dqkv"))
     return dqkv
 
 
 @_attention_bwd.register_fake
-def _(dout, qkv, out, lse, n_head, window, dropout_p, seed, stream):
+def _(dout, qkv, out, lse, n_head, window, dropout_p, rng):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _attention_setup(ctx, inputs, output):
-    qkv, n_head, window, dropout_p, seed, stream = inputs
+    qkv, n_head, window, dropout_p, rng = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse)
-    ctx.args = (n_head, window, dropout_p, seed, stream)
+    ctx.save_for_backward(qkv, out, lse, rng)
+    ctx.args = (n_head, window, dropout_p)
 
 
 def _attention_backward(ctx, dout, dlse):
-    qkv, out, lse = ctx.saved_tensors
-    dqkv = _attention_bwd(dout, qkv, out, lse, *ctx.args) if ctx.needs_input_grad[0] else None
-    return dqkv, None, None, None, None, None
+    qkv, out, lse, rng = ctx.saved_tensors
+    dqkv = _attention_bwd(dout, qkv, out, lse, *ctx.args, rng) if ctx.needs_input_grad[0] \
+        else None
+    return dqkv, None, None, None, None
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
-def _check_seed(seed: int, stream: int) -> None:
-    for name, v in (("seed", seed), ("stream", stream)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2 ** 63:
-            raise ValueError(f"{name}: expected an int in [0, 2**63), got {v!r}")
-
-
 def attention(qkv: Tensor, n_head: int, window: Optional[int] = None, *,
-              dropout_p: float = 0.0, seed: int = 0, stream: int = 0) -> Tensor:
+              dropout_p: float = 0.0, seed=0, stream=0) -> Tensor:
     """Causal multi-head self-attention on packed ``qkv`` (B, T, 3C) = [q | k | v], each split
     into ``n_head`` heads of C / n_head; returns (B, T, C) with heads concatenated. Scores are
     scaled by 1/sqrt(head dim); ``window=w`` restricts query t to keys t-w < s <= t.
@@ -171,18 +256,18 @@ def attention(qkv: Tensor, n_head: int, window: Optional[int] = None, *,
     kernel is flash-style: only the log-sum-exp (B, n_head, T) is kept for backward.
 
     ``dropout_p`` > 0 drops attention probabilities with gptcore's counter-based generator keyed
-    by ``(seed, stream)`` (ints in [0, 2**63)); backward regenerates the same mask, so pass a
-    fresh seed (or stream) per step and per layer yourself.
+    by ``(seed, stream)`` (ints in [0, 2**63), or int64 tensors); backward regenerates the same
+    mask, so pass a fresh seed (or stream) per step and per layer yourself.
     """
     if qkv.dim() != 3 or qkv.shape[-1] % 3:
         raise ValueError(f"qkv: expected (B, T, 3C), got shape {tuple(qkv.shape)}")
-    _check_seed(seed, stream)
-    return _attention_fwd(qkv, int(n_head), None if window is None else int(window),
-                          float(dropout_p), seed, stream)[0]
+    p = _check_p(dropout_p)
+    return _attention_fwd(qkv, int(n_head), None if window is None else int(window), p,
+                          _rng(seed, stream) if p > 0 else None)[0]
 
 
 def attention_qkv(q: Tensor, k: Tensor, v: Tensor, window: Optional[int] = None, *,
-                  dropout_p: float = 0.0, seed: int = 0, stream: int = 0) -> Tensor:
+                  dropout_p: float = 0.0, seed=0, stream=0) -> Tensor:
     """:func:`attention` on separate q, k, v of shape (B, T, H, D) (flash-attn's layout);
     returns (B, T, H, D). They are packed into one (B, T, 3HD) buffer first (one copy: the
     kernel reads packed qkv), and the gradient is split back by autograd."""
@@ -270,21 +355,22 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Te
 
 @torch.library.custom_op("gptcore::residual_layer_norm_fwd", mutates_args=())
 def _residual_layer_norm_fwd(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
-                             eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                             eps: float, dropout_p: float,
+                             rng: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     x, residual, weight, bias = (t.contiguous() for t in (x, residual, weight, bias))
     s, out = _like(x), _like(x)
     mean = _empty(x.shape[:-1], torch.float32, x.device)
     rstd = _like(mean)
     with _on(x):
         _ops.residual_layernorm_forward(_g(x, "x"), _g(residual, "residual"), _g(weight, "weight"),
-                                        _g(bias, "bias"), eps,
+                                        _g(bias, "bias"), eps, **_dropout_kw(dropout_p, rng),
                                         out=(_g(s, "sum"), _g(out, "out"), _g(mean, "mean"),
                                              _g(rstd, "rstd")))
     return s, out, mean, rstd
 
 
 @_residual_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps):
+def _(x, residual, weight, bias, eps, dropout_p, rng):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
     dense = torch.contiguous_format
     return (torch.empty_like(x, memory_format=dense), torch.empty_like(x, memory_format=dense),
@@ -292,17 +378,20 @@ def _(x, residual, weight, bias, eps):
 
 
 def _residual_layer_norm_setup(ctx, inputs, output):
-    weight = inputs[2]
+    weight, ctx.dropout_p = inputs[2], inputs[5]
     s, _, mean, rstd = output
-    ctx.save_for_backward(s, mean, rstd, weight)
+    ctx.save_for_backward(s, mean, rstd, weight, inputs[6])
 
 
 def _residual_layer_norm_backward(ctx, dsum, dout, dmean, drstd):
-    s, mean, rstd, weight = ctx.saved_tensors
+    s, mean, rstd, weight, rng = ctx.saved_tensors
     dtotal, dw, db = _layer_norm_bwd(dout, dsum, s, mean, rstd, weight)
     need = ctx.needs_input_grad
-    return (dtotal if need[0] else None, dtotal if need[1] else None,
-            *_param_grads(ctx, 2, dw, db, weight), None)
+    dx = None
+    if need[0]:  # through x's dropout mask, when there was one
+        dx = _dropout_bwd(dtotal, ctx.dropout_p, rng) if ctx.dropout_p > 0 else dtotal
+    return (dx, dtotal if need[1] else None, *_param_grads(ctx, 2, dw, db, weight),
+            None, None, None)
 
 
 _residual_layer_norm_fwd.register_autograd(_residual_layer_norm_backward,
@@ -310,10 +399,15 @@ _residual_layer_norm_fwd.register_autograd(_residual_layer_norm_backward,
 
 
 def residual_layer_norm(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor,
-                        eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
-    """Fused residual add + LayerNorm in one pass: returns ``(s, layer_norm(s))`` with
-    ``s = x + residual`` (the new residual stream, as a pre-LN transformer block needs)."""
-    s, out, _, _ = _residual_layer_norm_fwd(x, residual, weight, bias, float(eps))
+                        eps: float = 1e-5, *, dropout_p: float = 0.0, seed=0,
+                        stream=0) -> Tuple[Tensor, Tensor]:
+    """Fused (dropout +) residual add + LayerNorm in one pass: returns ``(s, layer_norm(s))``
+    with ``s = dropout(x) + residual`` (the new residual stream, as a pre-LN transformer block
+    needs). ``dropout_p`` > 0 applies :func:`dropout`'s mask for ``(seed, stream)`` to x
+    (GPT-2's residual dropout) inside the same pass."""
+    p = _check_p(dropout_p)
+    s, out, _, _ = _residual_layer_norm_fwd(x, residual, weight, bias, float(eps), p,
+                                            _rng(seed, stream) if p > 0 else None)
     return s, out
 
 
@@ -588,16 +682,18 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_inde
 
 
 @torch.library.custom_op("gptcore::embedding_fwd", mutates_args=())
-def _embedding_fwd(idx: Tensor, wte: Tensor, wpe: Tensor) -> Tensor:
+def _embedding_fwd(idx: Tensor, wte: Tensor, wpe: Tensor, dropout_p: float,
+                   rng: Optional[Tensor]) -> Tensor:
     idx, wte, wpe = idx.contiguous(), wte.contiguous(), wpe.contiguous()
     out = _empty((*idx.shape, wte.shape[1]), wte.dtype, wte.device)
     with _on(wte):
-        _ops.embedding_forward(_g(idx, "idx"), _g(wte, "wte"), _g(wpe, "wpe"), out=_g(out, "out"))
+        _ops.embedding_forward(_g(idx, "idx"), _g(wte, "wte"), _g(wpe, "wpe"),
+                               **_dropout_kw(dropout_p, rng), out=_g(out, "out"))
     return out
 
 
 @_embedding_fwd.register_fake
-def _(idx, wte, wpe):
+def _(idx, wte, wpe, dropout_p, rng):
     return wte.new_empty((*idx.shape, wte.shape[1]))
 
 
@@ -619,23 +715,30 @@ def _(dout, idx, wte, wpe):
 
 
 def _embedding_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:3], inputs[4])
+    ctx.dropout_p = inputs[3]
 
 
 def _embedding_backward(ctx, dout):
-    idx, wte, wpe = ctx.saved_tensors
+    idx, wte, wpe, rng = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if ctx.dropout_p > 0:
+        dout = _dropout_bwd(dout, ctx.dropout_p, rng)
     dwte, dwpe = _embedding_bwd(dout, idx, wte, wpe)
-    return (None, dwte.to(wte.dtype) if need[1] else None, dwpe.to(wpe.dtype) if need[2] else None)
+    return (None, dwte.to(wte.dtype) if need[1] else None,
+            dwpe.to(wpe.dtype) if need[2] else None, None, None)
 
 
 _embedding_fwd.register_autograd(_embedding_backward, setup_context=_embedding_setup)
 
 
-def embedding(idx: Tensor, wte: Tensor, wpe: Tensor) -> Tensor:
+def embedding(idx: Tensor, wte: Tensor, wpe: Tensor, *, dropout_p: float = 0.0, seed=0,
+              stream=0) -> Tensor:
     """GPT's input embedding: ``wte[idx] + wpe[:T]`` for ids (B, T) (int32/int64, in
     [0, V)), token table wte (V, C) and position table wpe (maxT, C), T <= maxT. Out-of-range
-    ids raise ValueError (on the CPU)."""
+    ids raise ValueError (on the CPU). ``dropout_p`` > 0 applies :func:`dropout` with
+    ``(seed, stream)`` to the sum in the same pass (GPT-2's embedding dropout)."""
     if idx.dim() != 2:
         raise ValueError(f"idx: expected (B, T) token ids, got shape {tuple(idx.shape)}")
-    return _embedding_fwd(idx, wte, wpe)
+    p = _check_p(dropout_p)
+    return _embedding_fwd(idx, wte, wpe, p, _rng(seed, stream) if p > 0 else None)
