@@ -3,8 +3,13 @@
 import json
 
 import pytest
-
-from gptcore.data.tasks import LabelSpace, TaskEncoder, check_examples, collate, read_jsonl
+from gptcore.data.tasks import (
+    LabelSpace,
+    TaskEncoder,
+    check_examples,
+    collate,
+    read_jsonl,
+)
 
 SPECIALS = {"start": 257, "delim": 258, "extract": 259}
 S, D, E = 257, 258, 259

@@ -8,9 +8,8 @@ import os
 
 import numpy as np
 import pytest
-
 from gptcore.data import get_tokenizer
-from gptcore.data.tasks import TaskData, read_jsonl
+from gptcore.data.tasks import LabelSpace, TaskData, read_jsonl
 from gptcore.models import GPT, GPTConfig
 from gptcore.train.finetune import (
     Classifier,
@@ -24,7 +23,7 @@ from gptcore.train.finetune import (
     load_task_model,
     metrics,
 )
-from gptcore.data.tasks import LabelSpace
+
 from tests.helpers import rel_err
 
 

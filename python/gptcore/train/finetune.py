@@ -35,7 +35,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -54,7 +54,13 @@ from ..data.tasks import (
     read_jsonl,
 )
 from ..models.gpt import GPT
-from ..models.heads import LinearHead, gather_rows, mse_loss, scatter_rows, softmax_cross_entropy
+from ..models.heads import (
+    LinearHead,
+    gather_rows,
+    mse_loss,
+    scatter_rows,
+    softmax_cross_entropy,
+)
 from ..optim import AdamW, linear_lr
 from ..tokenizer import Tokenizer, _rebuild
 from .checkpoint import CHECKPOINT_NAME, recorded_tokenizer

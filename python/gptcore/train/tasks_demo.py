@@ -44,7 +44,7 @@ DEMO_PRETRAIN = dict(preset="tiny", steps=1500, batch_size=16, lr=3e-3, warmup=5
 # except the learning rate and batch, sized for a 0.1M-parameter model and 400 examples (at
 # GPT-1's 6.25e-5 and 13 steps an epoch a model this small barely moves, pre-trained or not)
 DEMO_FINETUNE = dict(lr=1e-3, batch_size=16, epochs=3)
-N_TRAIN, N_TEST = 400, 200
+N_TRAIN, N_TEST = 400, 400
 
 
 # ---- task data from held-out standard-library files ------------------------------------------
