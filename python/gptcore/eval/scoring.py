@@ -330,7 +330,10 @@ class Scorer:
         h_t = upload(np.ascontiguousarray(hs, dtype=np.float32), model.device, model.dtype)
         logits, _ = ops.linear_forward(h_t, model.parameters()["wte"], None)
         tgt = np.asarray(targets, np.int32)
-        greedy = np.asarray(logits.numpy())[:, :V].argmax(axis=1) == tgt
+        # the greedy token of each position: the sampler's argmax (ties: the lowest id, as
+        # NumPy's and PyTorch's argmax), on the logits' device
+        best = ops.sample_tokens(logits, vocab_size=V, temperature=0.0)
+        greedy = np.asarray(best.numpy()) == tgt
         tgt_t = from_numpy(tgt, "targets")
         if model.device != "cpu":
             tgt_t = tgt_t.to(device=model.device)
