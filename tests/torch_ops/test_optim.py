@@ -48,6 +48,27 @@ def test_matches_torch_adamw_step_for_step(betas, eps):
     assert moved > 0.05  # the parameters did move
 
 
+def test_max_grad_norm_equals_clip_grad_norm_then_step():
+    ours, ref = _params(5), _params(5)
+    opt = AdamW(_groups(ours), lr=1e-2, max_grad_norm=2.0)
+    opt_ref = torch.optim.AdamW(_groups(ref), lr=1e-2)
+    gen, gen_ref = torch.Generator().manual_seed(6), torch.Generator().manual_seed(6)
+    clipped = 0
+    for step in range(10):
+        _set_grads(ours, gen, step)
+        _set_grads(ref, gen_ref, step)
+        for p in ours + ref:  # large enough that some steps clip and some do not
+            if p.grad is not None:
+                p.grad *= 0.4 * (step % 3)
+        norm = torch.nn.utils.clip_grad_norm_([p for p in ref if p.grad is not None], 2.0)
+        clipped += norm.item() > 2.0
+        opt.step()
+        opt_ref.step()
+        assert abs(opt.last_grad_norm - norm.item()) < 1e-4 * norm.item() + 1e-6
+        assert _max_diff(ours, ref) < 2e-6, f"step {step}"
+    assert 0 < clipped < 10
+
+
 def test_state_dict_loads_both_ways():
     ours, ref = _params(2), _params(2)
     opt = AdamW(_groups(ours), lr=1e-2)
@@ -91,3 +112,5 @@ def test_unsupported_options_and_bad_values_raise():
         AdamW(p, betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="lr"):
         AdamW(p, lr=float("nan"))
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        AdamW(p, max_grad_norm=0.0)

@@ -29,12 +29,18 @@ class AdamW(torch.optim.Optimizer):
     ``master``); the kernel updates the master and writes a stochastically rounded bfloat16 copy
     into the parameter. ``torch.optim.AdamW`` keeps bf16 moments instead, so for bf16 the two
     agree only to bf16 precision.
+
+    ``max_grad_norm`` (an addition; default None): clip by the global gradient norm inside the
+    step, as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` followed by the step
+    would, but with one reading pass over the gradients (gptcore's ``global_norm``) and the
+    scale folded into the update, so the gradients are never rewritten. The norm before
+    clipping is kept in ``last_grad_norm``. On CUDA reading the norm waits for the device.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
                  foreach=None, capturable: bool = False, differentiable: bool = False,
-                 fused=None, seed: int = 0):
+                 fused=None, seed: int = 0, max_grad_norm: float = None):
         lr_value = float(lr)
         if not (math.isfinite(lr_value) and lr_value >= 0):
             raise ValueError(f"lr: expected a finite value >= 0, got {lr!r}")
@@ -54,6 +60,11 @@ class AdamW(torch.optim.Optimizer):
                         differentiable=False, fused=fused, decoupled_weight_decay=True)
         super().__init__(params, defaults)
         self.seed = int(seed)
+        if max_grad_norm is not None and not (math.isfinite(float(max_grad_norm))
+                                              and float(max_grad_norm) > 0):
+            raise ValueError(f"max_grad_norm: expected a finite value > 0, got {max_grad_norm!r}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.last_grad_norm = None
 
     def _state_of(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -76,6 +87,7 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        scale = self._clip_scale()
         for group in self.param_groups:
             b1, b2 = (float(b) for b in group["betas"])
             buckets = {}  # (device, step, needs master) -> one kernel call
@@ -100,8 +112,25 @@ class AdamW(torch.optim.Optimizer):
                     _ops.adamw_step(params, grads, m, v, master=masters, lr=float(group["lr"]),
                                     beta1=b1, beta2=b2, eps=float(group["eps"]),
                                     weight_decay=float(group["weight_decay"]), step=step,
-                                    seed=self.seed * 1_000_003 + step)
+                                    grad_scale=scale, seed=self.seed * 1_000_003 + step)
         return loss
+
+    def _clip_scale(self) -> float:
+        """The gradient scale of ``max_grad_norm`` clipping (clip_grad_norm_'s coefficient)."""
+        if self.max_grad_norm is None:
+            return 1.0
+        by_device = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.grad.device, []).append(p.grad.contiguous())
+        norms = []
+        for grads in by_device.values():
+            with _on(grads[0]):
+                norms.append(_ops.global_norm([_g(t, "grads") for t in grads]))
+        norm = math.sqrt(sum(n * n for n in norms))
+        self.last_grad_norm = norm
+        return min(1.0, self.max_grad_norm / (norm + 1e-6))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict`` (torch.optim.AdamW's state dicts
