@@ -66,7 +66,8 @@ def as_data(task, rows):
 # ---- the loss and its gradient against PyTorch (transformers' GPT-2 as the trunk) --------------
 
 
-@pytest.mark.parametrize("task, lam", [("classify", 0.5), ("choice", 0.5), ("similar", 0.0)])
+@pytest.mark.parametrize("task, lam", [("classify", 0.5), ("choice", 0.5), ("similar", 0.0),
+                                       ("regression", 0.5)])
 def test_combined_loss_and_gradients_match_torch(tmp_path, task, lam):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -74,7 +75,10 @@ def test_combined_loss_and_gradients_match_torch(tmp_path, task, lam):
     rows = {"classify": letters_task(rng, 6), "choice": choice_task(rng, 3),
             "similar": [{"text_a": "ab", "text_b": "abc", "label": 1},
                         {"text_a": "xyz", "text_b": "q", "label": 0},
-                        {"text_a": "hello", "text_b": "he", "label": 2}]}[task]
+                        {"text_a": "hello", "text_b": "he", "label": 2}],
+            "regression": [{"text_a": "ab", "text_b": "abc", "label": 0.7},
+                           {"text_a": "xyz", "text_b": "q", "label": -1.5}]}[task]
+    regression, task = task == "regression", "similar" if task == "regression" else task
     data = as_data(task, rows)
     cfg = FinetuneConfig(task=task, dropout=0.0, head_dropout=0.0, lm_weight=lam, seed=3)
     tm = _new_task_model(cfg, LabelSpace.from_data(data), tiny_base())
@@ -99,7 +103,10 @@ def test_combined_loss_and_gradients_match_torch(tmp_path, task, lam):
     logits = rows_t @ W.T + (b if b is not None else 0)
     if task == "choice":
         logits = logits.reshape(batch.n_examples, batch.group)
-    task_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(batch.labels))
+    if regression:  # one output: MSE against the float labels
+        task_loss = torch.nn.functional.mse_loss(logits[:, 0], torch.tensor(batch.labels))
+    else:
+        task_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(batch.labels))
     tgt = torch.tensor(batch.targets, dtype=torch.long)
     lm_loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]),
                                                 tgt.reshape(-1), ignore_index=-1)
@@ -277,17 +284,19 @@ def test_python_api_is_exported_without_loading_training_at_import():
     assert r.stdout.strip() == "False", r.stderr
 
 
-@pytest.mark.parametrize("task", ["entail", "choice"])
-def test_finetuned_model_opens_in_transformers_with_equal_logits(tmp_path, task):
+@pytest.mark.parametrize("task, gpt1", [("entail", False), ("choice", False), ("entail", True),
+                                        ("choice", True)])
+def test_finetuned_model_opens_in_transformers_with_equal_logits(tmp_path, task, gpt1):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     rng = np.random.default_rng(4)
     rows = (choice_task(rng, 12) if task == "choice" else
             [{"premise": r["text"], "hypothesis": r["text"][:3], "label": r["label"]}
              for r in letters_task(rng, 12)])
-    r = finetune(task=task, train=as_data(task, rows), base=tiny_base(), out=str(tmp_path / "run"),
-                 epochs=1, batch_size=4, progress=False)
+    r = finetune(task=task, train=as_data(task, rows), base=tiny_base(prenorm=not gpt1),
+                 out=str(tmp_path / "run"), epochs=1, batch_size=4, progress=False)
     tm = load_task_model(tmp_path / "run")
+    assert tm.model.config.prenorm == (not gpt1)
     data = as_data(task, rows)
     ours = tm.scores(data)
     np.testing.assert_allclose(ours, r["model"].scores(data), rtol=1e-5, atol=1e-6)
@@ -295,13 +304,15 @@ def test_finetuned_model_opens_in_transformers_with_equal_logits(tmp_path, task)
     ids = torch.tensor(batch.ids, dtype=torch.long)
     path = tmp_path / "run" / "model"
     with torch.no_grad():
+        prefix = "OpenAIGPT" if gpt1 else "GPT2"
         if task == "choice":
-            hf = transformers.GPT2DoubleHeadsModel.from_pretrained(path).eval()
+            hf = getattr(transformers, prefix + "DoubleHeadsModel").from_pretrained(path).eval()
             k = batch.group
             theirs = hf(ids.view(len(rows), k, -1),
                         mc_token_ids=torch.tensor(batch.extract).view(len(rows), k)).mc_logits
         else:
-            hf = transformers.GPT2ForSequenceClassification.from_pretrained(path).eval()
+            hf = getattr(transformers, prefix + "ForSequenceClassification").from_pretrained(path)
+            hf = hf.eval()
             theirs = hf(ids).logits
             assert hf.config.id2label == {0: "no", 1: "yes"}
     np.testing.assert_allclose(theirs.numpy(), ours, rtol=1e-4, atol=1e-5)

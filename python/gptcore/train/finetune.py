@@ -105,7 +105,12 @@ class FinetuneConfig:
     progress: bool = True
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as JSON values (examples given in memory are recorded by their name)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k in ("train", "val"):
+            if isinstance(d[k], TaskData):
+                d[k] = d[k].path
+        return d
 
 
 # fields a resumed run takes from the new config; everything else comes from the checkpoint
