@@ -32,7 +32,7 @@ def run(args, out=None) -> int:
     tm = load_task_model(args.checkpoint, device=args.device)
     data = read_jsonl(args.input, tm.task, need_labels=False)
     scores = tm.scores(data, args.batch_size)
-    preds = tm.predict(data, args.batch_size) if len(data) else []
+    preds = tm.labels_of(scores)
     lines = []
     for pred, s in zip(preds, scores):
         rec = {"prediction": pred}

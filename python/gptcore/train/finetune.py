@@ -238,16 +238,16 @@ class TaskModel:
                           labels=None if labels is None else labels[idx],
                           max_len=self.model.config.block_size)
 
-    def head_outputs(self, h, batch) -> Tuple[np.ndarray, np.ndarray]:
-        """(rows the head reads (examples x group) or summed pairs, head outputs) for hidden
-        states ``h`` of ``batch``."""
+    def head_outputs(self, h, batch) -> np.ndarray:
+        """The head's outputs for hidden states ``h`` of ``batch``: (examples, n_out), or
+        (examples, choices) for multiple choice."""
         rows = gather_rows(h, batch.extract)
         if self.task == "similar":  # both orders through the trunk, summed before the head
             rows = rows[0::2] + rows[1::2]
         out = self.head.forward(rows)
         if self.task == "choice":
             out = out.reshape(batch.n_examples, batch.group)
-        return rows, out
+        return out
 
     def scores(self, examples, batch_size: int = 32) -> np.ndarray:
         """Head outputs per example: (N, classes) logits, (N,) regression values, or
@@ -258,8 +258,7 @@ class TaskModel:
         outs = []
         try:
             for b in self.batches(data, np.arange(len(data)), batch_size):
-                _, out = self.head_outputs(self.model.hidden_states(b.ids), b)
-                outs.append(out)
+                outs.append(self.head_outputs(self.model.hidden_states(b.ids), b))
         finally:
             self.model.train(was)
         out = np.concatenate(outs)
@@ -267,7 +266,10 @@ class TaskModel:
 
     def predict(self, examples, batch_size: int = 32) -> List[Any]:
         """The predicted label of each example (a class label, a number, a choice index)."""
-        s = self.scores(examples, batch_size)
+        return self.labels_of(self.scores(examples, batch_size))
+
+    def labels_of(self, s: np.ndarray) -> List[Any]:
+        """The predictions :meth:`predict` gives for scores ``s`` from :meth:`scores`."""
         if self.labels.kind == "regression":
             return [float(v) for v in s]
         best = s.argmax(axis=1)
@@ -435,7 +437,7 @@ def _loss_and_backward(tm: TaskModel, batch, lm_weight: float) -> Tuple[float, f
     else:
         lm, h = float("nan"), model.hidden_states(batch.ids)
     shape = tuple(h.shape)
-    _, out = tm.head_outputs(h, batch)
+    out = tm.head_outputs(h, batch)
     if tm.labels.kind == "regression":
         loss, dout = mse_loss(out, batch.labels.reshape(-1, 1))
     else:
