@@ -225,8 +225,8 @@ def bench_adamw(rounds: int) -> None:
     C, L = shapes["n_embd"], shapes["n_layer"]
     sizes = [(50257, C), (1024, C)] + [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * L
     params = {k: [torch.randn(s).requires_grad_() for s in sizes] for k in ("ours", "ref")}
-    for k in params:
-        for p in params[k]:
+    for group in params.values():
+        for p in group:
             p.grad = torch.randn(p.shape) * 1e-3
     ours = AdamW(params["ours"], lr=1e-4, weight_decay=0.1)
     ref = torch.optim.AdamW(params["ref"], lr=1e-4, weight_decay=0.1)
@@ -259,7 +259,7 @@ def bench_ops_cuda(B: int, T: int, rounds: int) -> None:
               f"B={B}, T={T}\n\n| op | gptcore.torch | PyTorch eager | torch.compile | "
               "speed-up vs eager | vs compile |\n|---|---:|---:|---:|---:|---:|")
         for name, ours, ref, inputs in op_cases(B, T, "cuda", dtype):
-            if name.startswith("embedding") or name.startswith("linear"):
+            if name.startswith(("embedding", "linear")):
                 continue  # the GPU list: attention, LayerNorm, cross-entropy
             t_ours = cuda_time(_fwd_bwd(ours, inputs))
             t_ref = cuda_time(_fwd_bwd(ref, inputs))

@@ -20,6 +20,7 @@ recompile as it advances).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -73,7 +74,7 @@ class GPT(nn.Module):
     CPU, float32 or bfloat16 on CUDA (``model.to(...)``).
     """
 
-    def __init__(self, config, seed: int = None):
+    def __init__(self, config, seed: Optional[int] = None):
         super().__init__()
         _check_config(config)
         self.config = config
@@ -90,7 +91,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(C)
         self.reset_parameters(seed)
 
-    def reset_parameters(self, seed: int = None) -> None:
+    def reset_parameters(self, seed: Optional[int] = None) -> None:
         """GPT-2's initialisation (gptcore.models.schema's: N(0, 0.02), projections into the
         residual stream N(0, 0.02 / sqrt(2 n_layer)), LayerNorms 1 and 0, biases 0), drawn from
         torch's generator (seeded with ``seed`` when given)."""
@@ -166,7 +167,8 @@ class GPT(nn.Module):
                                          **drop("resid", i, _SITE_RESID_MLP))
         return h
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor = None, ignore_index: int = -1):
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                ignore_index: int = -1):
         """nanoGPT's interface: returns ``(logits, loss)``, logits (B, T, V) and, when
         ``targets`` (B, T) are given, the mean cross-entropy over positions whose target is not
         ``ignore_index`` (else None)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -21,7 +22,9 @@ class AdamW(torch.optim.Optimizer):
 
     Same arguments, defaults and update as ``torch.optim.AdamW`` (decoupled weight decay,
     bias-corrected moments, ``eps`` added to ``sqrt(v_hat)``); ``amsgrad``, ``maximize`` and
-    ``differentiable`` are not supported (ValueError). The state has torch's layout and names
+    ``differentiable`` are not supported (ValueError); ``foreach``, ``fused`` and ``capturable``
+    are accepted and kept in the param groups but change nothing (the kernel is always one fused
+    multi-tensor pass). The state has torch's layout and names
     (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter, the same param_group keys), so state
     dicts load both ways between this class and ``torch.optim.AdamW``.
 
@@ -40,7 +43,7 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
                  foreach=None, capturable: bool = False, differentiable: bool = False,
-                 fused=None, seed: int = 0, max_grad_norm: float = None):
+                 fused=None, seed: int = 0, max_grad_norm: Optional[float] = None):
         lr_value = float(lr)
         if not (math.isfinite(lr_value) and lr_value >= 0):
             raise ValueError(f"lr: expected a finite value >= 0, got {lr!r}")
