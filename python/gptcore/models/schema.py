@@ -114,13 +114,14 @@ def llmc_groups(cfg) -> List[Tuple[str, Tuple[int, ...], List[Param]]]:
 
 def count_parameters(cfg, padded: bool = False, non_embedding: bool = False) -> int:
     """The parameter count from the list (the tied LM head counted once)."""
+    one_layer = cfg.replace(n_layer=1, attn_window=None)  # every block has the same parameters
     total = 0
-    for p in parameters(cfg):
+    for p in parameters(one_layer):
+        n = p.numel * (cfg.n_layer if p.layer is not None else 1)
         if p.name in ("wte", "wpe"):
             if non_embedding:
                 continue
             if p.name == "wte" and padded:
-                total += cfg.padded_vocab_size * cfg.n_embd
-                continue
-        total += p.numel
+                n = cfg.padded_vocab_size * cfg.n_embd
+        total += n
     return total
