@@ -316,3 +316,38 @@ def test_finetuned_model_opens_in_transformers_with_equal_logits(tmp_path, task,
             theirs = hf(ids).logits
             assert hf.config.id2label == {0: "no", 1: "yes"}
     np.testing.assert_allclose(theirs.numpy(), ours, rtol=1e-4, atol=1e-5)
+
+
+class _WordTokenizer:
+    """A tokenizer gptcore cannot save (any object with encode(text)), as a transformers one."""
+
+    def encode(self, text):
+        return [hash(w) % 200 for w in text.split()]
+
+
+def test_custom_tokenizer_is_recorded_and_must_be_given_back(tmp_path):
+    model, _ = tiny_base()
+    rows = [{"text": "a b c", "label": 0}, {"text": "d e", "label": 1}]
+    r = finetune(task="classify", train=as_data("classify", rows), base=(model, _WordTokenizer()),
+                 out=str(tmp_path / "run"), epochs=1, progress=False)
+    assert r["model"].info["tokenizer"] == "custom"
+    with pytest.raises(ValueError, match="tokenizer=..."):
+        load_task_model(tmp_path / "run")
+    back = load_task_model(tmp_path / "run", tokenizer=_WordTokenizer())
+    np.testing.assert_allclose(back.scores(rows), r["model"].scores(rows), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="encode"):
+        finetune(task="classify", train=as_data("classify", rows), base=(model, object()), out=None,
+                 progress=False)
+
+
+def test_gpt1_bpe_vocabulary_is_refused_not_misread(tmp_path):
+    model = GPT(GPTConfig.preset("tiny", n_embd=32, block_size=64, prenorm=False), seed=0)
+    model.save_pretrained(tmp_path / "gpt1")
+    # transformers' OpenAIGPTTokenizer files: lower-cased BPE with </w> word ends
+    (tmp_path / "gpt1" / "vocab.json").write_text(json.dumps({"a": 0, "b</w>": 1, "ab</w>": 2}))
+    (tmp_path / "gpt1" / "merges.txt").write_text("#version: 0.2\na b</w>\n")
+    rows = [{"text": "ab", "label": 0}, {"text": "b", "label": 1}]
+    with pytest.raises(ValueError, match="GPT-1's BPE"):
+        finetune(task="classify", train=as_data("classify", rows), checkpoint=str(tmp_path / "gpt1"),
+                 out=str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()

@@ -170,12 +170,42 @@ def _with_specials(tok, first_id: int):
     return _rebuild(bpe._core.vocab(), bpe._core.merges(), specials, bpe.name)
 
 
+def _tokenizer_record(tok) -> str:
+    """How a task record names its tokenizer: "byte" (gptcore's byte-level one, no files),
+    "files" (a BPE tokenizer saved with the model) or "custom" (another object with an
+    ``encode(text)``, e.g. a transformers tokenizer: not saved, pass it again when loading)."""
+    if isinstance(tok, gdata.ByteTokenizer):
+        return "byte"
+    return "files" if _base_tokenizer(tok) is not None else "custom"
+
+
+def _refuse_gpt1_vocabulary(path: str) -> None:
+    """GPT-1's own BPE (lower-cased, ``</w>`` word ends: transformers' OpenAIGPTTokenizer) is not
+    gptcore's byte-level BPE; reading its merges.txt as one would tokenize wrongly, silently."""
+    merges = os.path.join(path, "merges.txt")
+    try:
+        with open(merges, encoding="utf-8") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return
+    if "</w>" in head:
+        raise ValueError(f"checkpoint {path!r}: its tokenizer is GPT-1's BPE (merges with </w>), "
+                         "which gptcore does not implement; from Python pass base=(model, "
+                         "tokenizer) with a tokenizer that has encode(text), e.g. transformers' "
+                         "OpenAIGPTTokenizer")
+
+
 def _tokenizer_of(path: str, vocab_size: int, recorded: Optional[str] = None):
     """The tokenizer a checkpoint directory holds or names: its vocabulary files, else the name
     a `gptcore train` run recorded, else GPT-2's or bytes' by vocabulary size."""
+    if os.path.isdir(path):
+        _refuse_gpt1_vocabulary(path)
     tok = gio.load_tokenizer(path) if os.path.isdir(path) else None
     if tok is not None:
         return tok
+    if recorded == "files":
+        raise ValueError(f"checkpoint {path!r}: its task record says its tokenizer's files were "
+                         "saved with it, but there are none (vocab.json/merges.txt)")
     name = recorded or (recorded_tokenizer(path) if os.path.isdir(path) else None)
     if name is None:
         name = {257: "byte", 50257: "gpt2"}.get(vocab_size)
@@ -301,9 +331,11 @@ def _task_model(model, tokenizer, info) -> TaskModel:
     return (MultipleChoice if info["task"] == "choice" else Classifier)(model, tokenizer, info)
 
 
-def load_task_model(path, device: str = "cpu") -> TaskModel:
+def load_task_model(path, device: str = "cpu", tokenizer=None) -> TaskModel:
     """A fine-tuned model from a `gptcore finetune` output directory or its model/checkpoint
-    directory. A checkpoint without a task head or task record raises ValueError."""
+    directory. A checkpoint without a task head or task record raises ValueError.
+    ``tokenizer`` replaces the saved one (needed when the model was fine-tuned with a "custom"
+    tokenizer object, which is not saved)."""
     path = _model_dir(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
@@ -317,7 +349,12 @@ def load_task_model(path, device: str = "cpu") -> TaskModel:
         raise ValueError(f"checkpoint {path!r} has a {heads[0]!r} head but no gptcore task record "
                          "(config.json's gptcore.task: task, labels, special-token ids), so its "
                          "inputs cannot be built; it was not written by `gptcore finetune`")
-    if info.get("tokenizer") == "byte":
+    if tokenizer is not None:
+        tok = tokenizer
+    elif info.get("tokenizer") == "custom":
+        raise ValueError(f"checkpoint {path!r} was fine-tuned with a tokenizer object gptcore "
+                         "cannot save; pass it again: load_task_model(path, tokenizer=...)")
+    elif info.get("tokenizer") == "byte":
         tok = gdata.get_tokenizer("byte")
     else:
         tok = _tokenizer_of(path, model.config.vocab_size, info.get("tokenizer"))
@@ -393,7 +430,10 @@ def _base_model(source, device: str) -> Tuple[GPT, Any, str]:
     (GPT, tokenizer) pair."""
     if isinstance(source, tuple):
         model, tok = source
-        return model, tok, "byte" if _base_tokenizer(tok) is None else "files"
+        if not callable(getattr(tok, "encode", None)):
+            raise TypeError(f"base: expected (GPT, tokenizer with encode(text)), got a "
+                            f"{type(tok).__name__} tokenizer")
+        return model, tok, _tokenizer_record(tok)
     if source is None:
         raise ValueError("checkpoint: expected the pre-trained model's directory (or file)")
     path = _model_dir(source)
@@ -404,7 +444,7 @@ def _base_model(source, device: str) -> Tuple[GPT, Any, str]:
         raise ValueError(f"checkpoint {path!r} already holds task head(s) {sorted(model.heads)}; "
                          "fine-tune from a pre-trained language model")
     tok = _tokenizer_of(path, model.config.vocab_size)
-    return model, tok, "byte" if _base_tokenizer(tok) is None else "files"
+    return model, tok, _tokenizer_record(tok)
 
 
 def _new_task_model(cfg: FinetuneConfig, labels: LabelSpace, base) -> TaskModel:
