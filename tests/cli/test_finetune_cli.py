@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+
 from gptcore.cli import main
 from gptcore.models import GPT, GPTConfig
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from gptcore.data.tasks import (
     LabelSpace,
     TaskEncoder,

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+
 from gptcore.data import get_tokenizer
 from gptcore.data.tasks import LabelSpace, TaskData, read_jsonl
 from gptcore.models import GPT, GPTConfig
