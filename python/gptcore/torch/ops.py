@@ -9,8 +9,8 @@ and ``torch.compile`` see both halves as single graph nodes. The plain functions
 (:func:`attention`, :func:`layer_norm`, ...) are what a model calls.
 
 Tensors cross into gptcore without a copy (NumPy's buffer on the CPU, DLPack on CUDA); outputs
-are allocated by PyTorch (its caching allocator on CUDA) and written by gptcore through the ops'
-``out=`` buffers. CUDA kernels launch on PyTorch's current stream. Inputs that are not contiguous
+are torch tensors written by gptcore through the ops' ``out=`` buffers (on CUDA from PyTorch's
+caching allocator; large CPU buffers from gptcore's, see :func:`_empty`). CUDA kernels launch on PyTorch's current stream. Inputs that are not contiguous
 are copied to contiguous ones first (the kernels read dense row-major tensors).
 
 Dtypes: float32 on the CPU; float32 or bfloat16 on CUDA. Statistics and losses are float32.
@@ -127,6 +127,11 @@ def _dropout_kw(dropout_p: float, rng: Optional[Tensor]) -> dict:
     return dict(dropout_p=dropout_p, seed=seed, stream=stream)
 
 
+def _mask_args(p: float, rng: Tensor) -> tuple:
+    """(p, seed, stream): the leading arguments of gptcore's dropout ops."""
+    return (p, *rng.tolist())
+
+
 def _check_p(dropout_p) -> float:
     p = float(dropout_p)
     if not 0.0 <= p < 1.0:
@@ -139,7 +144,7 @@ def _dropout_fwd(x: Tensor, p: float, rng: Tensor) -> Tensor:
     x = x.contiguous()
     out = _like(x)
     with _on(x):
-        _ops.dropout_forward(_g(x, "x"), **_ops_dropout_args(p, rng), out=_g(out, "out"))
+        _ops.dropout_forward(_g(x, "x"), *_mask_args(p, rng), out=_g(out, "out"))
     return out
 
 
@@ -149,13 +154,8 @@ def _dropout_bwd(dout: Tensor, p: float, rng: Tensor) -> Tensor:
     dout = dout.contiguous()
     dx = _like(dout)
     with _on(dout):
-        _ops.dropout_backward(_g(dout, "dout"), **_ops_dropout_args(p, rng), out=_g(dx, "dx"))
+        _ops.dropout_backward(_g(dout, "dout"), *_mask_args(p, rng), out=_g(dx, "dx"))
     return dx
-
-
-def _ops_dropout_args(p: float, rng: Tensor) -> dict:
-    seed, stream = rng.tolist()
-    return dict(p=p, seed=seed, stream=stream)
 
 
 @_dropout_fwd.register_fake
