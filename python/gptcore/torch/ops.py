@@ -453,27 +453,28 @@ def _(x, weight, bias):
 
 @torch.library.custom_op("gptcore::linear_bwd", mutates_args=())
 def _linear_bwd(dout: Tensor, x: Tensor, pre: Optional[Tensor], weight: Tensor,
-                need_dx: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """dx (an empty (0,) tensor when not needed), dweight and dbias (float32; dbias is
-    computed whether or not the layer has a bias: it is one column sum)."""
+                need_dx: bool, need_dbias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """dx, dweight and dbias (both float32); dx and dbias are empty (0,) tensors when not
+    needed (a layer without bias, an input without grad)."""
     dout, x, pre, weight = (_dense(t) for t in (dout, x, pre, weight))
     dweight = _f32_zeros(weight)
-    dbias = _empty((weight.shape[0],), torch.float32, x.device, zero=True)
+    dbias = _empty((weight.shape[0] if need_dbias else 0,), torch.float32, x.device, zero=True)
     dx = _like(x) if need_dx else x.new_empty((0,))
     with _on(x):
         _ops.linear_backward(_g(dout, "dout"), _g(x, "x"), pre=_g(pre, "pre"),
                              weight=_g(weight, "weight"), need_dx=need_dx,
-                             dweight=_g(dweight, "dweight"), dbias=_g(dbias, "dbias"),
+                             dweight=_g(dweight, "dweight"),
+                             dbias=_g(dbias, "dbias") if need_dbias else None,
                              out=_g(dx, "dx") if need_dx else None)
     return dx, dweight, dbias
 
 
 @_linear_bwd.register_fake
-def _(dout, x, pre, weight, need_dx):
+def _(dout, x, pre, weight, need_dx, need_dbias):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx \
         else x.new_empty((0,))
     return dx, weight.new_empty(weight.shape, dtype=torch.float32), \
-        weight.new_empty((weight.shape[0],), dtype=torch.float32)
+        weight.new_empty((weight.shape[0] if need_dbias else 0,), dtype=torch.float32)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -489,7 +490,7 @@ def _linear_gelu_setup(ctx, inputs, output):
 def _linear_backward(ctx, dout, dpre=None):
     x, weight, pre = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dw, db = _linear_bwd(dout, x, pre, weight, need[0])
+    dx, dw, db = _linear_bwd(dout, x, pre, weight, need[0], need[2])
     return (dx if need[0] else None, dw.to(weight.dtype) if need[1] else None,
             db.to(weight.dtype) if need[2] else None)
 
