@@ -143,7 +143,7 @@ def test_a_diverging_run_stops_before_the_update_and_names_where(corpus, tmp_pat
     msg = str(e.value)
     assert msg.startswith("step 5: ") and where in msg and "holds step 3" in msg
     records = _strict_json_lines(out / "log.jsonl")  # strict JSON: no NaN / Infinity
-    assert records[-1]["error"] == "non-finite" and records[-1]["loss"] is None
+    assert records[-1]["error"] == msg and records[-1]["loss"] is None
     assert load_checkpoint(str(out / "checkpoint"))["state"]["step"] == 3
 
 
@@ -214,3 +214,64 @@ def test_ctrl_c_stops_with_a_checkpoint_and_status_130(corpus, tmp_path):
     assert proc.returncode == 130, err
     step = load_checkpoint(str(out / "checkpoint"))["state"]["step"]
     assert step >= 3 and math.isfinite(step)
+
+
+# ---- the same guarantees in fine-tuning (gptcore.train.finetune shares train._run) -------------
+
+
+def _finetune_setup(tmp_path):
+    from .test_finetune import letters_task, tiny_base, write_jsonl
+
+    tr = write_jsonl(tmp_path / "tr.jsonl", letters_task(np.random.default_rng(3), 40))
+    ckpt = str(tmp_path / "base")
+    tiny_base()[0].save_pretrained(ckpt)
+    return dict(task="classify", train=tr, checkpoint=ckpt, lr=3e-3, epochs=2, batch_size=8,
+                progress=False)
+
+
+def test_finetune_refuses_an_existing_run_and_resumes_its_log_once(tmp_path):
+    from gptcore.train.finetune import finetune
+
+    kw = _finetune_setup(tmp_path)
+    out = tmp_path / "ft"
+    finetune(out=str(out), stop_after=3, **kw)
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        finetune(out=str(out), **kw)
+    with open(out / "log.jsonl", "a", encoding="utf-8") as f:  # killed after step 4: logged, unsaved
+        f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n")
+    finetune(out=str(out), resume=True, progress=False)
+    steps = [r["step"] for r in _strict_json_lines(out / "log.jsonl") if "loss" in r]
+    assert steps == list(range(1, 11))
+    assert finetune(out=str(out), overwrite=True, **kw)["steps"] == 10
+
+
+def test_finetune_stops_on_a_non_finite_loss_and_survives_a_failed_save(tmp_path, monkeypatch):
+    from gptcore.train import finetune as ft
+
+    kw = _finetune_setup(tmp_path)
+    real = ft.TaskModel.save
+    calls = []
+
+    def flaky(self, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 1:  # the end-of-epoch-1 checkpoint
+            raise OSError(28, "No space left on device")
+        return real(self, path, *a, **k)
+
+    monkeypatch.setattr(ft.TaskModel, "save", flaky)
+    res = ft.finetune(out=str(tmp_path / "a"), **kw)
+    assert res["steps"] == 10 and (tmp_path / "a" / "model" / "config.json").is_file()
+    monkeypatch.setattr(ft.TaskModel, "save", real)
+
+    real_step = ft.AdamW.step
+
+    def poison(self, *a, **k):  # after step 3, the head's weights turn NaN
+        norm = real_step(self, *a, **k)
+        if self.t == 3:
+            self.params[self.names.index("score.weight")].numpy()[...] = np.nan
+        return norm
+
+    monkeypatch.setattr(ft.AdamW, "step", poison)
+    with pytest.raises(TrainingDiverged, match="step 4: the loss is nan; .*parameter 'score.weight'"):
+        ft.finetune(out=str(tmp_path / "b"), **kw)
+    assert _strict_json_lines(tmp_path / "b" / "log.jsonl")[-1]["loss"] is None

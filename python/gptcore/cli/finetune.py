@@ -46,6 +46,8 @@ def add_subcommand(sub) -> None:
     g.add_argument("--out", default=None, metavar="DIR",
                    help=f"run directory: log.jsonl, checkpoint/, model/ (default {d.out})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a run that --out already holds (otherwise refused)")
     g.add_argument("--n-ctx", type=positive_int, default=None,
                    help="longest sequence (default: the model's context); longer inputs are cut")
     g = f.add_argument_group("recipe (defaults: GPT-1's)")
@@ -105,6 +107,8 @@ def run(args) -> int:
             raise ValueError("--checkpoint: required (the pre-trained model to fine-tune)")
         kw.update(task=args.task, train=args.train, val=args.val, checkpoint=args.checkpoint)
     cfg = FinetuneConfig(out=args.out or FinetuneConfig().out, resume=args.resume,
+                         overwrite=args.overwrite,
                          progress=not args.no_progress, **kw)
-    finetune(cfg)
-    return 0
+    from ..train._run import INTERRUPTED_STATUS
+
+    return INTERRUPTED_STATUS if finetune(cfg).get("interrupted") else 0

@@ -153,5 +153,7 @@ def train_config(args):
 def run(args) -> int:
     from ..train import train
 
-    summary = train(train_config(args))
-    return 130 if summary.get("interrupted") else 0  # Ctrl-C: a stopped run, not a finished one
+    from ..train._run import INTERRUPTED_STATUS
+
+    summary = train(train_config(args))  # Ctrl-C: a stopped run, not a finished one
+    return INTERRUPTED_STATUS if summary.get("interrupted") else 0

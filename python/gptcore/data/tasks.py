@@ -244,7 +244,8 @@ class TaskEncoder:
 
     ``encode(text) -> list of ids`` is the pre-trained tokenizer (ordinary text only);
     ``specials`` maps "start", "delim", "extract" to their ids; ``n_ctx`` bounds every sequence.
-    ``truncated`` counts the examples whose text was cut since the encoder was made.
+    ``truncated`` counts the examples whose text was cut since the encoder was made, and
+    ``longest`` is the longest sequence made so far.
     """
 
     def __init__(self, task: str, encode: Callable[[str], Sequence[int]], specials: Dict[str, int],
@@ -259,6 +260,7 @@ class TaskEncoder:
         self.start, self.delim, self.extract = (int(specials[n]) for n, _ in SPECIAL_TOKENS)
         self.n_ctx = n_ctx
         self.truncated = 0
+        self.longest = 0
         self._cache: Dict[str, List[int]] = {}
 
     def _ids(self, text: str) -> List[int]:
@@ -290,6 +292,7 @@ class TaskEncoder:
         else:
             out = [self._one(ex["context"], c) for c in ex["choices"]]
         self.truncated += any(cut for _, cut in out)
+        self.longest = max(self.longest, max(len(s) for s, _ in out))
         return [s for s, _ in out]
 
     def count_truncated(self, examples) -> int:

@@ -64,7 +64,16 @@ from ..models.heads import (
 from ..optim import AdamW, linear_lr
 from ..tokenizer import Tokenizer, _rebuild
 from .checkpoint import CHECKPOINT_NAME, recorded_tokenizer
-from .pretrain import _emit, _StopFlag
+from ._run import (
+    Checkpointer,
+    StopFlag,
+    TrainingDiverged,
+    check_memory,
+    diverged,
+    emit,
+    open_run_log,
+    refuse_existing_run,
+)
 
 __all__ = ["FinetuneConfig", "finetune", "TaskModel", "Classifier", "MultipleChoice",
            "load_task_model", "evaluate_task", "metrics", "MODEL_NAME"]
@@ -100,6 +109,7 @@ class FinetuneConfig:
     seed: int = 42
     device: str = "cpu"
     resume: bool = False
+    overwrite: bool = False  # replace a run that ``out`` already holds (otherwise refused)
     stop_after: Optional[int] = None  # stop (and checkpoint) after this many steps
     threads: Optional[int] = None
     progress: bool = True
@@ -114,7 +124,7 @@ class FinetuneConfig:
 
 
 # fields a resumed run takes from the new config; everything else comes from the checkpoint
-_RUN_CONTROL = ("out", "resume", "stop_after", "threads", "progress", "device")
+_RUN_CONTROL = ("out", "resume", "overwrite", "stop_after", "threads", "progress", "device")
 
 
 def _check_config(cfg: FinetuneConfig) -> None:
@@ -520,6 +530,8 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, base=None, **kwargs) -> Di
     if cfg.resume:
         if not cfg.out:
             raise ValueError("resume: needs out (the run directory to continue)")
+        if cfg.overwrite:
+            raise ValueError("resume and overwrite: a run is either continued or replaced, not both")
         ckpt_dir = os.path.join(cfg.out, CHECKPOINT_NAME)
         training = gio.load_training_state(ckpt_dir) if os.path.isdir(ckpt_dir) else None
         if training is None or "finetune_config" not in training["state"]:
@@ -536,6 +548,8 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, base=None, **kwargs) -> Di
     say = print if cfg.progress else (lambda *a, **k: None)
 
     # everything is read and checked before anything is written
+    if cfg.out and not cfg.resume and not cfg.overwrite:
+        refuse_existing_run(cfg.out, ("log.jsonl", CHECKPOINT_NAME, MODEL_NAME))
     if cfg.train is None:
         raise ValueError("train: expected a JSONL file of labelled examples")
     train_data = _task_data(cfg.train, cfg.task)
@@ -571,14 +585,14 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, base=None, **kwargs) -> Di
         model.dropout_step, tm.head.step = int(st["dropout_step"]), int(st["head_step"])
         say(f"Resumed from {os.path.join(cfg.out, CHECKPOINT_NAME)} at step {step} of {total}")
 
-    log_file = None
-    if cfg.out:
-        os.makedirs(cfg.out, exist_ok=True)
-        log_file = open(os.path.join(cfg.out, "log.jsonl"), "a" if ckpt else "w", encoding="utf-8")
     cut = {"train": tm.encoder.count_truncated(train_data.examples)}
     if val_data is not None:
         cut["val"] = tm.encoder.count_truncated(val_data.examples)
-    _emit(log_file, {"step": step, **{f"truncated_{k}": v for k, v in cut.items()},
+    per_example = tm.encoder.group or max(len(ex["choices"]) for ex in train_data.examples)
+    check_memory(model.config, cfg.batch_size * per_example, tm.encoder.longest, model.dtype,
+                 model.device, what="this fine-tuning run")
+    log_file = open_run_log(cfg.out, step if ckpt is not None else None) if cfg.out else None
+    emit(log_file, {"step": step, **{f"truncated_{k}": v for k, v in cut.items()},
                      "n_ctx": tm.encoder.n_ctx})
     say(f"{model!r}\nfine-tune {cfg.task}: {n} train examples"
         f"{'' if val_data is None else f', {len(val_data)} val'}; {cfg.epochs} epochs x "
@@ -592,9 +606,9 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, base=None, **kwargs) -> Di
                 "finetune_config": cfg.to_dict(), "truncated": cut,
                 "elapsed": elapsed_before + time.perf_counter() - t_start}
 
-    def checkpoint() -> None:
-        if cfg.out:
-            tm.save(os.path.join(cfg.out, CHECKPOINT_NAME), optimizer=opt, state=state_now())
+    saver = Checkpointer(os.path.join(cfg.out, CHECKPOINT_NAME) if cfg.out else None,
+                         lambda _: tm.save(saver.path, optimizer=opt, state=state_now()),
+                         lambda msg: bar.write(msg), last_saved=step if ckpt is not None else None)
 
     def validate(epoch: int) -> None:
         if val_data is None:
@@ -602,14 +616,15 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, base=None, **kwargs) -> Di
         m = evaluate_task(tm, val_data, cfg.batch_size)
         rec = {"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in m.items()}}
         history.append(rec)
-        _emit(log_file, rec)
+        emit(log_file, rec)
         bar.write(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
 
     bar = Progress(total=total, desc=f"finetune {cfg.task}", unit="step", enabled=cfg.progress,
                    initial=step)
-    stopped = False
+    stopped = interrupted = False
+    failure = None
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             while step < total:
                 epoch, pos = divmod(step, per_epoch)
                 order = _epoch_order(cfg.seed, epoch, n)[pos * cfg.batch_size:
@@ -619,32 +634,34 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, base=None, **kwargs) -> Di
                 lr = linear_lr(step, cfg.lr, warmup, total, 0.0)
                 model.zero_grad()
                 loss, lm = _loss_and_backward(tm, batch, cfg.lm_weight)
-                norm = opt.step(lr=lr, grad_clip=cfg.grad_clip or None)
+                # a non-finite gradient norm makes AdamW skip the update: the weights stay good
+                norm = opt.step(lr=lr, grad_clip=cfg.grad_clip or None) if math.isfinite(loss) else float("nan")
+                if not math.isfinite(loss) or not math.isfinite(norm):
+                    failure = diverged(model, step + 1, loss, norm, cfg.lr, saver)
+                    emit(log_file, {"step": step + 1, "loss": loss, "grad_norm": norm,
+                                    "error": failure})
+                    stopped = True
+                    break
                 step += 1
                 dt = time.perf_counter() - t0
                 losses.append(loss)
                 rec = {"step": step, "epoch": epoch, "loss": loss,
                        "lm_loss": None if math.isnan(lm) else lm, "lr": lr, "grad_norm": norm,
                        "examples_per_s": batch.n_examples / dt}
-                _emit(log_file, rec)
-                if not math.isfinite(loss) or not math.isfinite(norm):
-                    bar.write(f"step {step}: non-finite loss {loss} / gradient norm {norm}; "
-                              "stopping (try a lower --lr)")
-                    stopped = True
-                    break
+                emit(log_file, rec)
                 bar.update(1, postfix=f"loss {loss:.4f} | {batch.n_examples / dt:,.0f} ex/s")
                 if step % per_epoch == 0:
                     validate(step // per_epoch)
                     if step < total:
-                        checkpoint()
+                        saver.save(step)
                 if stop.requested or (cfg.stop_after is not None and step >= cfg.stop_after
                                       and step < total):
-                    stopped = True
-                    checkpoint()
+                    stopped, interrupted = True, stop.requested
+                    saver.save(step, final=True)
                     bar.write(f"stopped at step {step}; continue with --resume")
                     break
             if not stopped:
-                checkpoint()
+                saver.save(step, final=True)
                 if cfg.out:
                     tm.save(os.path.join(cfg.out, MODEL_NAME),
                             state={"step": step, "truncated": cut})
@@ -652,6 +669,8 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, base=None, **kwargs) -> Di
         bar.close()
         if log_file is not None:
             log_file.close()
+    if failure is not None:
+        raise TrainingDiverged(failure)
     model.eval()
     elapsed = elapsed_before + time.perf_counter() - t_start
     if any(cut.values()):
@@ -661,5 +680,5 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, base=None, **kwargs) -> Di
         where = f"; model in {os.path.join(cfg.out, MODEL_NAME)}" if cfg.out else ""
         say(f"done: {step} steps in {format_duration(elapsed)}{where}")
     return {"model": tm, "steps": step, "losses": losses, "val": history,
-            "stopped_early": stopped, "truncated": cut, "elapsed": elapsed,
+            "stopped_early": stopped, "interrupted": interrupted, "truncated": cut, "elapsed": elapsed,
             "out": cfg.out}

@@ -19,10 +19,8 @@ gptcore versions (model.npz, optim.npz, state.json), which is no longer written.
 """
 
 import dataclasses
-import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,14 +31,24 @@ import numpy as np
 from .. import data as gdata
 from .._progress import Progress, format_duration
 from ..models.config import DEMO_PRESETS, GPTConfig
-from .._fileio import write_atomic
-from ..models.gpt import GPT, training_memory
+from ..models.gpt import GPT
 from ..optim import AdamW, lr_at
 from .checkpoint import (
     CHECKPOINT_NAME,
     _saveable_tokenizer,
     load_checkpoint,
     save_checkpoint,
+)
+from ._run import (
+    Checkpointer,
+    StopFlag,
+    TrainingDiverged,
+    available_memory,
+    check_memory,
+    diverged,
+    emit,
+    open_run_log,
+    refuse_existing_run,
 )
 from .corpus import default_corpus_dir
 
@@ -194,12 +202,6 @@ def _model_config(cfg: TrainConfig, meta: Dict[str, Any]) -> GPTConfig:
     return mc
 
 
-def _json_safe(record: Dict[str, Any]) -> Dict[str, Any]:
-    """NaN and inf (not JSON) as null, so log.jsonl stays valid for strict readers."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in record.items()}
-
-
 def _init_from(cfg: TrainConfig, meta: Dict[str, Any]):
     """The architecture and weights of ``cfg.init_from`` (any checkpoint gptcore reads), with
     the run's dropout; task heads in the file are left out (pre-training uses the LM head)."""
@@ -218,104 +220,6 @@ def _init_from(cfg: TrainConfig, meta: Dict[str, Any]):
                          f"tokens but the model in {cfg.init_from!r} only {model_cfg.vocab_size}")
     trunk = schema.expected_shapes(model_cfg)
     return model_cfg, {k: v for k, v in state.items() if k in trunk}
-
-
-def _emit(log_file, record: Dict[str, Any]) -> None:
-    if log_file is not None:
-        log_file.write(json.dumps(_json_safe(record), allow_nan=False) + "\n")
-        log_file.flush()
-
-
-def _trim_log(path: str, last_step: int) -> None:
-    """Drop the records a resumed run will write again: those after the checkpoint's step (a
-    run killed between two saves logged them) and a half-written last line."""
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= last_step:
-                kept.append(json.dumps(rec) + "\n")
-    write_atomic(path, ["".join(kept).encode("utf-8")])
-
-
-class TrainingDiverged(RuntimeError):
-    """A training step produced a non-finite loss or gradient; the run stopped before the update
-    (the checkpoint on disk is the last good one)."""
-
-
-def available_memory(device: str = "cpu") -> Optional[int]:
-    """Bytes this process can still allocate on ``device``: the host's MemAvailable, capped by
-    a cgroup (container) limit when there is one; None when it cannot be told (not Linux, or a
-    CUDA device: there the allocator reports out-of-memory itself)."""
-    if device != "cpu":
-        return None
-    avail = None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    try:
-        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
-            used = int(f.read().strip())
-        if limit.isdigit():
-            room = int(limit) - used
-            avail = room if avail is None else min(avail, room)
-    except (OSError, ValueError):
-        pass
-    return avail
-
-
-def check_memory(model_cfg: GPTConfig, batch_size: int, seq_len: int, dtype: str, device: str,
-                 what: str = "this run") -> None:
-    """Refuse, before allocating anything, a run whose parameters, optimizer state and
-    activations cannot fit in the memory the machine has left (a clear error instead of an
-    OOM kill or minutes of swapping)."""
-    need = training_memory(model_cfg, batch_size, seq_len, dtype)
-    avail = available_memory(device)
-    if avail is not None and need["total"] > 0.9 * avail:
-        gib = lambda b: f"{b / 2**30:,.2f} GiB"
-        parts = ", ".join(f"{k} {gib(v)}" for k, v in need.items() if k != "total")
-        raise MemoryError(f"{what} needs about {gib(need['total'])} ({parts}; "
-                          f"{model_cfg.num_parameters():,} parameters, batch {batch_size} x seq "
-                          f"{seq_len}) but only {gib(avail)} of memory is available: use a smaller "
-                          f"model, --batch-size or --seq-len")
-
-
-class _StopFlag:
-    """First Ctrl-C: finish the current step, checkpoint, stop. Second: stop at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\n[gptcore] stopping after this step (Ctrl-C again to abort without a checkpoint)",
-              file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-        return False
 
 
 def _tokenizer_for(meta: Dict[str, Any]):
@@ -375,11 +279,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
         cfg = dataclasses.replace(cfg, lr=3e-3 if demo else (1e-4 if cfg.init_from else 6e-4))
     _check_train_config(cfg)
     if not cfg.resume and not cfg.overwrite:
-        existing = [n for n in ("log.jsonl", CHECKPOINT_NAME) if os.path.exists(os.path.join(cfg.out, n))]
-        if existing:
-            raise FileExistsError(f"out: {cfg.out!r} already holds a run ({', '.join(existing)}); "
-                                  "continue it with --resume, replace it with --overwrite, or "
-                                  "choose another --out")
+        refuse_existing_run(cfg.out, ("log.jsonl", CHECKPOINT_NAME))
     if cfg.threads:
         from .. import set_num_threads
 
@@ -447,11 +347,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
         f"{'' if val_data is None else f', {val_data.total:,} val'}); {cfg.steps} steps x "
         f"{tokens_per_step:,} tokens (batch {cfg.batch_size} x seq {seq_len} x accum {cfg.grad_accum})")
 
-    os.makedirs(cfg.out, exist_ok=True)
-    log_path = os.path.join(cfg.out, "log.jsonl")
-    if ckpt:
-        _trim_log(log_path, start_step)
-    log_file = open(log_path, "a" if ckpt else "w", encoding="utf-8")
+    log_file = open_run_log(cfg.out, start_step if ckpt else None)
     min_lr = cfg.lr * cfg.min_lr_ratio
     losses: List[float] = []
     val_history: List[Dict[str, float]] = []
@@ -463,25 +359,11 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
                 "train_config": cfg.to_dict(), "data_meta": meta, "data_dir": os.path.abspath(data_dir),
                 "elapsed": elapsed_before + (time.perf_counter() - t_start), "val_loss": last_val}
 
-    last_saved = start_step if ckpt else None
-
-    def checkpoint(step: int, final: bool = False) -> None:
-        """Save; a failed save (disk full...) is reported and retried at the next save, except
-        the last one, which stops the run with the step of the last checkpoint that holds."""
-        nonlocal last_saved
-        if not cfg.checkpoint:
-            return
-        path = os.path.join(cfg.out, CHECKPOINT_NAME)
-        try:
-            save_checkpoint(path, model, opt, state_now(step), tokenizer=tok_files)
-            last_saved = step
-        except OSError as e:
-            held = (f"{path} still holds step {last_saved}" if last_saved is not None
-                    else "no checkpoint was saved")
-            if final:
-                raise RuntimeError(f"step {step}: could not save the checkpoint ({e}); {held}") from e
-            bar.write(f"step {step}: could not save the checkpoint ({e}); {held}; training goes "
-                      "on and the next save tries again")
+    ck_path = os.path.join(cfg.out, CHECKPOINT_NAME) if cfg.checkpoint else None
+    saver = Checkpointer(ck_path, lambda step: save_checkpoint(
+        ck_path, model, opt, state_now(step), tokenizer=tok_files),
+        lambda msg: bar.write(msg), last_saved=start_step if ckpt else None)
+    checkpoint = saver.save
 
     def run_eval(step: int) -> None:
         nonlocal last_val
@@ -491,16 +373,16 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
         last_val = vl
         ppl = math.exp(vl) if vl < 50 else float("inf")
         val_history.append({"step": step, "val_loss": vl, "val_ppl": ppl})
-        _emit(log_file, {"step": step, "val_loss": vl, "val_ppl": ppl})
+        emit(log_file, {"step": step, "val_loss": vl, "val_ppl": ppl})
         bar.write(f"step {step:>6}: val loss {vl:.4f}  perplexity {ppl:.2f}")
 
     bar = Progress(total=cfg.steps, desc="train", unit="step", enabled=cfg.progress, initial=start_step)
     t_start = time.perf_counter()
     step = start_step
     stopped_early = interrupted = False
-    diverged = None
+    failure = None
     try:
-        with _StopFlag() as stop:
+        with StopFlag() as stop:
             if start_step == 0 and cfg.eval_every:
                 run_eval(0)
             while step < cfg.steps:
@@ -519,15 +401,9 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
                 # a non-finite gradient norm makes AdamW skip the update: the weights stay good
                 norm = opt.step(lr=lr, grad_clip=cfg.grad_clip or None) if math.isfinite(loss) else float("nan")
                 if not math.isfinite(loss) or not math.isfinite(norm):
-                    where = model.find_non_finite() or "nowhere in the model's buffers"
-                    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
-                    _emit(log_file, {"step": step + 1, "loss": loss, "grad_norm": norm, "lr": lr,
-                                     "error": "non-finite", "first_non_finite": where})
-                    held = (f"; {os.path.join(cfg.out, CHECKPOINT_NAME)} holds step {last_saved}"
-                            if last_saved is not None else "")
-                    diverged = (f"step {step + 1}: {what}; the first non-finite value is in {where}. "
-                                f"Training stopped before updating the weights{held}. Try a lower "
-                                f"--lr (now {cfg.lr:g}) or --grad-clip")
+                    failure = diverged(model, step + 1, loss, norm, cfg.lr, saver)
+                    emit(log_file, {"step": step + 1, "loss": loss, "grad_norm": norm, "lr": lr,
+                                    "error": failure})
                     stopped_early = True
                     break
                 step += 1
@@ -536,7 +412,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
                 losses.append(loss)
                 record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
                           "tokens": tokens_seen, "dt": dt, "tok_per_s": tokens_per_step / dt}
-                _emit(log_file, record)
+                emit(log_file, record)
                 if on_step is not None:
                     on_step(record)
                 bar.update(1, postfix=f"loss {loss:.4f} | {tokens_per_step / dt:,.0f} tok/s | lr {lr:.2e}")
@@ -556,8 +432,8 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
     finally:
         bar.close()
         log_file.close()
-    if diverged is not None:
-        raise TrainingDiverged(diverged)
+    if failure is not None:
+        raise TrainingDiverged(failure)
 
     summary: Dict[str, Any] = {"steps": step, "losses": losses, "val": val_history,
                                "val_loss": last_val, "out": cfg.out, "model": model,

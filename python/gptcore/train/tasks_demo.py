@@ -197,7 +197,7 @@ def pretrained_model(progress: bool = True) -> Tuple[str, float]:
     if progress:
         print(f"Pre-training the demo model once ({DEMO_PRETRAIN}) -> {out}", flush=True)
     res = train(TrainConfig(out=out, data=corpus, sample_tokens=0, eval_every=500,
-                            progress=progress, **DEMO_PRETRAIN))
+                            progress=progress, overwrite=True, **DEMO_PRETRAIN))  # not done.json: redo
     write_atomic(done, [json.dumps({"val_loss": res["val_loss"]}).encode()])
     return os.path.join(out, "checkpoint"), float(res["val_loss"])
 
