@@ -119,7 +119,8 @@ def finetune_step(cfg: GPTConfig, batch, K: int, seed: int = 0):
         from gptcore.data import get_tokenizer
         from gptcore.data.tasks import Batch, LabelSpace
         from gptcore.train.finetune import MultipleChoice, _loss_and_backward
-    except ImportError:
+    except ImportError as e:
+        print(f"  (finetune left out: {e})")
         return None
     model = GPT(cfg, seed=seed)
     model.add_head(LinearHead(cfg.n_embd, 1, "multiple_choice_head", bias=True, dropout=PDROP, seed=seed))
@@ -256,8 +257,9 @@ def run(shape="small", B=8, K=4, T=64, rounds=5, threads=0, do_profile=False, wi
     cfg = config(shape)
     batch = make_batch(B, K, T)
     steps = {"gptcore": gptcore_step(cfg, batch, K)}
-    if with_finetune and finetune_step(cfg, batch, K) is not None:
-        steps["finetune"] = finetune_step(cfg, batch, K)
+    ft = finetune_step(cfg, batch, K) if with_finetune else None
+    if ft is not None:
+        steps["finetune"] = ft
     if HAVE_TORCH:
         steps["torch"] = torch_step(cfg, batch, K)
     times = measure(steps, rounds)
