@@ -212,6 +212,7 @@ def test_bad_task_config_writes_nothing(tmp_path, rng):
     before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
     for bad, err, message in (({"labels": ["a", "b"]}, ValueError, "3 label names"),
                               ({"labels": "abc"}, ValueError, "label names"),
+                              ({"labels": ["1", 1, "b"]}, ValueError, "differ as text"),
                               ({"pad_token_id": V0 + 3}, ValueError, "pad_token_id"),
                               ({"when": object()}, TypeError, "not JSON-serialisable"),
                               (["labels"], TypeError, "expected a dict")):

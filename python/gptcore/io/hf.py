@@ -99,7 +99,10 @@ def _labels_of(task: Mapping[str, Any], n_out: int) -> List[str]:
             or not all(isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in labels)):
         raise ValueError(f"task_config['labels']: expected {n_out} label names (the `score` head "
                          f"has {n_out} outputs), got {labels!r}")
-    return [str(x) for x in labels]
+    names = [str(x) for x in labels]
+    if len(set(names)) != n_out:  # label2id would lose one
+        raise ValueError(f"task_config['labels']: names must differ as text, got {labels!r}")
+    return names
 
 
 def _pad_of(task: Mapping[str, Any], vocab_size: int) -> Optional[int]:
