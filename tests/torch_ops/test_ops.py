@@ -23,12 +23,14 @@ F = torch.nn.functional
 
 import gptcore.torch as gt
 from gptcore.torch import ops as gops
+from tests.helpers import fresh_seed
 
 
 @pytest.fixture
 def gen():
-    seed = torch.randint(0, 2 ** 31, ()).item()
-    print(f"torch seed = {seed}")
+    """A torch generator with a fresh seed per test (printed; replay with GPTCORE_TEST_SEED)."""
+    seed = fresh_seed()
+    print(f"torch seed = {seed} (replay with GPTCORE_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
 
 
