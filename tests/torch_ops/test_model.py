@@ -26,8 +26,7 @@ def _hf_model(model, directory):
     """transformers' GPT2LMHeadModel holding ``model``'s weights (written by gptcore.io in
     transformers' layout, read by transformers itself)."""
     transformers = pytest.importorskip("transformers")
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    write_weights(str(directory), model.config, state)
+    model.save_pretrained(directory)
     return transformers.GPT2LMHeadModel.from_pretrained(str(directory))
 
 
@@ -55,6 +54,22 @@ def test_logits_match_gptcore_and_transformers(tmp_path):
     again = GPT.from_pretrained(tmp_path / "hf")
     assert not again.training
     torch.testing.assert_close(again(x)[0], logits, rtol=0, atol=0)
+
+
+def test_llmc_checkpoint_round_trip(tmp_path):
+    """An llm.c model file written by gptcore.io loads into the module with the same logits as
+    gptcore.GPT on the same file, and the module saves what it loaded."""
+    cfg = _cfg()
+    ref = gptcore.GPT(cfg, seed=4)
+    write_weights(str(tmp_path / "m.bin"), cfg, ref.state_dict())
+    model = GPT.from_pretrained(tmp_path / "m.bin")
+    x, _ = _batch(torch.Generator().manual_seed(4))
+    want = gptcore.GPT.from_pretrained(str(tmp_path / "m.bin")).logits(x.numpy())
+    np.testing.assert_allclose(model(x)[0].detach().numpy(), want, atol=2e-5)
+    model.save_pretrained(tmp_path / "again.bin")
+    again = GPT.from_pretrained(tmp_path / "again.bin")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
 
 
 def test_gpt3_banded_layers_match_gptcore():

@@ -119,6 +119,16 @@ class GPT(nn.Module):
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
         return model.eval()
 
+    def save_pretrained(self, path, dtype: str = "float32") -> None:
+        """Write the weights in transformers' GPT-2 layout (a directory that
+        ``transformers.GPT2LMHeadModel.from_pretrained`` and :meth:`from_pretrained` read), or
+        an llm.c model file when ``path`` ends in ``.bin`` (:func:`gptcore.io.write_weights`;
+        written to a temporary name first, so a failed save leaves nothing half-written)."""
+        from ..io.pretrained import write_weights
+
+        state = {k: v.detach().float().cpu().numpy() for k, v in self.state_dict().items()}
+        write_weights(path, self.config, state, dtype=dtype)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
