@@ -16,7 +16,9 @@ running each question's context once buys.
 
     python benchmarks/bench_eval.py [--questions 40] [--batch-size 16] [--shape gpt2|small] [--rounds 2]
 
-Needs torch, transformers, accelerate and lm-eval (``pip install '.[compare]'``).
+Needs torch, transformers, accelerate and lm-eval (``pip install '.[compare]'``). gptcore is
+imported before torch (see the note at the imports); both backends then share that OpenMP
+runtime and its settings.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ import tempfile
 import time
 
 import numpy as np
+
+# gptcore before torch: torch's wheel carries its own libgomp.so.1, which the gptcore extension
+# then binds to; whichever is imported first initialises it, and gptcore's import sets
+# GOMP_SPINCOUNT (idle OpenMP threads stop spinning soon, leaving the cores to OpenBLAS) first.
+# With torch imported first, gptcore ran 2.8x slower on this 2-core VM (measured, see RESULTS.md).
+import gptcore  # noqa: F401,E402
 
 WORDS = ("the a man woman dog cat house garden car road water fire table chair book window door "
          "walks runs opens closes takes puts looks sees finds holds pulls pushes into onto over "

@@ -13,6 +13,12 @@ registering)::
 
     python -m gptcore.eval.harness --model gptcore --model_args checkpoint=DIR --tasks lambada_openai
 
+Import gptcore before lm_eval (which imports torch): torch's wheel carries a libgomp.so.1 that
+gptcore's extension then shares, and whichever comes first initialises it; gptcore's import
+limits how long idle OpenMP threads spin (``GOMP_SPINCOUNT``), and without that gptcore's CPU
+kernels ran 2.8x slower beside them on a 2-core machine. (Or set ``GOMP_SPINCOUNT=10000`` in
+the environment.) ``python -m gptcore.eval.harness`` imports in the right order.
+
 ``model_args``: ``checkpoint`` (a directory ``gptcore eval`` takes: transformers' GPT-2/GPT-1
 layout, a gptcore run), ``tokenizer`` (gpt2, byte or a directory; default the checkpoint's),
 ``max_length`` (default the model's block size), ``share_context`` (default true). The
