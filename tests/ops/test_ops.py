@@ -21,6 +21,8 @@ starts as NaN: an output element a kernel forgets to write fails the finiteness 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
