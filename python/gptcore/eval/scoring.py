@@ -224,7 +224,8 @@ class Scorer:
         for i, (ctx, _) in enumerate(prepared):
             groups[tuple(ctx)].append(i)
         singles: List[int] = []
-        # shared contexts: whole questions, longest context first, up to batch_size choices a chunk
+        # shared contexts: whole questions, longest context first, batch_size questions a chunk
+        # (their prefill holds fewer tokens than batch_size whole requests would)
         shared: List[Tuple[List[int], List[int]]] = []
         for ctx, members in groups.items():
             if self.share_context and len(members) > 1 and len(ctx) > 1:
@@ -234,7 +235,7 @@ class Scorer:
         shared.sort(key=lambda g: -len(g[0]))
         chunk: List[Tuple[List[int], List[int]]] = []
         for g in shared + [None]:  # type: ignore[list-item]
-            if chunk and (g is None or sum(len(m) for _, m in chunk) + len(g[1]) > self.batch_size):
+            if chunk and (g is None or len(chunk) == self.batch_size):
                 scores = self._score_shared([(c, [prepared[j][1] for j in m]) for c, m in chunk])
                 for i, r in zip([j for _, m in chunk for j in m], scores):
                     results[i] = r
@@ -278,7 +279,8 @@ class Scorer:
         (right-padded: a row's padding comes after its own positions, so causal attention keeps
         it out of them, and its cache entries there are overwritten below before anything reads
         them). Then each continuation gets a copy of its context's cache row, and the
-        continuations of contexts of one length P run together from position P:
+        continuations of contexts of one length P run together from position P, as many a pass
+        as keep it within the tokens of ``batch_size`` whole requests:
         [ctx[-1]] + cont[:-1], right-padded likewise. Returns the scores in the order of the
         groups' continuations."""
         model = self.model
@@ -297,8 +299,12 @@ class Scorer:
         for r, (_, P, _, _) in enumerate(rows):
             by_len[P].append(r)
         for P, members in by_len.items():
-            for s in range(0, len(members), self.batch_size):
-                part = members[s: s + self.batch_size]
+            # as many continuations a pass as keep it within the tokens of batch_size whole
+            # requests (a continuation's pass is short: many fit)
+            Tn_max = max(len(rows[r][3]) for r in members)
+            per_pass = max(1, self.batch_size * (P + Tn_max) // Tn_max)
+            for s in range(0, len(members), per_pass):
+                part = members[s: s + per_pass]
                 n = len(part)
                 many = Decoder(model, n, L)
                 for src_list, dst_list in ((prefix.cache.k, many.cache.k),
