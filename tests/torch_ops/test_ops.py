@@ -132,6 +132,23 @@ def test_residual_layer_norm_matches_torch(gen):
         close(name, a, r)
 
 
+def test_residual_layer_norm_with_one_output_used(gen):
+    """Only the sum, or only the normalised output, reaches the loss: the unused output's
+    gradient is absent (not zero-filled) and the gradients are still PyTorch's."""
+    C = 24
+    x, r = randn(gen, 3, 5, C, grad=True), randn(gen, 3, 5, C, grad=True)
+    w, b = randn(gen, C, grad=True), randn(gen, C, grad=True)
+    s, out = gt.residual_layer_norm(x, r, w, b)
+    g = randn(gen, 3, 5, C)
+    dx, dr = torch.autograd.grad(s, [x, r], g)
+    close("dx (sum only)", dx, g)
+    close("dr (sum only)", dr, g)
+    got = torch.autograd.grad(gt.residual_layer_norm(x, r, w, b)[1], [x, r, w, b], g)
+    want = torch.autograd.grad(F.layer_norm(x + r, (C,), w, b), [x, r, w, b], g)
+    for name, a_, e in zip(["dx", "dr", "dw", "db"], got, want):
+        close(name + " (out only)", a_, e)
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_torch(gen, gelu, bias):

@@ -99,6 +99,13 @@ def _f32_zeros(like: Tensor) -> Tensor:
     return _empty(like.shape, torch.float32, like.device, zero=True)
 
 
+def _no_zero_grads(ctx) -> None:
+    """Multi-output ops: outputs nobody differentiates (statistics, a saved gradient) reach
+    backward as None instead of freshly zero-filled tensors (for cross-entropy's saved dlogits
+    that would be a (N, V) memset every step)."""
+    ctx.set_materialize_grads(False)
+
+
 # ---- dropout ------------------------------------------------------------------------------------
 # Dropout masks come from gptcore's counter-based generator keyed by (seed, stream) (see
 # gptcore.ops.dropout_forward): nothing is stored, backward regenerates the mask. The pair travels
@@ -232,12 +239,15 @@ def _(dout, qkv, out, lse, n_head, window, dropout_p, rng):
 def _attention_setup(ctx, inputs, output):
     qkv, n_head, window, dropout_p, rng = inputs
     out, lse = output
+    _no_zero_grads(ctx)
     ctx.save_for_backward(qkv, out, lse, rng)
     ctx.args = (n_head, window, dropout_p)
 
 
 def _attention_backward(ctx, dout, dlse):
     qkv, out, lse, rng = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None, None
     dqkv = _attention_bwd(dout, qkv, out, lse, *ctx.args, rng) if ctx.needs_input_grad[0] \
         else None
     return dqkv, None, None, None, None
@@ -329,6 +339,7 @@ def _(dout, dresidual, x, mean, rstd, weight):
 def _layer_norm_setup(ctx, inputs, output):
     x, weight = inputs[:2]
     _, mean, rstd = output
+    _no_zero_grads(ctx)
     ctx.save_for_backward(x, mean, rstd, weight)
 
 
@@ -340,6 +351,8 @@ def _param_grads(ctx, first: int, dweight, dbias, weight):
 
 def _layer_norm_backward(ctx, dout, dmean, drstd):
     x, mean, rstd, weight = ctx.saved_tensors
+    if dout is None:
+        return None, None, None, None
     dx, dw, db = _layer_norm_bwd(dout, None, x, mean, rstd, weight)
     return (dx if ctx.needs_input_grad[0] else None, *_param_grads(ctx, 1, dw, db, weight), None)
 
@@ -380,11 +393,16 @@ def _(x, residual, weight, bias, eps, dropout_p, rng):
 def _residual_layer_norm_setup(ctx, inputs, output):
     weight, ctx.dropout_p = inputs[2], inputs[5]
     s, _, mean, rstd = output
+    _no_zero_grads(ctx)
     ctx.save_for_backward(s, mean, rstd, weight, inputs[6])
 
 
 def _residual_layer_norm_backward(ctx, dsum, dout, dmean, drstd):
     s, mean, rstd, weight, rng = ctx.saved_tensors
+    if dout is None and dsum is None:
+        return (None,) * 7
+    if dout is None:  # only the sum is used downstream
+        dout = torch.zeros_like(s)
     dtotal, dw, db = _layer_norm_bwd(dout, dsum, s, mean, rstd, weight)
     need = ctx.needs_input_grad
     dx = None
@@ -484,11 +502,14 @@ def _linear_setup(ctx, inputs, output):
 
 def _linear_gelu_setup(ctx, inputs, output):
     x, weight = inputs[:2]
+    _no_zero_grads(ctx)
     ctx.save_for_backward(x, weight, output[1])
 
 
 def _linear_backward(ctx, dout, dpre=None):
     x, weight, pre = ctx.saved_tensors
+    if dout is None:
+        return None, None, None
     need = ctx.needs_input_grad
     dx, dw, db = _linear_bwd(dout, x, pre, weight, need[0], need[2])
     return (dx if need[0] else None, dw.to(weight.dtype) if need[1] else None,
@@ -552,12 +573,15 @@ def _(logits, targets, ignore_index):
 
 
 def _cross_entropy_setup(ctx, inputs, output):
+    _no_zero_grads(ctx)
     ctx.save_for_backward(output[1])
 
 
 def _cross_entropy_backward(ctx, dlosses, ddlogits):
     (dlogits,) = ctx.saved_tensors
-    dl = dlogits * dlosses.unsqueeze(-1).to(dlogits.dtype) if ctx.needs_input_grad[0] else None
+    if dlosses is None or not ctx.needs_input_grad[0]:
+        return None, None, None
+    dl = dlogits * dlosses.unsqueeze(-1).to(dlogits.dtype)
     return dl, None, None
 
 
@@ -644,11 +668,14 @@ def _(x, weight, targets, ignore_index, chunk):
 
 
 def _linear_cross_entropy_setup(ctx, inputs, output):
+    _no_zero_grads(ctx)
     ctx.save_for_backward(output[1], output[2], inputs[1])
 
 
 def _linear_cross_entropy_backward(ctx, dlosses, ddx, ddweight):
     dx, dweight, weight = ctx.saved_tensors
+    if dlosses is None:
+        return None, None, None, None, None
     need = ctx.needs_input_grad
     # the losses' gradients were computed for an upstream gradient of 1 per position: the
     # weight's gradient is a sum over positions, so it is exact only for one shared upstream
