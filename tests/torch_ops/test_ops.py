@@ -138,7 +138,7 @@ def test_residual_layer_norm_with_one_output_used(gen):
     C = 24
     x, r = randn(gen, 3, 5, C, grad=True), randn(gen, 3, 5, C, grad=True)
     w, b = randn(gen, C, grad=True), randn(gen, C, grad=True)
-    s, out = gt.residual_layer_norm(x, r, w, b)
+    s, _ = gt.residual_layer_norm(x, r, w, b)
     g = randn(gen, 3, 5, C)
     dx, dr = torch.autograd.grad(s, [x, r], g)
     close("dx (sum only)", dx, g)

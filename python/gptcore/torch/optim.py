@@ -105,7 +105,7 @@ class AdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 key = (p.device, int(state["step"].item()), p.dtype != torch.float32)
                 buckets.setdefault(key, []).append((p, state))
-            for (device, step, master), items in buckets.items():
+            for (_, step, master), items in buckets.items():
                 params = [_g(p, "params") for p, _ in items]
                 grads = [_g(p.grad.contiguous(), "grads") for p, _ in items]
                 m = [_g(s["exp_avg"], "m") for _, s in items]
