@@ -513,3 +513,17 @@ def test_set_num_threads_1000_does_not_crash():
     """)
     assert proc.returncode == 0, proc.stderr
     assert "refused: num_threads" in proc.stdout and "ran" in proc.stdout
+
+
+@pytest.mark.parametrize("snippet, message", [
+    # the issue's crash cases, run as a user would: each must end in a Python exception, not a signal
+    ("gptcore.ops.layernorm_forward(gptcore.empty([2**31, 2**31]), np.ones(2**31, np.float32), "
+     "np.zeros(2**31, np.float32))", "too large"),
+    ("t = gptcore.zeros([2**62, 4]); gptcore.ops.global_norm([t])", "too large"),
+    ("gptcore.set_num_threads(1000); gptcore.ops.linear_forward(np.ones((64, 64), np.float32), "
+     "np.ones((64, 64), np.float32))", "num_threads"),
+])
+def test_crash_cases_end_in_an_exception_in_a_fresh_process(snippet, message):
+    proc = _run("import numpy as np, gptcore\n" + snippet)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])  # < 0: killed by a signal
+    assert "ValueError" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
