@@ -29,8 +29,8 @@ from torch import Tensor
 
 from .. import cuda as _gcuda
 from .. import ops as _ops
-from .._load import _C
 from ..tensor import empty as _gempty
+from ..tensor import from_numpy as _from_numpy
 from ..tensor import zeros as _gzeros
 
 __all__ = ["attention", "attention_qkv", "dropout", "layer_norm", "residual_layer_norm", "linear",
@@ -48,7 +48,7 @@ def _g(t: Optional[Tensor], name: str):
         if t.dtype not in (torch.float32, torch.int32, torch.int64):
             raise TypeError(f"{name}: gptcore's CPU kernels take float32 (ids int32/int64), "
                             f"got {t.dtype}")
-        return _C.from_numpy(t.detach().numpy(), name)  # the cheapest zero-copy path
+        return _from_numpy(t.detach().numpy(), name)  # the cheapest zero-copy path
     if t.dtype not in (torch.float32, torch.bfloat16, torch.int32, torch.int64):
         raise TypeError(f"{name}: gptcore's CUDA kernels take float32 or bfloat16, got {t.dtype}")
     return _ops.as_tensor(t.detach(), name)
