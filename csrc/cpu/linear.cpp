@@ -11,12 +11,6 @@
 // features, else columns, so T = 1 decoding still uses every core). Backward splits dW's rows
 // (and the matching columns of dout) for dW, db and the GELU derivative, then, after a barrier,
 // dx's columns.
-//
-// The blocks have a size that depends only on the length being split (split_block), never on
-// the thread count; threads take whole blocks. OpenBLAS picks its kernel and its order of
-// summation from the shape of each call, so a block's values depend on its shape: with blocks
-// sized per thread, 1 and 2 threads gave different bits (and a training run resumed with another
-// --threads diverged). With fixed blocks every thread count makes the same calls.
 #include <cblas.h>
 
 #include <algorithm>
@@ -42,15 +36,6 @@ void blas_single_threaded() {
 }
 
 constexpr int64_t kAlign = 16;  // block boundaries on whole 64-byte lines of floats
-
-// Size of the blocks a length-n dimension is cut into: at most kMaxBlocks blocks (enough to
-// balance any core count we run on), at least kMinBlock long (so each GEMM call stays big enough
-// to run at full speed), a multiple of kAlign. A function of n alone: see the note on top.
-int64_t split_block(int64_t n) {
-  constexpr int64_t kMinBlock = 128, kMaxBlocks = 64;
-  const int64_t per = (n + kMaxBlocks - 1) / kMaxBlocks;
-  return std::max(kMinBlock, (per + kAlign - 1) / kAlign * kAlign);
-}
 
 }  // namespace
 
@@ -78,36 +63,35 @@ void linear_forward(const Tensor& x, const Tensor& weight, const Tensor& bias, b
   const float* b = bias.defined() ? bias.data<float>() : nullptr;
   float* y = gelu ? pre.data<float>() : out.data<float>();  // the GEMM result (pre-activation)
   float* o = out.data<float>();
-  // Split y along its longer side, so the operand every block packs in full (x when splitting
-  // columns, W when splitting rows) is the smaller one.
-  const bool split_rows = N > M;
-  const int64_t len = split_rows ? N : M, bs = split_block(len);
-  const int64_t nblocks = (len + bs - 1) / bs;
-#pragma omp parallel for schedule(static)
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    // This block of y: rows [n0, n1) x columns [m0, m1).
+#pragma omp parallel
+  {
+    // This thread's block of y: rows [n0, n1) x columns [m0, m1). Split the longer side, so
+    // the operand every thread packs in full (x when splitting columns, W when splitting rows)
+    // is the smaller one.
     int64_t n0 = 0, n1 = N, m0 = 0, m1 = M;
-    int64_t& lo = split_rows ? n0 : m0;
-    int64_t& hi = split_rows ? n1 : m1;
-    lo = blk * bs;
-    hi = std::min(len, lo + bs);
-    const int64_t nb = n1 - n0, mb = m1 - m0;
-    float* yb = y + n0 * M + m0;
-    if (b) {  // bias folded in as the GEMM's initial C (beta = 1)
-      for (int64_t i = 0; i < nb; ++i) std::copy(b + m0, b + m1, yb + i * M);
-    }
-    if (N == 1)  // one token (decoding): a matrix-vector product, no GEMM packing
-      scipy_cblas_sgemv(CblasRowMajor, CblasNoTrans, mb, K, 1.f, w + m0 * K, K, xp, 1,
-                        b ? 1.f : 0.f, yb, 1);
+    if (N > M)
+      thread_range(N, thread_id(), thread_count(), kAlign, &n0, &n1);
     else
-      scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, mb, K, 1.f, xp + n0 * K, K,
-                        w + m0 * K, K, b ? 1.f : 0.f, yb, M);
-    if (gelu) {  // epilogue on this block, just written by the GEMM
-      for (int64_t i = n0; i < n1; ++i) {
-        const float* yr = y + i * M;
-        float* orow = o + i * M;
+      thread_range(M, thread_id(), thread_count(), kAlign, &m0, &m1);
+    if (n1 > n0 && m1 > m0) {
+      const int64_t nb = n1 - n0, mb = m1 - m0;
+      float* yb = y + n0 * M + m0;
+      if (b) {  // bias folded in as the GEMM's initial C (beta = 1)
+        for (int64_t i = 0; i < nb; ++i) std::copy(b + m0, b + m1, yb + i * M);
+      }
+      if (N == 1)  // one token (decoding): a matrix-vector product, no GEMM packing
+        scipy_cblas_sgemv(CblasRowMajor, CblasNoTrans, mb, K, 1.f, w + m0 * K, K, xp, 1,
+                          b ? 1.f : 0.f, yb, 1);
+      else
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb, mb, K, 1.f, xp + n0 * K,
+                          K, w + m0 * K, K, b ? 1.f : 0.f, yb, M);
+      if (gelu) {  // epilogue on this thread's block, just written by the GEMM
+        for (int64_t i = n0; i < n1; ++i) {
+          const float* yr = y + i * M;
+          float* orow = o + i * M;
 #pragma omp simd
-        for (int64_t j = m0; j < m1; ++j) orow[j] = cpu::gelu(yr[j]);
+          for (int64_t j = m0; j < m1; ++j) orow[j] = cpu::gelu(yr[j]);
+        }
       }
     }
   }
@@ -130,14 +114,13 @@ void linear_backward(const Tensor& dout, const Tensor& x, const Tensor& pre, con
   // Taken here: inside the parallel region `gbuf` would name each worker's own (empty) buffer.
   float* gelu_g = gbuf.data();
   const float* g = p ? gelu_g : dout.data<float>();
-  const int64_t bm = split_block(M), mblocks = (M + bm - 1) / bm;
-  const int64_t bk = split_block(K), kblocks = (K + bk - 1) / bk;
 #pragma omp parallel
   {
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < mblocks; ++blk) {
-      const int64_t m0 = blk * bm, m1 = std::min(M, m0 + bm);
-      if (p) {  // GELU derivative for this block's columns
+    const int tid = thread_id(), nt = thread_count();
+    int64_t m0, m1;
+    thread_range(M, tid, nt, kAlign, &m0, &m1);
+    if (m1 > m0) {
+      if (p) {  // GELU derivative for this thread's columns
         const float* d = dout.data<float>();
         for (int64_t i = 0; i < N; ++i) {
 #pragma omp simd
@@ -156,15 +139,14 @@ void linear_backward(const Tensor& dout, const Tensor& x, const Tensor& pre, con
       scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, m1 - m0, K, N, 1.f, g + m0, M,
                         xp, K, 1.f, dw + m0 * K, K);
     }
-    // (the loop above ends in a barrier: dx needs every column of g)
     if (dx.defined()) {
-#pragma omp for schedule(static)
-      for (int64_t blk = 0; blk < kblocks; ++blk) {
-        // dx[:, k0:k1] = g @ W[:, k0:k1]
-        const int64_t k0 = blk * bk, k1 = std::min(K, k0 + bk);
+#pragma omp barrier
+      // dx[:, k0:k1] = g @ W[:, k0:k1]  (needs every column of g: after the barrier)
+      int64_t k0, k1;
+      thread_range(K, tid, nt, kAlign, &k0, &k1);
+      if (k1 > k0)
         scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, k1 - k0, M, 1.f, g, M,
                           w + k0, K, 0.f, dx.data<float>() + k0, K);
-      }
     }
   }
 }

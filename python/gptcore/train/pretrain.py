@@ -31,6 +31,7 @@ import numpy as np
 from .. import data as gdata
 from .._progress import Progress, format_duration
 from ..models.config import DEMO_PRESETS, GPTConfig
+from .. import get_num_threads
 from ..models.gpt import GPT
 from ..optim import AdamW, lr_at
 from .checkpoint import (
@@ -330,6 +331,12 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
         loader.load_state_dict(st["loader"])
         model.dropout_step = int(st.get("dropout_step", 0))  # the next masks, as if never stopped
         say(f"Resumed from {ckpt['path']} at step {start_step}")
+        saved_threads = st.get("threads")
+        if cfg.device == "cpu" and saved_threads not in (None, get_num_threads()):
+            print(f"note: the run was trained with {saved_threads} CPU threads and resumes with "
+                  f"{get_num_threads()}: the linear layers split their GEMMs by thread, so the "
+                  f"losses will differ in the last bits from an uninterrupted run (resume with "
+                  f"--threads {saved_threads} to continue it exactly)", file=sys.stderr)
         if planned_steps is not None:
             min_lr_ = cfg.lr * cfg.min_lr_ratio
             was = lr_at(cfg.schedule, start_step, cfg.lr, cfg.warmup, planned_steps, min_lr_)
@@ -355,6 +362,7 @@ def train(cfg: TrainConfig, on_step: Optional[Callable[[Dict[str, Any]], None]] 
 
     def state_now(step: int) -> Dict[str, Any]:
         return {"step": step, "tokens": tokens_seen, "loader": loader.state_dict(),
+                "threads": get_num_threads(),
                 "dropout_step": model.dropout_step,
                 "train_config": cfg.to_dict(), "data_meta": meta, "data_dir": os.path.abspath(data_dir),
                 "elapsed": elapsed_before + (time.perf_counter() - t_start), "val_loss": last_val}
