@@ -61,3 +61,23 @@ def test_every_checkpoint_json_reader_refuses_deep_nesting(tmp_path):
     with pytest.raises(ValueError, match="nested too deeply"):
         load_checkpoint(str(native))
     assert recorded_tokenizer(str(native)) is None
+
+
+def test_jsonl_records_name_the_line_of_anything_wrong(tmp_path):
+    """The one JSONL reader of task files (fine-tuning and evaluation): blank lines skipped,
+    a bad line's error names file:line -- a non-UTF-8 line (it was a bare UnicodeDecodeError in
+    the evaluation tasks' reader), hostile JSON, malformed JSON."""
+    from gptcore._fileio import jsonl_records
+    from gptcore.eval.tasks import load_task
+
+    p = tmp_path / "t.jsonl"
+    p.write_bytes(b'{"a": 1}\n\n  \n[2]\n')
+    assert list(jsonl_records(p)) == [(1, {"a": 1}), (4, [2])]
+    for bad, why in ((b"caf\xe9", "not UTF-8"), (b"[" * 100_000, "nested too deeply"),
+                     (b'{"a": 1, "a": 2}', "twice|duplicate"), (b"{nope", "not JSON")):
+        p.write_bytes(b'{"a": 1}\n' + bad + b"\n")
+        with pytest.raises(ValueError, match=rf"t\.jsonl:2: .*({why})"):
+            list(jsonl_records(p))
+    p.write_bytes(b'{"kind": "multiple_choice", "name": "t"}\n' + b'{"context": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: not UTF-8"):
+        load_task(str(p))

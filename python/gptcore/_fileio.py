@@ -7,7 +7,7 @@ import json
 import os
 import secrets
 import shutil
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Tuple
 
 
 def fsync_path(path: str, directory: bool = False) -> None:
@@ -134,3 +134,14 @@ def parse_json(data, where: str, error: type = ValueError):
         raise error(f"{where}: not JSON that can be read (arrays/objects nested too deeply)") from None
     except ValueError as exc:  # json.JSONDecodeError, or an integer with too many digits
         raise error(f"{where}: not JSON ({exc})") from None
+
+
+def jsonl_records(path) -> Iterator[Tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSON Lines file. A line that is not
+    UTF-8 or not JSON (or hostile JSON, see :func:`parse_json`) raises ValueError naming
+    ``path:line``."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield lineno, parse_json(raw, f"{path}:{lineno}")

@@ -69,7 +69,7 @@ def test_bad_input_exits_2_naming_file_and_line_and_writes_nothing(setup, capsys
     out = tmp / "run"
     assert main(["finetune", "--task", "entail", "--train", bad, "--checkpoint", ckpt,
                  "--out", str(out), "--no-progress"]) == 2
-    assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert "bad.jsonl:2: not JSON" in capsys.readouterr().err
     assert not out.exists()
     unknown = _write(tmp / "v.jsonl", [{"premise": "a", "hypothesis": "b", "label": 7}])
     assert main(["finetune", "--task", "entail", "--train", tr, "--val", unknown,

@@ -84,7 +84,7 @@ def test_label_spaces(tmp_path):
 
 @pytest.mark.parametrize("rows, task, match", [
     (['{"text": "a", "label": 1}', '{"text": "b", "label": 0'], "classify",
-     r"bad\.jsonl:2: malformed JSON"),
+     r"bad\.jsonl:2: not JSON"),
     ([{"text": "a", "label": 1}, {"label": 0}], "classify", r"bad\.jsonl:2: missing field 'text'"),
     ([{"premise": "a", "hypothesis": "b"}], "entail", r"bad\.jsonl:1: missing field 'label'"),
     ([{"text": 3, "label": 0}], "classify", r"bad\.jsonl:1: field 'text' must be a string"),

@@ -131,7 +131,7 @@ def test_bad_task_files_name_file_and_line(tmp_path):
     head = {"kind": "multiple_choice"}
     ok = {"context": "a", "choices": ["b", "c"], "label": 0}
     cases = [
-        ([head, ok, "{not json"], r"bad\.jsonl:3: not valid JSON"),
+        ([head, ok, "{not json"], r"bad\.jsonl:3: not JSON"),
         ([head, ok, {"context": "a", "choices": ["b", "c"], "label": 2}], r":3: label 2 is out of range"),
         ([head, {"context": "a", "choices": ["b", "c"], "label": -1}], r":2: label -1 is out of range"),
         ([head, {"context": "a", "choices": ["b", ""], "label": 0}], r":2: 'choices'"),

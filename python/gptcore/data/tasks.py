@@ -26,13 +26,14 @@ unknown label, an empty choice list, a choice count that differs from the file's
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .._fileio import jsonl_records
 
 __all__ = ["TASKS", "TASK_FIELDS", "SPECIAL_TOKENS", "TaskData", "LabelSpace", "read_jsonl",
            "check_example", "check_examples", "TaskEncoder", "Batch", "collate"]
@@ -132,23 +133,12 @@ def read_jsonl(path, task: str, need_labels: bool = True) -> TaskData:
         raise FileNotFoundError(f"{path!r} does not exist (expected a JSONL file of {task} examples)")
     examples, where = [], []
     labelled = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            at = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{at}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{at}: malformed JSON ({e.msg} at column {e.colno})") from None
-            check_example(task, ex, at, need_labels)
-            labelled += "label" in ex
-            examples.append(ex)
-            where.append(at)
+    for lineno, ex in jsonl_records(path):
+        at = f"{path}:{lineno}"
+        check_example(task, ex, at, need_labels)
+        labelled += "label" in ex
+        examples.append(ex)
+        where.append(at)
     if not examples:
         raise ValueError(f"{path}: no examples (the file is empty)")
     if task == "choice":  # one choice count per file: the batch is (examples, choices)

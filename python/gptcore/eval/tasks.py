@@ -57,6 +57,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .._fileio import jsonl_records
+
 __all__ = ["Task", "KINDS", "load_task", "build_prompt", "evaluate"]
 
 KINDS = ("multiple_choice", "cloze", "perplexity", "generation")
@@ -87,17 +89,10 @@ class Task:
 def _read_jsonl(path: str) -> List[tuple]:
     """(line number, object) of every non-blank line; a malformed line names file and line."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            out.append((n, obj))
+    for n, obj in jsonl_records(path):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        out.append((n, obj))
     return out
 
 
