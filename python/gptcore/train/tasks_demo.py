@@ -254,7 +254,9 @@ def run_demo(out: str = "gptcore-finetune-demo", seeds: int = 2, threads: Option
 
 def _fmt(accs: Sequence[float]) -> str:
     a = np.asarray(accs) * 100
-    return f"{a.mean():.1f} +- {a.std(ddof=1) if len(a) > 1 else 0.0:.1f}"
+    if len(a) < 2:  # one seed: no spread to report
+        return f"{a.mean():.1f}"
+    return f"{a.mean():.1f} +- {a.std(ddof=1):.1f}"
 
 
 def _table(results, seeds, val_loss, model, sizes) -> str:
@@ -266,7 +268,8 @@ def _table(results, seeds, val_loss, model, sizes) -> str:
         lines.append(f"| {task} ({n_tr} / {n_te}, {_CHANCE[task] * 100:.0f}%) | "
                      + " | ".join(_fmt(row[n]) for n in names) + " |")
     c = model.config
-    return (f"Test accuracy (%), mean +- std over {seeds} fine-tuning seeds. Model: {c.n_layer} "
+    spread = f"mean +- std over {seeds} fine-tuning seeds" if seeds > 1 else "one fine-tuning seed"
+    return (f"Test accuracy (%), {spread}. Model: {c.n_layer} "
             f"layers, {c.n_embd} wide, {c.block_size} positions, byte-level; pre-trained "
             f"{DEMO_PRETRAIN['steps']} steps on the default stdlib corpus (val loss "
             f"{val_loss:.3f}). Fine-tuning: lr {DEMO_FINETUNE['lr']:g}, batch "
