@@ -227,7 +227,7 @@ def test_bpe_tokenizer_learns_the_task_tokens_as_specials(tmp_path):
 
 
 @pytest.mark.parametrize("rows, val_rows, task, match", [
-    (['{"text": "a", "label": "x"}', "{oops"], None, "classify", r"train\.jsonl:2: malformed JSON"),
+    (['{"text": "a", "label": "x"}', "{oops"], None, "classify", r"train\.jsonl:2: not JSON"),
     ([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}],
      [{"text": "c", "label": "w"}], "classify", r"val\.jsonl:1: unknown label 'w'"),
     ([{"premise": "a", "label": "x"}], None, "entail", r"train\.jsonl:1: missing field 'hypothesis'"),
