@@ -35,7 +35,6 @@ gptcore at least 2x transformers' examples/s.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import statistics
 import time
@@ -47,6 +46,7 @@ import gptcore
 from gptcore.models import GPT, GPTConfig
 from gptcore.models.heads import LinearHead, gather_rows, scatter_rows, softmax_cross_entropy
 from gptcore.optim import AdamW
+from op_profile import print_op_table, profile_ops
 
 try:
     import torch
@@ -210,43 +210,12 @@ def report(shape: str, B: int, K: int, T: int, times) -> None:
 
 
 def profile(step, rounds: int) -> None:
-    """Where gptcore's step spends its time, per op (as bench_train_cpu.py's profile)."""
-    import gptcore.models.gpt as gm
-    import gptcore.models.heads as gh
-    import gptcore.optim as go
-    from gptcore import ops
-
-    times, calls = collections.defaultdict(float), collections.Counter()
-
-    class Timed:  # stands in for gptcore.ops inside the model, the heads and the optimiser
-        pass
-
-    timed = Timed()
-    for name in ops.__all__:
-        def wrapper(*a, _fn=getattr(ops, name), _name=name, **k):
-            t0 = time.perf_counter()
-            out = _fn(*a, **k)
-            times[_name] += time.perf_counter() - t0
-            calls[_name] += 1
-            return out
-        setattr(timed, name, wrapper)
-    step()
-    walls = []
-    gm.ops = gh.ops = go.ops = timed
-    try:
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            step()
-            walls.append(time.perf_counter() - t0)
-    finally:
-        gm.ops = gh.ops = go.ops = ops
-    med = statistics.median(walls)
-    inside = sum(times.values()) / rounds
+    """Where gptcore's step spends its time, per op."""
+    med, per_op, calls = profile_ops(step, rounds)
+    inside = sum(per_op.values())
     print(f"  gptcore profile: step {med:.3f} s, inside ops {inside:.3f} s, outside (Python, host "
           f"gather/scatter, copies) {med - inside:+.3f} s")
-    for name, t in sorted(times.items(), key=lambda kv: -kv[1])[:10]:
-        print(f"    {name:32s} {t / rounds * 1e3:8.1f} ms  {100 * t / rounds / med:5.1f}%  "
-              f"({calls[name] // rounds} calls)")
+    print_op_table(med, per_op, calls, top=10, indent="    ")
 
 
 def run(shape="small", B=8, K=4, T=64, rounds=5, threads=0, do_profile=False, with_finetune=True):

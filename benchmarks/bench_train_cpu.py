@@ -13,9 +13,6 @@ cross-entropy, backward, global-norm clipping and the fused AdamW update.
 from __future__ import annotations
 
 import argparse
-import collections
-import statistics
-import time
 
 import numpy as np
 import pytest
@@ -24,6 +21,7 @@ import gptcore
 from gptcore.models import GPTConfig
 from gptcore.models import GPT
 from gptcore.optim import AdamW
+from op_profile import print_op_table, profile_ops
 
 B, T = 4, 64
 
@@ -64,51 +62,14 @@ def test_gpt2_124m_train_step_cpu(benchmark, gpt2_step):
 
 
 def profile(preset: str, batch: int, seq: int, steps: int) -> None:
-    import gptcore.models.gpt as gm
-    import gptcore.optim as go
-    from gptcore import ops
-
-    times = collections.defaultdict(float)
-    calls = collections.Counter()
-
-    class Timed:  # stands in for gptcore.ops inside models/gpt.py and optim.py
-        pass
-
-    timed = Timed()
-    for name in ops.__all__:
-        fn = getattr(ops, name)
-
-        def wrapper(*a, _fn=fn, _name=name, **k):
-            t0 = time.perf_counter()
-            out = _fn(*a, **k)
-            times[_name] += time.perf_counter() - t0
-            calls[_name] += 1
-            return out
-
-        setattr(timed, name, wrapper)
     step, model = make_step(preset, batch, seq)
-    step()
-    gm.ops, go.ops = timed, timed
-    times.clear()
-    calls.clear()
-    walls = []
-    try:
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            walls.append(time.perf_counter() - t0)
-    finally:
-        gm.ops, go.ops = ops, ops
-    med = statistics.median(walls)
-    cfg = model.config
-    flops = cfg.flops_per_token(seq) * batch * seq
-    print(f"{preset}: B={batch} T={seq}, {gptcore.get_num_threads()} threads: step median {med:.3f} s "
-          f"(min {min(walls):.3f}, max {max(walls):.3f}); {flops / med / 1e9:.1f} GFLOP/s model FLOPs")
-    total = sum(times.values()) / steps
-    print(f"  time inside ops {total:.3f} s/step; outside (Python, allocation) {med - total:+.3f} s")
-    for name, t in sorted(times.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:32s} {t / steps * 1e3:8.1f} ms  {100 * t / steps / med:5.1f}%  "
-              f"({calls[name] // steps} calls)")
+    med, per_op, calls = profile_ops(step, steps)
+    flops = model.config.flops_per_token(seq) * batch * seq
+    print(f"{preset}: B={batch} T={seq}, {gptcore.get_num_threads()} threads: step median {med:.3f} s; "
+          f"{flops / med / 1e9:.1f} GFLOP/s model FLOPs")
+    inside = sum(per_op.values())
+    print(f"  time inside ops {inside:.3f} s/step; outside (Python, allocation) {med - inside:+.3f} s")
+    print_op_table(med, per_op, calls)
 
 
 if __name__ == "__main__":
