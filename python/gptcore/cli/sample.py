@@ -15,31 +15,21 @@ __all__ = ["add_subcommand", "run", "load_for_sampling"]
 # ---- the `gptcore sample` command -----------------------------------------------------------------------
 
 
-def _resolve_tokenizer(spec: Optional[str], path: str, vocab_size: int, meta_name: Optional[str]):
-    """A tokenizer for a checkpoint: --tokenizer NAME|DIR, else the training data's tokenizer a
-    `gptcore train` run recorded, else the checkpoint's own files, else by vocabulary size
-    (GPT-2's 50257, bytes' 257)."""
+def _resolve_tokenizer(spec: Optional[str], path: str, vocab_size: int):
+    """A tokenizer for a checkpoint: --tokenizer NAME|DIR, else the checkpoint's own
+    (gptcore.train.checkpoint_tokenizer)."""
     from .. import data as gdata
-
-    from ..io.pretrained import load_tokenizer
     from ..tokenizer import Tokenizer
+    from ..train.checkpoint import checkpoint_tokenizer
 
     if spec:
         if os.path.isdir(spec):
             return Tokenizer.load(spec)
         return gdata.get_tokenizer(spec)
-    if meta_name:  # the tokenizer a `gptcore train` run's data was made with
-        return gdata.get_tokenizer(meta_name)
-    if os.path.isdir(path):
-        tok = load_tokenizer(path)
-        if tok is not None:
-            return tok
-    if vocab_size == 257:
-        return gdata.get_tokenizer("byte")
-    if vocab_size in (50257, 50304):
-        return gdata.get_tokenizer("gpt2")
-    raise ValueError(f"--tokenizer: cannot tell which tokenizer a {vocab_size}-token model uses; "
-                     f"pass --tokenizer gpt2|byte|DIR")
+    try:
+        return checkpoint_tokenizer(path, vocab_size)
+    except ValueError as e:
+        raise ValueError(f"--tokenizer: {e}") from None
 
 
 def load_for_sampling(path: str, device: str = "cpu", dtype: str = "float32",
@@ -52,7 +42,7 @@ def load_for_sampling(path: str, device: str = "cpu", dtype: str = "float32",
     if not os.path.exists(path):
         raise FileNotFoundError(f"--checkpoint: {path!r} does not exist")
     path = checkpoint_path(path)  # a `gptcore train --out DIR` directory: its checkpoint/
-    from ..train import is_native_v1_checkpoint, load_checkpoint, recorded_tokenizer
+    from ..train import is_native_v1_checkpoint, load_checkpoint
 
     if os.path.isdir(path) and is_native_v1_checkpoint(path):  # written by an older gptcore train
         ck = load_checkpoint(path)
@@ -62,9 +52,7 @@ def load_for_sampling(path: str, device: str = "cpu", dtype: str = "float32",
         from ..io.pretrained import load_pretrained
 
         model = load_pretrained(path, device=device, dtype=dtype)
-    # a byte-level `gptcore train` run saves no vocabulary files, only its tokenizer's name
-    meta_name = recorded_tokenizer(path) if os.path.isdir(path) else None
-    tok = _resolve_tokenizer(tokenizer, path, model.config.vocab_size, meta_name)
+    tok = _resolve_tokenizer(tokenizer, path, model.config.vocab_size)
     return model, tok
 
 

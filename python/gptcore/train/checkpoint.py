@@ -125,3 +125,29 @@ def recorded_tokenizer(path: str) -> Optional[str]:
     return tok if isinstance(tok, str) else None
 
 
+def checkpoint_tokenizer(path: str, vocab_size: int, recorded: Optional[str] = None):
+    """The tokenizer of a checkpoint (directory or file): the one ``recorded`` names (a task
+    record's "byte"/"gpt2"; "files" means the directory's own vocabulary files) or, without it,
+    the data tokenizer a `gptcore train` run recorded; else the directory's vocabulary files;
+    else GPT-2's or the byte-level one by vocabulary size."""
+    from .. import data as gdata
+
+    path = os.fspath(path)
+    is_dir = os.path.isdir(path)
+    name = recorded if recorded != "files" else None
+    if recorded is None and is_dir:
+        name = recorded_tokenizer(path)  # the exact tokenizer the run's data was made with
+    if name:
+        return gdata.get_tokenizer(name)
+    tok = gckpt.load_tokenizer(path) if is_dir else None
+    if tok is not None:
+        return tok
+    if recorded == "files":
+        raise ValueError(f"checkpoint {path!r}: its task record says its tokenizer's files were "
+                         "saved with it, but there are none (vocab.json/merges.txt)")
+    name = {257: "byte", 50257: "gpt2", 50304: "gpt2"}.get(vocab_size)
+    if name is None:
+        raise ValueError(f"checkpoint {path!r}: cannot tell which tokenizer its {vocab_size}-token "
+                         "vocabulary is (it holds no vocabulary files); name one (gpt2, byte or a "
+                         "directory)")
+    return gdata.get_tokenizer(name)

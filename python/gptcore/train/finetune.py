@@ -63,7 +63,7 @@ from ..models.heads import (
 )
 from ..optim import AdamW, linear_lr
 from ..tokenizer import Tokenizer, _rebuild
-from .checkpoint import CHECKPOINT_NAME, recorded_tokenizer
+from .checkpoint import CHECKPOINT_NAME, checkpoint_tokenizer
 from ._run import (
     Checkpointer,
     StopFlag,
@@ -206,23 +206,11 @@ def _refuse_gpt1_vocabulary(path: str) -> None:
 
 
 def _tokenizer_of(path: str, vocab_size: int, recorded: Optional[str] = None):
-    """The tokenizer a checkpoint directory holds or names: its vocabulary files, else the name
-    a `gptcore train` run recorded, else GPT-2's or bytes' by vocabulary size."""
+    """The tokenizer a checkpoint directory holds or names (:func:`checkpoint_tokenizer`), after
+    refusing GPT-1's own vocabulary."""
     if os.path.isdir(path):
         _refuse_gpt1_vocabulary(path)
-    tok = gio.load_tokenizer(path) if os.path.isdir(path) else None
-    if tok is not None:
-        return tok
-    if recorded == "files":
-        raise ValueError(f"checkpoint {path!r}: its task record says its tokenizer's files were "
-                         "saved with it, but there are none (vocab.json/merges.txt)")
-    name = recorded or (recorded_tokenizer(path) if os.path.isdir(path) else None)
-    if name is None:
-        name = {257: "byte", 50257: "gpt2"}.get(vocab_size)
-    if name is None:
-        raise ValueError(f"checkpoint {path!r}: cannot tell which tokenizer its {vocab_size}-token "
-                         "vocabulary is (it holds no vocab.json/merges.txt)")
-    return gdata.get_tokenizer(name)
+    return checkpoint_tokenizer(path, vocab_size, recorded)
 
 
 def _model_dir(path: str) -> str:
