@@ -20,6 +20,7 @@ from gptcore.models import GPTConfig
 from gptcore.models.gpt import GPT, training_memory
 from gptcore.train import TrainingDiverged, load_checkpoint, train
 from gptcore.train import pretrain
+from gptcore.train._run import check_memory
 
 from .test_train import run_cfg
 
@@ -177,7 +178,7 @@ def test_memory_estimate_matches_the_buffers_and_refuses_what_cannot_fit(prenorm
     assert est["params"] == sum(p.nbytes for p in model.parameters().values())
     huge = GPTConfig(n_layer=100000, n_head=4, n_embd=128, block_size=128, vocab_size=256)
     with pytest.raises(MemoryError, match=r"needs about .* GiB .*available"):
-        pretrain.check_memory(huge, 16, 128, "float32", "cpu")
+        check_memory(huge, 16, 128, "float32", "cpu")
 
 
 @pytest.mark.parametrize("flag", [["--n-layer", "100000"], ["--batch-size", "100000"],

@@ -9,7 +9,8 @@ from .checkpoint import (
                          save_checkpoint,
 )
 from .corpus import default_corpus_dir
-from .pretrain import RUN_CONTROL_FIELDS, TrainConfig, TrainingDiverged, evaluate, generate, train
+from ._run import TrainingDiverged
+from .pretrain import RUN_CONTROL_FIELDS, TrainConfig, evaluate, generate, train
 
 __all__ = ["TrainConfig", "train", "evaluate", "generate", "save_checkpoint", "load_checkpoint",
            "is_native_v1_checkpoint", "recorded_tokenizer", "default_corpus_dir", "CHECKPOINT_NAME",

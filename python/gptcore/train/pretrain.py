@@ -44,7 +44,6 @@ from ._run import (
     Checkpointer,
     StopFlag,
     TrainingDiverged,
-    available_memory,
     check_memory,
     diverged,
     emit,
@@ -53,8 +52,7 @@ from ._run import (
 )
 from .corpus import default_corpus_dir
 
-__all__ = ["TrainConfig", "train", "evaluate", "generate", "RUN_CONTROL_FIELDS",
-           "TrainingDiverged", "check_memory", "available_memory"]
+__all__ = ["TrainConfig", "train", "evaluate", "generate", "RUN_CONTROL_FIELDS"]
 
 
 @dataclass
