@@ -5,6 +5,12 @@ runs) and its tied LM head.
     >>> dec = Decoder(model, batch_size=1, max_len=64)
     >>> logits = dec.forward(prompt_ids[None, :])     # prefill
     >>> logits = dec.forward([[next_id]])              # one step
+
+Rows at their own positions (continuous batching: each row a slot a request joins and leaves):
+
+    >>> dec = Decoder(model, batch_size=16, max_len=1024)
+    >>> logits = dec.prefill_row(3, prompt_ids)        # row 3 starts a new prompt
+    >>> logits = dec.step_rows(ids, positions)         # one token per row, each at its position
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ class Decoder:
         self.logits = empty([self.batch_size, self.config.padded_vocab_size], self.dtype, self.device)
         self._step = None     # the one-position step's buffers, made once
         self._prefill = None  # a prefill's, kept until a prefill of another length
+        self._rows: List[_RowCache] = []  # batch-1 views of each row's cache, made once
+        self._row_step = None     # a one-row, one-position step's buffers
+        self._row_prefill = None  # a one-row prefill's, kept until a prefill of another length
 
     @property
     def pos(self) -> int:
@@ -84,11 +93,99 @@ class Decoder:
             self._prefill = _Workspace(self.model, self.batch_size, Tn, shared=True)
         return self._prefill
 
-    def forward(self, tokens) -> np.ndarray:
-        """Feed (B, Tn) tokens; returns the last position's logits, float32 (B, vocab_size)."""
-        logits = self.prefill(tokens)
+    def _row_buffers(self, Tn: int):
+        """The batch-1 workspaces of the row API (prefill_row, the per-row step)."""
+        from .gpt import _Workspace
+
+        if Tn == 1:
+            if self._row_step is None:
+                self._row_step = _Workspace(self.model, 1, 1, shared=True)
+            return self._row_step
+        if self._row_prefill is None or self._row_prefill.T != Tn:
+            self._row_prefill = None
+            self._row_prefill = _Workspace(self.model, 1, Tn, shared=True)
+        return self._row_prefill
+
+    def _row(self, b: int) -> "_RowCache":
+        if not self._rows:
+            self._rows = [_RowCache(self.cache, r) for r in range(self.batch_size)]
+        return self._rows[b]
+
+    def _feed(self, idx: Tensor, ws, cache, pos, logits: Optional[Tensor]) -> Optional[Tensor]:
+        """Run (B, Tn) device ids through the trunk into ``ws`` at ``pos`` of ``cache``; with a
+        ``logits`` buffer (B, padded_vocab_size) (one position only) run the LM head into it."""
+        h = self.model._trunk_forward(idx, ws, cache=cache, pos=pos, final_ln=logits is not None)
+        if logits is None:
+            return None
+        last = h.view([idx.shape[0], self.config.n_embd])
+        return ops.linear_forward(last, self.model.parameters()["wte"], None, out=logits)[0]
+
+    def _host_logits(self, logits: Tensor) -> np.ndarray:
+        """A float32 NumPy copy of a logits buffer without the vocabulary padding."""
         out = np.asarray(logits.numpy())[:, : self.config.vocab_size]
         return np.array(out, dtype=np.float32, order="C", copy=True)  # never a view of the buffer
+
+    # ---- rows at their own positions (continuous batching) ------------------------------
+
+    def _check_row(self, b) -> int:
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
+            raise TypeError(f"b: expected an int row index, got {type(b).__name__}")
+        if not 0 <= b < self.batch_size:
+            raise ValueError(f"b: row {b} is outside [0, {self.batch_size})")
+        return int(b)
+
+    def _check_ints(self, x, name: str, shape: tuple) -> np.ndarray:
+        """An integer host array of exactly ``shape`` (lists, NumPy arrays, gptcore tensors)."""
+        arr = np.asarray(x.numpy() if isinstance(x, Tensor) else x)
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"{name}: expected integers, got dtype {arr.dtype}")
+        if arr.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {arr.shape}")
+        return arr
+
+    def prefill_row(self, b: int, tokens) -> np.ndarray:
+        """Start row ``b`` over with a prompt: feed ``tokens`` (1-D ints, 1 <= len <= max_len) at
+        positions ``0 .. len-1`` of row b; the row's previous content is discarded and the other
+        rows are untouched. Returns the float32 logits (vocab_size,) of the last prompt position
+        (the distribution of the token at position len). Runs on batch-1 views of row b's cache;
+        leaves :attr:`pos` (the shared position of :meth:`forward`) alone."""
+        b = self._check_row(b)
+        arr = np.asarray(tokens.numpy() if isinstance(tokens, Tensor) else tokens)
+        if arr.ndim != 1 or arr.shape[0] < 1:
+            raise ValueError(f"tokens: expected a 1-D array of 1 to {self.max_len} token ids, "
+                             f"got shape {arr.shape}")
+        arr = self.model.check_ids(arr[None, :], "tokens", max_len=self.max_len)
+        row, n = self._row(b), arr.shape[1]
+        if n > 1:
+            self._feed(self.model._to_device_ids(arr[:, :-1]), self._row_buffers(n - 1), row, 0,
+                       None)
+        logits = self._feed(self.model._to_device_ids(arr[:, -1:]), self._row_buffers(1), row,
+                            n - 1, self.logits.narrow(b, 1))
+        return self._host_logits(logits)[0]
+
+    def step_rows(self, ids, positions) -> np.ndarray:
+        """One decoding step with every row at its own position: feeds ``ids[b]`` at position
+        ``positions[b]`` of row b (both int arrays of shape (batch_size,)); row b attends to its
+        own cache positions ``0 .. positions[b]`` (window-limited on banded layers). Returns the
+        float32 logits (batch_size, vocab_size). A row the caller does not use still gets a
+        valid token and a position in [0, max_len): its logits are garbage and its cache row may
+        be overwritten at that position. Leaves :attr:`pos` alone."""
+        S = self.batch_size
+        ids = self._check_ints(ids, "ids", (S,))
+        pos = self._check_ints(positions, "positions", (S,))
+        if int(pos.min()) < 0 or int(pos.max()) >= self.max_len:
+            bad = int(pos.min()) if int(pos.min()) < 0 else int(pos.max())
+            raise ValueError(f"positions: position {bad} is outside [0, {self.max_len}) "
+                             f"(the cache's max_len)")
+        idx = self.model._to_device_ids(self.model.check_ids(ids[:, None], "ids"))
+        ws = self._row_buffers(1)
+        for b in range(S):  # one batch-1 step per row, each at its own position
+            self._feed(idx.narrow(b, 1), ws, self._row(b), int(pos[b]), self.logits.narrow(b, 1))
+        return self._host_logits(self.logits)
+
+    def forward(self, tokens) -> np.ndarray:
+        """Feed (B, Tn) tokens; returns the last position's logits, float32 (B, vocab_size)."""
+        return self._host_logits(self.prefill(tokens))
 
     def prefill(self, tokens) -> Tensor:
         """Feed (B, Tn) host tokens; returns the logits buffer (B, padded_vocab_size) of the last
@@ -112,15 +209,21 @@ class Decoder:
         With ``pos_tensor`` (a 1-element int32 tensor on the device that holds ``self.pos``) the
         kernels read the position from device memory and the step does no host work at all: it
         can be captured in a CUDA graph."""
-        B, Tn = idx.shape
+        Tn = idx.shape[1]
         if head and Tn != 1:
             raise ValueError(f"idx: the LM head runs on one position; got {Tn} (use prefill(), "
                              f"or head=False)")
         pos = self.cache.pos if pos_tensor is None else pos_tensor
-        h = self.model._trunk_forward(idx, self._buffers(Tn), cache=self.cache, pos=pos,
-                                      final_ln=head)
+        logits = self._feed(idx, self._buffers(Tn), self.cache, pos, self.logits if head else None)
         self.cache.pos += Tn
-        if not head:
-            return None
-        last = h.view([B, self.config.n_embd])
-        return ops.linear_forward(last, self.model.parameters()["wte"], None, out=self.logits)[0]
+        return logits
+
+
+class _RowCache:
+    """Row ``b`` of a :class:`KVCache` as a batch-1 cache: per layer, a (1, n_head, max_len,
+    head_dim) view of the keys and values (contiguous, sharing the cache's memory), which is
+    what the trunk reads and writes."""
+
+    def __init__(self, cache: KVCache, b: int):
+        self.k = [t.narrow(b, 1) for t in cache.k]
+        self.v = [t.narrow(b, 1) for t in cache.v]
