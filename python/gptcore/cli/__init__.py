@@ -14,12 +14,14 @@ from typing import List, Optional
 from . import convert, prepare, sample, train
 from . import eval as eval_command  # (named so it does not hide the builtin eval)
 from . import finetune, predict
+from . import reward, sft
 
 __all__ = ["main", "build_parser"]
 
 # One module per subcommand, each with add_subcommand(subparsers) and run(args).
 _COMMANDS = {"train": train, "prepare": prepare, "sample": sample, "convert": convert,
-             "eval": eval_command, "finetune": finetune, "predict": predict}
+             "eval": eval_command, "finetune": finetune, "predict": predict,
+             "sft": sft, "reward-train": reward, "reward-score": reward}
 
 
 def build_parser() -> argparse.ArgumentParser:
