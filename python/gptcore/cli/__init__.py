@@ -14,6 +14,7 @@ from typing import List, Optional
 from . import convert, prepare, sample, train
 from . import eval as eval_command  # (named so it does not hide the builtin eval)
 from . import finetune, predict
+from . import dpo, ppo
 from . import reward, sft
 
 __all__ = ["main", "build_parser"]
@@ -21,7 +22,8 @@ __all__ = ["main", "build_parser"]
 # One module per subcommand, each with add_subcommand(subparsers) and run(args).
 _COMMANDS = {"train": train, "prepare": prepare, "sample": sample, "convert": convert,
              "eval": eval_command, "finetune": finetune, "predict": predict,
-             "sft": sft, "reward-train": reward, "reward-score": reward}
+             "sft": sft, "reward-train": reward, "reward-score": reward,
+             "dpo": dpo, "ppo": ppo}
 
 
 def build_parser() -> argparse.ArgumentParser:
