@@ -4,6 +4,7 @@
 #include <cmath>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "ops.h"
 
@@ -191,9 +192,6 @@ static void check_embedding_args(const Tensor& idx, const Tensor& wte, const Ten
   }
 }
 
-// A decode position passed as a tensor (so that a captured CUDA graph reads its current value):
-// one int32 element on the op's device. Returns the value when the host can read it (CPU);
-// reading a CUDA value would wait for the device, so there the kernels guard the range.
 // A dropout probability: 0 <= p < 1 (NaN fails both comparisons).
 static void check_dropout_p(double p, const char* name) {
   if (!(p >= 0.0 && p < 1.0)) {
@@ -203,18 +201,38 @@ static void check_dropout_p(double p, const char* name) {
   }
 }
 
-static std::optional<int64_t> check_pos_tensor(const Tensor& p, const Tensor& ref,
-                                               const char* ref_name) {
+// Decode positions passed as a tensor (so that a captured CUDA graph reads their current values):
+// int32 on the op's device, one element (shape (1,) or (): every row's first position) or one
+// per row (shape (B,): row b's first position). Returns the first positions the host can see:
+// {pos} without a tensor, the tensor's values on the CPU, none on CUDA (reading them would wait
+// for the device; the kernels guard the range there).
+static std::vector<int64_t> host_positions(int64_t pos, const std::optional<Tensor>& pos_dev,
+                                           const Tensor& ref, const char* ref_name, int64_t B) {
+  if (!pos_dev) return {pos};
+  const Tensor& p = *pos_dev;
   need_defined(p, "pos");
   if (p.dtype() != DType::int32)
     throw TypeError(std::string("pos: a position tensor must be int32, got ") +
                     dtype_name(p.dtype()));
-  need(p.numel() == 1 && p.dim() <= 1,
-       "pos: a position tensor must hold one element (shape (1,) or ()), got shape " +
-           p.shape_str());
+  need((p.numel() == 1 && p.dim() <= 1) || (p.dim() == 1 && p.size(0) == B),
+       "pos: a position tensor must hold one element (shape (1,) or ()) or one per row (shape (" +
+           std::to_string(B) + ",)), got shape " + p.shape_str());
   check_same_device(ref, p, ref_name, "pos");
-  if (p.device().is_cpu()) return static_cast<int64_t>(p.data<int32_t>()[0]);
-  return std::nullopt;
+  if (!p.device().is_cpu()) return {};
+  const int32_t* v = p.data<int32_t>();
+  return std::vector<int64_t>(v, v + p.numel());
+}
+
+// Checks host-visible first positions: 0 <= p and p + n_new <= limit ("pos", or "pos[b]" for a
+// per-row tensor); too_far(p) says what p + n_new exceeds.
+template <typename F>
+static void check_positions(const std::vector<int64_t>& ps, int64_t n_new, int64_t limit,
+                            F too_far) {
+  for (size_t b = 0; b < ps.size(); ++b) {
+    const std::string name = ps.size() == 1 ? "pos" : "pos[" + std::to_string(b) + "]";
+    need(ps[b] >= 0, name + ": expected >= 0, got " + std::to_string(ps[b]));
+    need(ps[b] + n_new <= limit, name + ": " + too_far(ps[b]));
+  }
 }
 
 Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, int64_t pos,
@@ -223,12 +241,10 @@ Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe
   check_embedding_args(idx, wte, wpe);
   check_dropout_p(dropout_p, "dropout_p");
   const int64_t T = idx.size(1), P = wpe.size(0);
-  const std::optional<int64_t> p = pos_dev ? check_pos_tensor(*pos_dev, idx, "idx") : pos;
-  if (p) {
-    need(*p >= 0, "pos: expected >= 0, got " + std::to_string(*p));
-    need(*p + T <= P, "pos: " + std::to_string(*p) + " + " + std::to_string(T) +
-                          " positions exceed the " + std::to_string(P) + " positions of wpe");
-  }
+  check_positions(host_positions(pos, pos_dev, idx, "idx", idx.size(0)), T, P, [&](int64_t p) {
+    return std::to_string(p) + " + " + std::to_string(T) + " positions exceed the " +
+           std::to_string(P) + " positions of wpe";
+  });
   Tensor out = take_out(out_buf, {idx.size(0), T, wte.size(1)}, wte.dtype(), wte.device(), "out");
   const Tensor pt = pos_dev ? *pos_dev : Tensor();
   check_disjoint({{&out, "out"}}, {{&idx, "idx"}, {&wte, "wte"}, {&wpe, "wpe"}, {&pt, "pos"}});
@@ -590,16 +606,12 @@ Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, in
   check_shape(v_cache, "v_cache", k_cache.shape());
   need(!overlaps(k_cache, v_cache), "v_cache: shares memory with k_cache; pass two buffers");
   const int64_t Tmax = k_cache.size(2);
-  const std::optional<int64_t> p = pos_dev ? check_pos_tensor(*pos_dev, qkv, "qkv") : pos;
-  if (p) {
-    need(*p >= 0, "pos: expected >= 0, got " + std::to_string(*p));
-    need(*p + Tn <= Tmax, "pos: " + std::to_string(*p) + " + " + std::to_string(Tn) +
-                              " new tokens exceeds the cache's " + std::to_string(Tmax) +
-                              " positions");
-  } else {
-    need(Tn <= Tmax, "qkv: " + std::to_string(Tn) + " new tokens exceed the cache's " +
-                         std::to_string(Tmax) + " positions");
-  }
+  check_positions(host_positions(pos, pos_dev, qkv, "qkv", B), Tn, Tmax, [&](int64_t p) {
+    return std::to_string(p) + " + " + std::to_string(Tn) + " new tokens exceeds the cache's " +
+           std::to_string(Tmax) + " positions";
+  });
+  need(Tn <= Tmax, "qkv: " + std::to_string(Tn) + " new tokens exceed the cache's " +
+                       std::to_string(Tmax) + " positions");
   int w = 0;
   if (window) {
     need(*window >= 1, "window: expected >= 1 (or None for full causal attention), got " +

@@ -91,8 +91,9 @@ namespace ops {
 // Every op that returns tensors takes trailing optional output buffers (out= in Python), named
 // like the outputs: when given they must match the output exactly and not overlap any input; the
 // op writes into them.
-// Positions pos..pos+T-1 (pos_dev: a 1-element int32 tensor on idx's device holding pos instead;
-// on the CPU it is read and checked, on CUDA the kernel reads it, see backend_ops.inc).
+// Positions pos..pos+T-1 (pos_dev: an int32 tensor on idx's device instead, one element holding
+// every row's pos or (B,) holding row b's in element b; on the CPU it is read and checked, on CUDA
+// the kernel reads it, see backend_ops.inc).
 // dropout_p in [0, 1): embedding dropout fused into the same pass, keyed by (seed, stream) exactly
 // as dropout_forward on the result (see backend_ops.inc).
 Tensor embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, int64_t pos = 0,
@@ -152,8 +153,8 @@ Tensor attention_backward(const Tensor& dout, const Tensor& qkv, const Tensor& o
                           const std::optional<Tensor>& dqkv = std::nullopt);
 // KV-cache attention for decoding: writes qkv's k, v into k_cache, v_cache (B, H, Tmax, D) at
 // positions pos..pos+Tn-1 (in place), returns out (B, Tn, C).
-// pos_dev (a 1-element int32 tensor on qkv's device) replaces pos when given, as in
-// embedding_forward.
+// pos_dev (an int32 tensor on qkv's device: one element, or (B,) per-row positions) replaces
+// pos when given, as in embedding_forward.
 Tensor attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int64_t pos,
                          const std::optional<Tensor>& pos_dev, int64_t n_head,
                          std::optional<int64_t> window,

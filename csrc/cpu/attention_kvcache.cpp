@@ -9,6 +9,7 @@
 // visible keys (contiguous rows of the cache panel, a SIMD dot product each), an exact softmax
 // (max, exp, sum) in a per-thread buffer, then out = sum_j p_j v_j / sum_j p_j. Decoding has
 // Tn = 1, so there is nothing to tile: each key and value row is read exactly once per query.
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -20,10 +21,14 @@ namespace cpu {
 
 void attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int64_t pos,
                        const Tensor& pos_dev, int n_head, int window, Tensor& out) {
-  // the first new position; dispatch has checked 0 <= start and start + Tn <= Tmax, also for a
-  // position tensor's value
-  const int64_t start = pos_dev.defined() ? pos_dev.data<int32_t>()[0] : pos;
   const int64_t B = qkv.size(0), Tn = qkv.size(1), C3 = qkv.size(2), C = C3 / 3;
+  // Row b's first new position: pos, or the position tensor's one element, or its element b
+  // (per-row positions). Dispatch has checked 0 <= start and start + Tn <= Tmax for each.
+  const int32_t* pd = pos_dev.defined() ? pos_dev.data<int32_t>() : nullptr;
+  const int64_t pd_stride = pd && pos_dev.numel() > 1 ? 1 : 0;
+  auto start_of = [&](int64_t b) -> int64_t { return pd ? pd[pd_stride * b] : pos; };
+  int64_t last = 0;  // the most keys any query sees: sizes the per-thread score buffer and work
+  for (int64_t b = 0; b < B; ++b) last = std::max(last, start_of(b) + Tn);
   const int64_t D = C / n_head, Tmax = k_cache.size(2);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float* src = qkv.data<float>();
@@ -32,13 +37,13 @@ void attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int6
   float* dst = out.data<float>();
   // Early decode steps are a few thousand flops: not worth waking the thread pool for (on a
   // busy machine a parallel region can cost a scheduler tick).
-  const int64_t work = B * n_head * Tn * (start + Tn) * D;
+  const int64_t work = B * n_head * Tn * last * D;
 #pragma omp parallel if (work >= (int64_t(1) << 16))
   {
-    std::vector<float> p(static_cast<size_t>(start + Tn));
+    std::vector<float> p(static_cast<size_t>(last));
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * n_head; ++bh) {
-      const int64_t b = bh / n_head, h = bh % n_head;
+      const int64_t b = bh / n_head, h = bh % n_head, start = start_of(b);
       float* K = kc + bh * Tmax * D;  // this head's (Tmax, D) panels
       float* V = vc + bh * Tmax * D;
       const float* rows = src + b * Tn * C3 + h * D;  // row i of q is rows + i * C3

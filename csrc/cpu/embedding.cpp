@@ -16,15 +16,21 @@ void embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, 
                        Tensor& out) {
   const int64_t B = idx.size(0), T = idx.size(1), C = wte.size(1);
   const float* te = wte.data<float>();
-  // positions start at p (dispatch has checked 0 <= p and p + T <= wpe rows)
-  const int64_t p0 = pos_dev.defined() ? pos_dev.data<int32_t>()[0] : pos;
-  const float* pe = wpe.data<float>() + p0 * C;
+  // Row b's positions start at p_b: pos, or the position tensor's one element, or its element b
+  // (per-row positions). Dispatch has checked 0 <= p_b and p_b + T <= wpe rows.
+  const int32_t* pd = pos_dev.defined() ? pos_dev.data<int32_t>() : nullptr;
+  const int64_t pd_stride = pd && pos_dev.numel() > 1 ? 1 : 0;
+  const float* wp = wpe.data<float>();
+  auto pos_row = [&](int64_t bt) {  // wpe's row for flat position bt = b*T + t
+    const int64_t p0 = pd ? pd[pd_stride * (bt / T)] : pos;
+    return wp + (p0 + bt % T) * C;
+  };
   float* o = out.data<float>();
   if (dropout_p == 0.0) {
 #pragma omp parallel for schedule(static)
     for (int64_t bt = 0; bt < B * T; ++bt) {
       const float* a = te + index_at(idx, bt) * C;
-      const float* p = pe + (bt % T) * C;
+      const float* p = pos_row(bt);
       float* y = o + bt * C;
       for (int64_t c = 0; c < C; ++c) y[c] = a[c] + p[c];
     }
@@ -34,7 +40,7 @@ void embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, 
 #pragma omp parallel for schedule(static)
   for (int64_t bt = 0; bt < B * T; ++bt) {
     const float* a = te + index_at(idx, bt) * C;
-    const float* p = pe + (bt % T) * C;
+    const float* p = pos_row(bt);
     float* y = o + bt * C;
     const uint64_t base = static_cast<uint64_t>(bt * C);
 #pragma omp simd

@@ -18,9 +18,11 @@
 // The position may live in device memory (pos_dev), so that a decode step captured once in a
 // CUDA graph serves every position: the launch shape is then fixed by the largest possible key
 // count (Tmax, or the window), and each block derives its key range from the position it reads;
-// ranges past the last key stay empty and merge as zero. The host cannot check a device
-// position: a value with pos < 0 or pos + Tn > Tmax makes every block skip its work (no cache
-// slot is read or written) and the output rows NaN.
+// ranges past the last key stay empty and merge as zero. pos_dev holds one position for every
+// row, or one per row (continuous batching: row b reads pos_dev[b], so rows at different
+// positions share one launch). The host cannot check a device position: a value with pos < 0 or
+// pos + Tn > Tmax makes the blocks of its row(s) skip their work (no cache slot of the row is
+// read or written) and the row's output NaN.
 //
 // Scores are computed in the log2 domain (q pre-scaled by log2(e)/sqrt(D), exp2 afterwards);
 // every accumulation is fp32, caches and output in the input dtype (fp32 or bf16).
@@ -45,6 +47,7 @@ struct KvArgs {
   float* part_ml;   // (rows, splits, 2): m (log2 units), l
   float* part_acc;  // (rows, splits, D)
   const int32_t* pos_dev;  // the position in device memory (nullptr: pos)
+  int pos_stride;          // 0: pos_dev[0] for every row; 1: row b reads pos_dev[b]
   int64_t pos, Tmax;
   int Tn, H, D, C, window, splits, chunk;  // chunk: keys per split
 };
@@ -77,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) kvcache_attention_kernel(KvArgs a) {
   const int split = blockIdx.y;
   int64_t pos = a.pos, chunk = a.chunk;
   if (a.pos_dev) {  // block-uniform: every thread reads the same value
-    pos = *a.pos_dev;
+    pos = a.pos_dev[a.pos_stride * b];
     if (pos < 0 || pos + Tn > a.Tmax) {  // out of range: touch no cache slot
       if (a.splits == 1)
         for (int d = threadIdx.x; d < D; d += kThreads)
@@ -216,7 +219,8 @@ __global__ void kvcache_combine_kernel(KvArgs a) {
   const int h = static_cast<int>(bh % a.H);
   const int64_t b = bh / a.H;
   T* o = static_cast<T*>(a.out) + (b * a.Tn + i) * int64_t(a.C) + h * a.D;
-  if (a.pos_dev && (*a.pos_dev < 0 || int64_t(*a.pos_dev) + a.Tn > a.Tmax)) {
+  const int64_t p = a.pos_dev ? int64_t(a.pos_dev[a.pos_stride * b]) : 0;
+  if (a.pos_dev && (p < 0 || p + a.Tn > a.Tmax)) {
     for (int d = threadIdx.x; d < a.D; d += blockDim.x) o[d] = from_f<T>(NAN);
     return;  // the attention kernel skipped this position: no partials were written
   }
@@ -247,7 +251,7 @@ void launch(const KvArgs& a, int64_t rows) {
 
 template <typename T>
 void kvcache_impl(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& qkv, int64_t pos,
-                  const int32_t* pos_dev, int n_head, int window) {
+                  const int32_t* pos_dev, int pos_stride, int n_head, int window) {
   const int64_t B = qkv.size(0), Tn = qkv.size(1), C = qkv.size(2) / 3, D = C / n_head;
   if (D > 256)
     throw ValueError("n_head: head dimension " + std::to_string(D) +
@@ -262,6 +266,7 @@ void kvcache_impl(Tensor& out, Tensor& k_cache, Tensor& v_cache, const Tensor& q
   a.v_cache = v_cache.raw();
   a.out = out.raw();
   a.pos_dev = pos_dev;
+  a.pos_stride = pos_stride;
   a.pos = pos;
   a.Tmax = k_cache.size(2);
   a.Tn = static_cast<int>(Tn);
@@ -312,8 +317,9 @@ void attention_kvcache(const Tensor& qkv, Tensor& k_cache, Tensor& v_cache, int6
                        const Tensor& pos_dev, int n_head, int window, Tensor& out) {
   DeviceGuard guard(qkv.device().index);
   const int32_t* p = pos_dev.defined() ? pos_dev.data<int32_t>() : nullptr;
-  GPTCORE_FLOAT_TYPES(qkv.dtype(), "qkv",
-                      kvcache_impl<scalar_t>(out, k_cache, v_cache, qkv, pos, p, n_head, window));
+  const int stride = p && pos_dev.numel() > 1 ? 1 : 0;  // per-row positions
+  GPTCORE_FLOAT_TYPES(qkv.dtype(), "qkv", kvcache_impl<scalar_t>(out, k_cache, v_cache, qkv, pos,
+                                                                 p, stride, n_head, window));
 }
 
 }  // namespace cuda

@@ -3,8 +3,9 @@
 // Forward: out[b,t,:] = wte[idx[b,t],:] + wpe[p+t,:], 16-byte vectors per thread. An id outside
 // [0, V) cannot be raised from a kernel; its row is written as NaN (never read out of bounds).
 // The first position p is an argument, or is read from device memory (pos_dev) by every thread,
-// so that a decode step captured in a CUDA graph embeds at the position current at replay. The
-// host cannot check a device p; a p with p < 0 or p + T > wpe rows makes every row NaN.
+// so that a decode step captured in a CUDA graph embeds at the position current at replay;
+// pos_dev holds one p for every row, or one per row (pos_stride 1: row b reads pos_dev[b]). The
+// host cannot check a device p; a p with p < 0 or p + T > wpe rows makes its row(s) NaN.
 // Embedding dropout (the DROP instantiations, only when dropout_p > 0) is applied to the sum in
 // registers before the store, with the mask of core/hash.h over out's element index: the sum is
 // rounded to T first, so the result is bitwise embedding then dropout_forward, one pass instead
@@ -28,16 +29,16 @@ namespace {
 template <typename T, bool VEC, bool DROP = false>
 __global__ void embedding_forward_kernel(T* __restrict__ out, const void* idx, bool idx64,
                                          const T* __restrict__ wte, const T* __restrict__ wpe,
-                                         const int32_t* pos_dev, int64_t pos, int64_t N,
-                                         int64_t T_, int64_t C, int64_t V, int64_t n_pos,
-                                         hash::Dropout drop = {}) {
+                                         const int32_t* pos_dev, int pos_stride, int64_t pos,
+                                         int64_t N, int64_t T_, int64_t C, int64_t V,
+                                         int64_t n_pos, hash::Dropout drop = {}) {
   constexpr int P = VEC ? Pack<T>::N : 1;
   const int64_t per_row = C / P;
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= N * per_row) return;
   const int64_t bt = i / per_row, c = (i % per_row) * P;
   const int64_t id = load_index(idx, idx64, bt);
-  const int64_t p0 = pos_dev ? static_cast<int64_t>(*pos_dev) : pos;
+  const int64_t p0 = pos_dev ? static_cast<int64_t>(pos_dev[pos_stride * (bt / T_)]) : pos;
   const int64_t t = p0 + bt % T_;
   T* o = out + bt * C + c;
   if (id < 0 || id >= V || p0 < 0 || p0 + T_ > n_pos) {
@@ -183,7 +184,8 @@ embedding_dwte_kernel(T* dwte, const T* dout, Buckets bk, const void* idx, bool 
 
 template <typename T>
 void forward_impl(Tensor& out, const Tensor& idx, const Tensor& wte, const Tensor& wpe,
-                  int64_t pos, const int32_t* pos_dev, const hash::Dropout* drop) {
+                  int64_t pos, const int32_t* pos_dev, int pos_stride,
+                  const hash::Dropout* drop) {
   const int64_t B = idx.size(0), T_ = idx.size(1), C = wte.size(1), V = wte.size(0);
   const int64_t N = B * T_;
   constexpr int P = Pack<T>::N;
@@ -196,23 +198,23 @@ void forward_impl(Tensor& out, const Tensor& idx, const Tensor& wte, const Tenso
   if (drop) {  // embedding dropout fused
     if (vec)
       embedding_forward_kernel<T, true, true><<<blocks, 256, 0, stream()>>>(
-          out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos, N, T_, C, V,
-          n_pos, *drop);
+          out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos_stride, pos,
+          N, T_, C, V, n_pos, *drop);
     else
       embedding_forward_kernel<T, false, true><<<blocks, 256, 0, stream()>>>(
-          out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos, N, T_, C, V,
-          n_pos, *drop);
+          out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos_stride, pos,
+          N, T_, C, V, n_pos, *drop);
     GPTCORE_CHECK_LAUNCH("embedding_forward_kernel (dropout)");
     return;
   }
   if (vec)
     embedding_forward_kernel<T, true><<<blocks, 256, 0, stream()>>>(
-        out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos, N, T_, C, V,
-        n_pos);
+        out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos_stride, pos,
+        N, T_, C, V, n_pos);
   else
     embedding_forward_kernel<T, false><<<blocks, 256, 0, stream()>>>(
-        out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos, N, T_, C, V,
-        n_pos);
+        out.data<T>(), idx.raw(), i64, wte.data<T>(), wpe.data<T>(), pos_dev, pos_stride, pos,
+        N, T_, C, V, n_pos);
   GPTCORE_CHECK_LAUNCH("embedding_forward_kernel");
 }
 
@@ -261,10 +263,11 @@ void embedding_forward(const Tensor& idx, const Tensor& wte, const Tensor& wpe, 
                        Tensor& out) {
   DeviceGuard guard(idx.device().index);
   const int32_t* p = pos_dev.defined() ? pos_dev.data<int32_t>() : nullptr;
+  const int stride = p && pos_dev.numel() > 1 ? 1 : 0;  // per-row positions
   const hash::Dropout d = hash::dropout(dropout_p, seed, stream_id);
   const hash::Dropout* drop = dropout_p > 0.0 ? &d : nullptr;
   GPTCORE_FLOAT_TYPES(wte.dtype(), "wte",
-                      forward_impl<scalar_t>(out, idx, wte, wpe, pos, p, drop));
+                      forward_impl<scalar_t>(out, idx, wte, wpe, pos, p, stride, drop));
 }
 
 void embedding_backward(const Tensor& dout, const Tensor& idx, Tensor& dwte, Tensor& dwpe) {

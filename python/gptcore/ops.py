@@ -88,16 +88,20 @@ def _opt_int(v, name: str) -> Optional[int]:
     return None if v is None else _int(v, name)
 
 
+_POS_KINDS = "an int, a 1-element int32 tensor or a (B,) int32 tensor of per-row positions"
+
+
 def _pos(pos):
-    """A position argument as (int, None) or (0, position tensor)."""
+    """A position argument as (int, None) or (0, position tensor); the tensor's dtype, shape
+    (one element, or one per row) and device are checked by the op."""
     if pos is None:
         return 0, None
     if isinstance(pos, bool):
-        raise TypeError("pos: expected an int or a 1-element int32 tensor, got bool")
+        raise TypeError(f"pos: expected {_POS_KINDS}, got bool")
     if isinstance(pos, numbers.Integral):
         return _int(pos, "pos"), None
     if isinstance(pos, numbers.Number):
-        raise TypeError(f"pos: expected an int or a 1-element int32 tensor, got {type(pos).__name__}")
+        raise TypeError(f"pos: expected {_POS_KINDS}, got {type(pos).__name__}")
     return 0, as_tensor(pos, "pos")
 
 
@@ -150,13 +154,15 @@ def embedding_forward(idx, wte, wpe, pos=None, *, dropout_p: float = 0.0, seed: 
                       stream: int = 0, out=None) -> Tensor:
     """Token + position embedding, with embedding dropout fused.
 
-    idx (B, T) int32/int64 token ids in [0, V); wte (V, C); wpe (maxT, C). The tokens sit at
-    positions ``p .. p+T-1``: ``pos=None`` means p = 0, an int is p, and a 1-element int32
-    tensor on idx's device holds p (see :func:`attention_kvcache`: a captured CUDA graph then
-    reads the current value at every replay). Returns out (B, T, C) with
-    ``out[b, t] = wte[idx[b, t]] + wpe[p + t]``. ``p + T <= maxT`` is checked (ValueError)
-    whenever the host can see p; a CUDA tensor's value is only seen by the kernel, which writes
-    NaN rows for an out-of-range p instead of reading outside wpe.
+    idx (B, T) int32/int64 token ids in [0, V); wte (V, C); wpe (maxT, C). Row b's tokens sit
+    at positions ``p_b .. p_b+T-1``: ``pos=None`` means p_b = 0, an int is every p_b, a 1-element
+    int32 tensor on idx's device holds every p_b (see :func:`attention_kvcache`: a captured CUDA
+    graph then reads the current value at every replay), and a (B,) int32 tensor on idx's device
+    holds p_b in element b (per-row positions, for rows decoded at different positions).
+    Returns out (B, T, C) with ``out[b, t] = wte[idx[b, t]] + wpe[p_b + t]``. ``0 <= p_b`` and
+    ``p_b + T <= maxT`` are checked (ValueError) whenever the host can see p_b; a CUDA tensor's
+    values are only seen by the kernel, which writes NaN rows for an out-of-range p_b instead of
+    reading outside wpe.
 
     ``dropout_p`` in [0, 1): embedding dropout (GPT-1/GPT-2's embd_pdrop) in the same pass, equal
     bit for bit to ``dropout_forward(embedding_forward(...), dropout_p, seed, stream)`` (the mask
@@ -331,24 +337,27 @@ def attention_kvcache(qkv, k_cache, v_cache, pos, n_head: int,
                       window: Optional[int] = None, *, out=None) -> Tensor:
     """Attention for decoding: append new tokens to a KV cache and attend over it.
 
-    qkv (B, Tn, 3C) packed like :func:`attention_forward`, holding Tn new tokens at absolute
-    positions ``pos .. pos+Tn-1`` (every row of the batch shares ``pos``). k_cache and v_cache
-    (B, n_head, Tmax, D) have qkv's dtype and device and are updated **in place**: the new
-    keys and values are written at those positions (they must be gptcore Tensors or writable
-    arrays). New token i then attends causally to cache positions ``0 .. pos+i``, and with
-    ``window=w`` only to the last w of them (``pos+i-w < s <= pos+i``). Requires
-    ``pos + Tn <= Tmax``. Returns out (B, Tn, C), heads concatenated; with ``pos=0`` it equals
+    qkv (B, Tn, 3C) packed like :func:`attention_forward`, holding row b's Tn new tokens at
+    absolute positions ``p_b .. p_b+Tn-1``. k_cache and v_cache (B, n_head, Tmax, D) have qkv's
+    dtype and device and are updated **in place**: the new keys and values are written at those
+    positions of row b (they must be gptcore Tensors or writable arrays). New token i of row b
+    then attends causally to row b's cache positions ``0 .. p_b+i``, and with ``window=w`` only
+    to the last w of them (``p_b+i-w < s <= p_b+i``). Requires ``p_b + Tn <= Tmax``. Returns out
+    (B, Tn, C), heads concatenated; with ``pos=0`` it equals
     ``attention_forward(qkv, n_head, window)[0]``.
 
-    ``pos`` is an int, or a 1-element int32 tensor on qkv's device holding it. The tensor form
-    is for decode steps captured in a CUDA graph (:class:`gptcore.cuda.Graph`): the kernel reads
-    the position when it runs, so one captured step serves every position (advance it with
-    ``pos_tensor.copy_(...)`` between replays). On the CPU its value is checked like an int; on
-    CUDA it is never read by the host (that would wait for the device), and a value with
-    ``pos < 0`` or ``pos + Tn > Tmax`` leaves the caches untouched and makes out NaN.
+    ``pos`` is an int (every p_b), a 1-element int32 tensor on qkv's device holding every p_b,
+    or a (B,) int32 tensor on qkv's device holding p_b in element b (per-row positions: rows
+    of a continuous batch, each at its own position, in one call). The tensor forms are for
+    decode steps captured in a CUDA graph (:class:`gptcore.cuda.Graph`): the kernel reads the
+    positions when it runs, so one captured step serves every position (advance them with
+    ``pos_tensor.copy_(...)`` between replays). On the CPU their values are checked like ints;
+    on CUDA they are never read by the host (that would wait for the device), and a row whose
+    ``p_b < 0`` or ``p_b + Tn > Tmax`` leaves that row's caches untouched and makes its out
+    rows NaN.
     """
     if pos is None:
-        raise TypeError("pos: expected an int or a 1-element int32 tensor, got None")
+        raise TypeError(f"pos: expected {_POS_KINDS}, got None")
     p, p_dev = _pos(pos)
     return _C.attention_kvcache(as_tensor(qkv, "qkv"), _out(k_cache, "k_cache"),
                                 _out(v_cache, "v_cache"), p, pos_dev=p_dev,

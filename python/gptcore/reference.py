@@ -23,6 +23,7 @@ testing:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -106,13 +107,28 @@ def _check_idx(idx: np.ndarray, vocab_size: int, max_positions: int) -> None:
         raise ValueError(f"idx: token ids must lie in [0, {vocab_size})")
 
 
-def embedding_forward(idx, wte, wpe, pos: Optional[int] = None, *, dropout_p: float = 0.0,
+def _row_positions(pos, B: int, T: int, limit: int) -> np.ndarray:
+    """Each row's first position (B,) from ``pos``: an int (every row), or an integer array
+    with one element (every row) or one per row; checked: 0 <= p_b and p_b + T <= limit."""
+    p = np.asarray(0 if pos is None else pos)
+    if not np.issubdtype(p.dtype, np.integer):
+        raise TypeError(f"pos: expected an int or integer positions, got dtype {p.dtype}")
+    if p.size != 1 and p.shape != (B,):
+        raise ValueError(f"pos: expected one position or one per row ({B},), got shape {p.shape}")
+    p = np.broadcast_to(p.reshape(-1).astype(np.int64), (B,))
+    if (p < 0).any() or (p + T > limit).any():
+        raise ValueError(f"pos: need 0 <= pos and pos + {T} <= {limit}, got pos={p.tolist()}")
+    return p
+
+
+def embedding_forward(idx, wte, wpe, pos=None, *, dropout_p: float = 0.0,
                       seed: int = 0, stream: int = 0) -> np.ndarray:
     """Token + position embedding, then embedding dropout.
 
-    idx (B, T) integer ids in [0, V); wte (V, C); wpe (maxT, C). The tokens sit at positions
-    ``pos .. pos+T-1`` (``pos=None`` means 0), which must lie below maxT.
-    Returns out (B, T, C) with ``out[b, t] = wte[idx[b, t]] + wpe[pos + t]``, passed through
+    idx (B, T) integer ids in [0, V); wte (V, C); wpe (maxT, C). Row b's tokens sit at
+    positions ``p_b .. p_b+T-1``, which must lie below maxT: ``pos`` None (0), an int (every
+    p_b), or integer positions with one element (every p_b) or one per row (B,) (per-row).
+    Returns out (B, T, C) with ``out[b, t] = wte[idx[b, t]] + wpe[p_b + t]``, passed through
     :func:`dropout_forward` with ``(dropout_p, seed, stream)`` when ``dropout_p > 0``.
     """
     dropout_p = _check_dropout_args(dropout_p, seed, stream, "dropout_p")
@@ -120,11 +136,9 @@ def embedding_forward(idx, wte, wpe, pos: Optional[int] = None, *, dropout_p: fl
     if wte.ndim != 2 or wpe.ndim != 2 or wpe.shape[1] != wte.shape[1]:
         raise ValueError(f"wte, wpe: expected (V, C) and (maxT, C), got {wte.shape} and {wpe.shape}")
     _check_idx(idx, wte.shape[0], wpe.shape[0])
-    T = idx.shape[1]
-    p = 0 if pos is None else int(pos)
-    if p < 0 or p + T > wpe.shape[0]:
-        raise ValueError(f"pos: need 0 <= pos and pos + {T} <= {wpe.shape[0]}, got pos={p}")
-    out = wte[idx] + wpe[p:p + T]
+    B, T = idx.shape
+    p = _row_positions(pos, B, T, wpe.shape[0])
+    out = wte[idx] + wpe[p[:, None] + np.arange(T)[None, :]]
     return dropout_forward(out, dropout_p, seed, stream) if dropout_p > 0 else out
 
 
@@ -598,16 +612,28 @@ def global_norm(tensors: Sequence) -> float:
 # ---- KV-cache attention (decoding) ----------------------------------------------------------
 
 
-def attention_kvcache(qkv, k_cache, v_cache, pos: int, n_head: int,
+def attention_kvcache(qkv, k_cache, v_cache, pos, n_head: int,
                       window: Optional[int] = None):
     """Decoding attention over a KV cache (the semantics of ``ops.attention_kvcache``).
 
-    qkv (B, Tn, 3C) holds Tn new tokens at absolute positions pos .. pos+Tn-1; k_cache and
-    v_cache are (B, n_head, Tmax, D). The new keys and values are written at those positions,
-    then new token i attends to cache positions s <= pos+i (and, with ``window=w``, s >
-    pos+i-w). Pure: returns ``(out, k_cache_new, v_cache_new)``, out (B, Tn, C), leaving the
-    inputs untouched (the op updates its caches in place).
+    qkv (B, Tn, 3C) holds row b's Tn new tokens at absolute positions p_b .. p_b+Tn-1 (``pos``
+    an int: every p_b; integer positions with one element, or one per row (B,): per-row);
+    k_cache and v_cache are (B, n_head, Tmax, D). The new keys and values are written at those
+    positions of row b, then its new token i attends to row b's cache positions s <= p_b+i
+    (and, with ``window=w``, s > p_b+i-w). Pure: returns ``(out, k_cache_new, v_cache_new)``,
+    out (B, Tn, C), leaving the inputs untouched (the op updates its caches in place).
     """
+    if not isinstance(pos, numbers.Integral):  # per-row positions: each row on its own
+        qkv_a = _f64(qkv, "qkv")
+        kc_a, vc_a = _f64(k_cache, "k_cache"), _f64(v_cache, "v_cache")
+        if qkv_a.ndim != 3 or kc_a.ndim != 4:
+            raise ValueError(f"qkv, k_cache: expected (B, Tn, 3C) and (B, H, Tmax, D), "
+                             f"got {qkv_a.shape} and {kc_a.shape}")
+        B, Tn = qkv_a.shape[:2]
+        p = _row_positions(pos, B, Tn, kc_a.shape[2])
+        rows = [attention_kvcache(qkv_a[b:b + 1], kc_a[b:b + 1], vc_a[b:b + 1], int(p[b]),
+                                  n_head, window) for b in range(B)]
+        return tuple(np.concatenate(parts, axis=0) for parts in zip(*rows))
     qkv = _f64(qkv, "qkv")
     q, k, v, C, D = _split_heads(qkv, int(n_head))
     B, H, Tn, _ = q.shape

@@ -219,7 +219,7 @@ def test_kvcache_tensor_pos_is_read_at_every_call(rng):
     (np.array([2**31 - 1], np.int32), ValueError, "pos"),
     (np.array([3], np.int64), TypeError, "pos"),              # int32 only
     (np.array([3.0], np.float32), TypeError, "pos"),
-    (np.array([3, 4], np.int32), ValueError, "pos"),          # one element only
+    (np.array([3, 4, 5], np.int32), ValueError, "pos"),       # one element, or one per row (B = 2)
     (np.array([[3]], np.int32), ValueError, "pos"),
     (np.zeros((0,), np.int32), ValueError, "pos"),
     (None, TypeError, "pos"),

@@ -401,9 +401,10 @@ class GPT:
         Full sequence (``cache`` None): causal attention over the T positions, every layer's
         activations in its own buffers of ``ws`` for backward; dropout when ``ws.drop_step`` is
         set. Cached decoding (``cache`` a KVCache): the T new positions start at ``pos`` (an int,
-        or a 1-element int32 device tensor read by the kernels, for CUDA graphs), attention reads
-        and extends the cache, all layers share one set of buffers, never dropout. ``final_ln``
-        False skips the last LayerNorm (a prefill that feeds no head)."""
+        or a 1-element int32 device tensor read by the kernels, for CUDA graphs, or a (B,) one:
+        row b's positions start at pos[b], for rows decoded at different positions), attention
+        reads and extends the cache, all layers share one set of buffers, never dropout.
+        ``final_ln`` False skips the last LayerNorm (a prefill that feeds no head)."""
         cfg, P = self.config, self._params
         eps, H = cfg.ln_eps, cfg.n_head
         step = ws.drop_step  # None: no dropout in this pass

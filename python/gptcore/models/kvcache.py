@@ -28,7 +28,8 @@ __all__ = ["KVCache", "Decoder"]
 class KVCache:
     """Every layer's keys and values for ``batch_size`` rows and up to ``max_len`` positions:
     ``k[i]``, ``v[i]`` (B, n_head, max_len, head_dim) in the model's dtype on its device,
-    allocated once. ``pos`` counts the positions written so far (all rows share it)."""
+    allocated once. ``pos`` counts the positions written so far when all rows share it
+    (:meth:`Decoder.forward`; the row API leaves per-row positions to its caller)."""
 
     def __init__(self, model, batch_size: int, max_len: int):
         cfg = getattr(model, "config", None)
@@ -54,6 +55,12 @@ class Decoder:
     the float32 logits (B, vocab_size) of the last of those positions. Every intermediate lands
     in buffers allocated once (one set shared by all layers), so a one-position step allocates
     nothing; dropout never applies.
+
+    Rows at their own positions (a server's continuous batch, each row a slot):
+    ``prefill_row(b, tokens)`` starts row b over with a prompt, ``step_rows(ids, positions)``
+    feeds one token to every row at that row's position, in one batched pass. The caller keeps
+    each row's position; these two leave :attr:`pos` alone (do not mix them with
+    :meth:`forward` on one Decoder unless every row is restarted).
     """
 
     def __init__(self, model, batch_size: int, max_len: int):
@@ -169,7 +176,10 @@ class Decoder:
         own cache positions ``0 .. positions[b]`` (window-limited on banded layers). Returns the
         float32 logits (batch_size, vocab_size). A row the caller does not use still gets a
         valid token and a position in [0, max_len): its logits are garbage and its cache row may
-        be overwritten at that position. Leaves :attr:`pos` alone."""
+        be overwritten at that position. Leaves :attr:`pos` alone.
+
+        One batched pass through the trunk (the step buffers of :meth:`forward`): the embedding
+        and attention kernels take the positions as a (batch_size,) int32 device tensor."""
         S = self.batch_size
         ids = self._check_ints(ids, "ids", (S,))
         pos = self._check_ints(positions, "positions", (S,))
@@ -178,10 +188,10 @@ class Decoder:
             raise ValueError(f"positions: position {bad} is outside [0, {self.max_len}) "
                              f"(the cache's max_len)")
         idx = self.model._to_device_ids(self.model.check_ids(ids[:, None], "ids"))
-        ws = self._row_buffers(1)
-        for b in range(S):  # one batch-1 step per row, each at its own position
-            self._feed(idx.narrow(b, 1), ws, self._row(b), int(pos[b]), self.logits.narrow(b, 1))
-        return self._host_logits(self.logits)
+        # one batched pass: the kernels read row b's position from element b of a (S,) int32
+        # tensor on the device
+        pos_t = self.model._to_device_ids(pos)
+        return self._host_logits(self._feed(idx, self._buffers(1), self.cache, pos_t, self.logits))
 
     def forward(self, tokens) -> np.ndarray:
         """Feed (B, Tn) tokens; returns the last position's logits, float32 (B, vocab_size)."""
