@@ -86,7 +86,8 @@ def pairwise_loss(r_better, r_worse) -> Tuple[float, np.ndarray, np.ndarray]:
             i = int(np.flatnonzero(~np.isfinite(r))[0])
             raise ValueError(f"{name}: reward {r[i]} at index {i} is not finite (NaN/inf rewards "
                              "mean a diverged or damaged reward model)")
-    d = rb - rw
+    with np.errstate(over="ignore"):  # two huge finite rewards: d = +-inf, loss 0 or inf
+        d = rb - rw
     n = d.size
     loss = float(np.logaddexp(0.0, -d).sum() / n)
     # sigmoid(-d) without overflow: exp(-logaddexp(0, d))
@@ -339,6 +340,24 @@ def evaluate_rankings(rm: RewardModel, encoded: List[List[List[int]]],
             "pairs": int(ib.size)}
 
 
+def loss_and_backward(rm: RewardModel, seqs: Sequence[Sequence[int]], ib: np.ndarray,
+                      iw: np.ndarray) -> Tuple[float, np.ndarray]:
+    """One training step's forward and backward: every sequence through the model once, the
+    pairwise loss over the (better, worse) index pairs ``ib``/``iw``, gradients accumulated.
+    Returns (loss, rewards); the loss is NaN (and nothing is sent back) when a reward is not
+    finite."""
+    r = rm.forward(seqs).astype(np.float64)
+    if not np.isfinite(r).all():
+        rm._pending = None
+        return float("nan"), r
+    loss, db, dw = pairwise_loss(r[ib], r[iw])
+    dr = np.zeros(len(seqs))
+    np.add.at(dr, ib, db)  # an answer in several pairs sums their gradients
+    np.add.at(dr, iw, dw)
+    rm.backward(dr)
+    return loss, r
+
+
 def _new_reward_model(trunk: GPT, tok, cfg: RewardConfig, info: Dict[str, Any],
                       state: Optional[Dict[str, np.ndarray]] = None) -> RewardModel:
     model = with_dropout(trunk, cfg.dropout, cfg.seed)
@@ -484,14 +503,9 @@ def train_reward(cfg: Optional[RewardConfig] = None, **kwargs) -> Dict[str, Any]
                 t0 = time.perf_counter()
                 lr = cosine_lr(step, cfg.lr, warmup, total, cfg.min_lr)
                 model.zero_grad()
-                r = rm.forward(seqs).astype(np.float64)
-                loss = norm = float("nan")
-                if np.isfinite(r).all():
-                    loss, db, dw = pairwise_loss(r[ib], r[iw])
-                    dr = np.zeros(len(seqs))
-                    np.add.at(dr, ib, db)
-                    np.add.at(dr, iw, dw)
-                    rm.backward(dr)
+                loss, r = loss_and_backward(rm, seqs, ib, iw)
+                norm = float("nan")
+                if math.isfinite(loss):
                     norm = opt.step(lr=lr, grad_clip=cfg.grad_clip or None)
                 if not math.isfinite(loss) or not math.isfinite(norm):
                     failure = diverged(model, step + 1, loss, norm, cfg.lr, saver)
