@@ -26,6 +26,7 @@ pytest.importorskip("uvicorn")
 from starlette.applications import Starlette  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
+from gptcore.data.preference import read_rankings  # noqa: E402
 from gptcore.generate import complete  # noqa: E402
 from gptcore.models import GPT, GPTConfig  # noqa: E402
 from gptcore.serve import create_app  # noqa: E402
@@ -92,7 +93,7 @@ def test_page_routes_arguments(tmp_path):
             page_routes(None, None, k)
     bad = tmp_path / "bad.jsonl"  # --rankings pointed at some other JSONL file
     bad.write_text('{"text": "not a ranking"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: not a ranking"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field 'prompt'.*not a ranking"):
         page_routes(str(prompts), str(bad), 4)
     assert not (tmp_path / "r.jsonl").exists()  # nothing created by the refused calls
 
@@ -104,9 +105,9 @@ def rank_client(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(["p0", "p1", "p2"]) + "\n")
     rankings = tmp_path / "rankings.jsonl"
-    # a ranking from an earlier run: p0 has been ranked once (and a prompt no longer served)
+    # rankings from an earlier run: p0 ranked once, and a pair for a prompt no longer served
     rankings.write_text(json.dumps({"prompt": "p0", "ranked": ["a", "b"]}) + "\n"
-                        + json.dumps({"prompt": "gone", "ranked": ["a", "b"]}) + "\n")
+                        + json.dumps({"prompt": "gone", "chosen": "a", "rejected": "b"}) + "\n")
     app = Starlette(routes=page_routes(str(prompts), str(rankings), 3))
     with TestClient(app) as client:
         client.rankings = rankings
@@ -358,6 +359,25 @@ def test_playground_shows_api_errors(browser, live, shots):
     browser.save_screenshot(str(shots / "playground-error.png"))
 
 
+def test_playground_stop_cancels_the_request(browser, live, shots):
+    browser.get(live.url + "/playground")
+    _set(browser, "prompt", "A long one:")
+    _set(browser, "max_tokens", "230")
+    _set(browser, "temperature", "1")
+    browser.find_element("id", "submit").click()
+    _wait(browser, lambda d: len(d.find_element("id", "completion").get_property("textContent"))
+          >= 3, what="the first tokens")
+    assert browser.find_element("id", "submit").text == "Stop"
+    browser.find_element("id", "submit").click()
+    _wait(browser, lambda d: d.find_element("id", "status").get_attribute("data-state")
+          in ("stopped", "done", "error"), what="the stop")
+    assert browser.find_element("id", "status").get_attribute("data-state") == "stopped"
+    assert len(browser.find_element("id", "completion").get_property("textContent")) < 230
+    assert browser.find_element("id", "submit").text == "Submit"
+    # the server noticed the closed connection and gave the request's decoder slot back
+    assert live.wait_idle(10) is not None
+
+
 def test_rank_page_orders_and_saves_a_ranking(browser, live, shots):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
@@ -398,6 +418,8 @@ def test_rank_page_orders_and_saves_a_ranking(browser, live, shots):
     line = _lines(live.rankings)[-1]
     assert line["prompt"] == PROMPTS[0]
     assert line["ranked"] == [texts["B"], texts["C"], texts["A"]]
+    ranking = read_rankings(live.rankings)[-1]  # as the reward-model training reads it
+    assert (ranking.prompt, ranking.answers) == (PROMPTS[0], (texts["B"], texts["C"], texts["A"]))
     assert line["settings"] == {"model": "tiny-readable", "max_tokens": 24, "temperature": 1,
                                 "top_p": 1}
     # the next prompt (the least ranked one) and fresh answers follow

@@ -35,6 +35,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from .._fileio import jsonl_records, parse_json
+from ..data.preference import parse_ranking
 from .rankings import RankingWriter
 
 __all__ = ["page_routes", "load_prompts", "MAX_PROMPT_CHARS", "MAX_ANSWER_CHARS", "MAX_RANK_K"]
@@ -116,11 +117,11 @@ class _RankQueue:
         self.counts = [0] * len(prompts)
         self.total = 0
         for lineno, obj in jsonl_records(self.writer.path):
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) \
-                    or not isinstance(obj.get("ranked"), list):
-                raise ValueError(f"{self.writer.path}:{lineno}: not a ranking (expected an object "
-                                 f"with \"prompt\" and \"ranked\"); is --rankings the right file?")
-            i = self.index.get(obj["prompt"])
+            try:  # the reward-model training's own reader of the format
+                prompt = parse_ranking(obj, f"{self.writer.path}:{lineno}").prompt
+            except ValueError as exc:
+                raise ValueError(f"{exc} (not a ranking: is --rankings the right file?)") from None
+            i = self.index.get(prompt)
             if i is not None:  # rankings of prompts no longer in the file still count in total
                 self.counts[i] += 1
             self.total += 1
@@ -218,6 +219,10 @@ def _check_submission(body: Any, queue: _RankQueue) -> Dict[str, Any]:
             if isinstance(value, str):
                 _check_text(value, f"settings.{key}", 256)
         record["settings"] = dict(settings)
+    try:  # what the reward-model training will read back (gptcore.data.preference)
+        parse_ranking(record, "the ranking")
+    except ValueError as exc:  # pragma: no cover - the checks above are stricter
+        raise _Invalid(str(exc), "ranked") from None
     return record
 
 
