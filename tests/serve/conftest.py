@@ -2,7 +2,10 @@
 and a real server (uvicorn on a free loopback port, in a thread) around it.
 
 The model's weights have fan-in scale (as in tests/generate) so its next-token distributions are
-neither flat nor one-hot: greedy answers vary with the prompt and sampling has real choices.
+neither flat nor one-hot: greedy answers vary with the prompt and sampling has real choices. One
+embedding dimension, which the final LayerNorm pins to a constant, keeps its answers in printable
+ASCII plus newline and end-of-text (every other byte's logit is 16 lower), so they read as text
+and stop sequences can be plain strings.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ def tiny_model(seed: int = 0, block_size: int = 128, n_layer: int = 2, n_embd: i
             sd[k] = r.standard_normal(v.shape) * 0.1
         else:
             sd[k] = v
+    text = np.zeros(257, bool)
+    text[32:127] = text[10] = text[256] = True
+    sd["wte"][:, 0] = np.where(text, 0.0, -4.0)
+    sd["ln_f.weight"][0], sd["ln_f.bias"][0] = 0.0, 4.0
     m.load_state_dict(sd)
     return m
 

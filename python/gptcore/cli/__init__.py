@@ -16,11 +16,13 @@ from . import eval as eval_command  # (named so it does not hide the builtin eva
 from . import finetune, predict
 from . import dpo, ppo
 from . import reward, sft
+from . import serve
 
 __all__ = ["main", "build_parser"]
 
 # One module per subcommand, each with add_subcommand(subparsers) and run(args).
 _COMMANDS = {"train": train, "prepare": prepare, "sample": sample, "convert": convert,
+             "serve": serve,
              "eval": eval_command, "finetune": finetune, "predict": predict,
              "sft": sft, "reward-train": reward, "reward-score": reward,
              "dpo": dpo, "ppo": ppo}
