@@ -54,6 +54,61 @@ def test_several_prompts_and_choices(server, model, tokenizer):
         len(tokenizer.encode(c["text"])) + (c["finish_reason"] == "stop") for c in r["choices"])
 
 
+def test_echo_and_logprobs(server, model, tokenizer):
+    status, r = post(server, "/v1/completions",
+                     _body(prompt="Hey you", max_tokens=6, temperature=0, logprobs=3, echo=True))
+    assert status == 200, r
+    (c,) = r["choices"]
+    gen = complete(model, tokenizer, "Hey you", max_new_tokens=6, temperature=0)
+    assert c["text"] == "Hey you" + gen
+    lp = c["logprobs"]
+    assert "".join(lp["tokens"]) == c["text"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(isinstance(v, float) and v <= 0 for v in lp["token_logprobs"][1:])
+    assert all(len(t) == 3 for t in lp["top_logprobs"][1:])
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+    # greedy: each generated token is its position's most likely one
+    for tok, top in zip(lp["tokens"][7:], lp["top_logprobs"][7:]):
+        assert max(top, key=top.get) == tok
+    _, lp2 = complete(model, tokenizer, "Hey you", max_new_tokens=6, temperature=0, logprobs=3)
+    assert lp["token_logprobs"][7:] == pytest.approx(lp2.token_logprobs.tolist(), abs=1e-5)
+
+
+def test_stream_equals_whole_response(server):
+    kw = dict(prompt=["one", "two"], n=2, max_tokens=20, temperature=1.0, seed=11, stop=["\n"])
+    _, whole = post(server, "/v1/completions", _body(**kw))
+    events = stream_events(server, _body(stream=True, stream_options={"include_usage": True}, **kw))
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    usage = chunks.pop()
+    assert usage["choices"] == [] and usage["usage"] == whole["usage"]
+    texts, finish = {}, {}
+    for ch in chunks:
+        assert ch["object"] == "text_completion" and ch["model"] == MODEL_NAME
+        assert ch["id"] == chunks[0]["id"]
+        (c,) = ch["choices"]
+        assert c["index"] not in finish, "a chunk after the choice finished"
+        texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+        if c["finish_reason"] is not None:
+            finish[c["index"]] = c["finish_reason"]
+    assert texts == {c["index"]: c["text"] for c in whole["choices"]}
+    assert finish == {c["index"]: c["finish_reason"] for c in whole["choices"]}
+    assert len(chunks) > len(whole["choices"])  # token by token, not one chunk per choice
+
+
+def test_stream_with_echo_and_logprobs(server):
+    events = stream_events(server, _body(prompt="ab", max_tokens=5, temperature=0, echo=True,
+                                         logprobs=1, stream=True))
+    _, whole = post(server, "/v1/completions", _body(prompt="ab", max_tokens=5, temperature=0,
+                                                     echo=True, logprobs=1))
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == whole["choices"][0]["text"]
+    streamed = sum((c["logprobs"]["tokens"] for c in chunks), [])
+    assert streamed == whole["choices"][0]["logprobs"]["tokens"]
+    offsets = sum((c["logprobs"]["text_offset"] for c in chunks), [])
+    assert offsets == whole["choices"][0]["logprobs"]["text_offset"]
+
+
 BAD = [
     (b"{", 400, None, "not JSON"),
     (b"\xff\xfe{}", 400, None, "not UTF-8"),
