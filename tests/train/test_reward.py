@@ -220,6 +220,10 @@ def test_refusals(tmp_path):
         train_reward(data=path, out=None, progress=False)
     with pytest.raises(ValueError, match="lr: expected a finite number >= 0"):
         train_reward(data=path, base=tiny_base(), out=None, lr=float("nan"), progress=False)
+    small = GPT(GPTConfig.preset("tiny", n_embd=32, block_size=64, vocab_size=100))
+    with pytest.raises(ValueError, match=r"r\.jsonl:1: token id \d+ is outside the model's "
+                                         "vocabulary of 100"):
+        train_reward(data=path, base=(small, get_tokenizer("byte")), out=None, progress=False)
     train_reward(data=path, base=tiny_base(), out=str(tmp_path / "rm"), progress=False)
     with pytest.raises(FileExistsError, match="already holds a run"):
         train_reward(data=path, base=tiny_base(), out=str(tmp_path / "rm"), progress=False)

@@ -175,6 +175,11 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"l\.jsonl:4: the prompt is 40 tokens.*context of 32"):
         sft(data=long, base=tiny_base(block_size=32), out=str(tmp_path / "o"), progress=False)
     assert not os.path.exists(tmp_path / "o")
+    small = GPT(GPTConfig.preset("tiny", n_embd=32, block_size=64, vocab_size=100))
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: token id \d+ is outside the model's "
+                                         "vocabulary of 100"):
+        sft(data=data, base=(small, get_tokenizer("byte")), out=str(tmp_path / "o"),
+            progress=False)
     sft(data=data, base=tiny_base(), out=str(tmp_path / "run"), epochs=1, progress=False)
     with pytest.raises(FileExistsError, match="already holds a run"):
         sft(data=data, base=tiny_base(), out=str(tmp_path / "run"), progress=False)

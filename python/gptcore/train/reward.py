@@ -62,7 +62,7 @@ from ._run import (
     refuse_existing_run,
 )
 from .finetune import MODEL_NAME, _model_dir
-from .sft import TEMPLATE, check_common, load_base, tokenizer_state, with_dropout
+from .sft import TEMPLATE, check_common, check_vocab, load_base, tokenizer_state, with_dropout
 
 __all__ = ["RewardConfig", "RewardModel", "train_reward", "load_reward_model", "pairwise_loss",
            "pair_accuracy", "HEAD"]
@@ -319,6 +319,15 @@ def _encode_all(rm: RewardModel, rankings: List[Ranking]) -> Tuple[List[List[Lis
     return out, cut
 
 
+def _where_of(rankings: List[Ranking], encoded: List[List[List[int]]], i: int) -> str:
+    """The line of the i-th answer of the flattened rankings."""
+    for r, answers in zip(rankings, encoded):
+        if i < len(answers):
+            return r.where
+        i -= len(answers)
+    return "?"
+
+
 def _pairs_of(encoded: List[List[List[int]]]) -> Tuple[List[List[int]], np.ndarray, np.ndarray]:
     """Flatten rankings: all sequences, and the global (better, worse) indices of their pairs."""
     seqs, ib, iw = [], [], []
@@ -437,6 +446,9 @@ def train_reward(cfg: Optional[RewardConfig] = None, **kwargs) -> Dict[str, Any]
     train_enc, cut_train = _encode_all(rm, train_r)
     val_enc, cut_val = _encode_all(rm, val_r)
     cut = {"train": cut_train, "val": cut_val}
+    for rs, enc in ((train_r, train_enc), (val_r, val_enc)):
+        check_vocab([s for a in enc for s in a], model.config.vocab_size,
+                    lambda i, rs=rs, enc=enc: _where_of(rs, enc, i))
     for i, (p, c) in enumerate(zip(*norm_on)):  # the demonstrations must fit too
         rm.encode(p, c, f"demos[{i}]")
     n = len(train_enc)

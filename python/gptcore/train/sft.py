@@ -186,6 +186,16 @@ def tokenizer_state(tok) -> Tuple[Any, Dict[str, Any]]:
     return _saveable_tokenizer(tok), {"data_meta": meta} if meta else {}
 
 
+def check_vocab(seqs, vocab_size: int, where) -> None:
+    """Refuse, before training, token ids the model's vocabulary lacks (a tokenizer that does
+    not belong to the model); ``where(i)`` names sequence i."""
+    for i, s in enumerate(seqs):
+        if len(s) and int(np.max(s)) >= vocab_size:
+            raise ValueError(f"{where(i)}: token id {int(np.max(s))} is outside the model's "
+                             f"vocabulary of {vocab_size}: the tokenizer does not belong to the "
+                             "model")
+
+
 def _examples(source, what: str) -> List[SFTExample]:
     if isinstance(source, (str, os.PathLike)):
         return read_sft(source)
@@ -284,6 +294,9 @@ def sft(cfg: Optional[SFTConfig] = None, **kwargs) -> Dict[str, Any]:
     train_enc = [enc.encode(e) for e in train_ex]
     val_enc = [enc.encode(e) for e in val_ex]
     cut = {"train": sum(e.truncated for e in train_enc), "val": sum(e.truncated for e in val_enc)}
+    V = model.config.vocab_size
+    check_vocab([e.ids for e in train_enc], V, lambda i: train_enc[i].where)
+    check_vocab([e.ids for e in val_enc], V, lambda i: val_enc[i].where)
     lengths = [len(e.ids) - 1 for e in train_enc]
 
     opt = AdamW(model, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -338,11 +351,14 @@ def sft(cfg: Optional[SFTConfig] = None, **kwargs) -> Dict[str, Any]:
     bar = Progress(total=total, desc="sft", unit="step", enabled=cfg.progress, initial=step)
     stopped = interrupted = False
     failure = None
+    batches: Tuple[int, List[np.ndarray]] = (-1, [])  # (epoch, that epoch's batches)
     try:
         with StopFlag() as stop:
             while step < total:
                 epoch, pos = divmod(step, per_epoch)
-                idx = length_batches(lengths, cfg.batch_size, cfg.seed, epoch)[pos]
+                if batches[0] != epoch:
+                    batches = (epoch, length_batches(lengths, cfg.batch_size, cfg.seed, epoch))
+                idx = batches[1][pos]
                 batch = collate_sft([train_enc[i] for i in idx], enc.pad_id, max_len=n_ctx)
                 t0 = time.perf_counter()
                 lr = cosine_lr(step, cfg.lr, warmup, total, cfg.min_lr)
