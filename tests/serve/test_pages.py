@@ -145,6 +145,11 @@ def test_next_prompt_is_the_least_ranked_then_cycles(rank_client):
     r = rank_client.post("/rank/submit", json={"prompt": "p1", "ranked": ["x", "y"]})
     assert r.status_code == 200 and r.json()["rankings"] == 1 and r.json()["total"] == 3
     assert rank_client.get("/rank/next").json()["prompt"] == "p2"  # now the only unranked one
+    # skipped, the unranked p2 gives way to the least ranked of the others
+    assert rank_client.get("/rank/next?skip=2").json()["prompt"] == "p0"
+    for bad in ("-1", "3", "x", "", "1.0"):
+        r = rank_client.get(f"/rank/next?skip={bad}")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "skip", bad
 
 
 def test_submit_appends_the_ranking(rank_client):
@@ -227,7 +232,7 @@ def _readable_model(seed: int = 0) -> GPT:
             "d": 3, "l": 3, "u": 2, "c": 2, "m": 2, "w": 2, "f": 2, "g": 2, "y": 2, "p": 2,
             "b": 1, "v": 1, "k": 1, ".": 1, ",": 1}
     d = 32
-    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=d, block_size=256, vocab_size=257), seed=seed)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=d, block_size=1024, vocab_size=257), seed=seed)
     r = np.random.default_rng(seed)
     sd = m.state_dict()
     unigram = np.full(257, -12.0)
@@ -309,15 +314,15 @@ def _set(driver, element_id, value):
     el.send_keys(value)
 
 
-def test_playground_streams_the_greedy_completion(browser, live, shots):
+def _playground(browser, live, prompt, settings, shot=None):
+    """Fill in the playground, submit, wait for the end of the stream; returns the completion
+    shown, the status line and how many times the completion's text changed on the page."""
     browser.get(live.url + "/playground")
     _wait(browser, lambda d: d.find_element("id", "model-name").text == "model: tiny-readable",
           what="the model name")
-    prompt = "The moon is"
-    settings = {"max_tokens": 40, "temperature": 0, "frequency_penalty": 1, "presence_penalty": 0.5}
     _set(browser, "prompt", prompt)
     for k, v in settings.items():
-        _set(browser, k, str(v))
+        _set(browser, k, "\n".join(v) if k == "stop" else str(v))
     # count the DOM updates of the completion: a streamed answer arrives in many pieces
     browser.execute_script("""
         window.__updates = 0;
@@ -327,11 +332,20 @@ def test_playground_streams_the_greedy_completion(browser, live, shots):
     browser.find_element("id", "submit").click()
     _wait(browser, lambda d: d.find_element("id", "status").get_attribute("data-state")
           in ("done", "error"), what="the completion")
-    shown = browser.find_element("id", "completion").get_property("textContent")
-    status = browser.find_element("id", "status").text
-    browser.save_screenshot(str(shots / "playground.png"))
-    assert browser.find_element("id", "error").get_property("hidden"), \
-        browser.find_element("id", "error").text
+    if shot:
+        browser.save_screenshot(str(shot))
+    error = browser.find_element("id", "error")
+    assert error.get_property("hidden"), error.text
+    assert browser.find_element("id", "echo").get_property("textContent") == prompt
+    return (browser.find_element("id", "completion").get_property("textContent"),
+            browser.find_element("id", "status").text,
+            browser.execute_script("return window.__updates"))
+
+
+def test_playground_streams_the_greedy_completion(browser, live, shots):
+    prompt = "The moon is"
+    settings = {"max_tokens": 40, "temperature": 0, "frequency_penalty": 1, "presence_penalty": 0.5}
+    shown, status, updates = _playground(browser, live, prompt, settings, shots / "playground.png")
     assert "finish_reason: length" in status
     # the same request answered whole by the API, and by gptcore.complete in this process
     code, whole = post(live, "/v1/completions", {"model": "tiny-readable", "prompt": prompt,
@@ -341,8 +355,20 @@ def test_playground_streams_the_greedy_completion(browser, live, shots):
                       frequency_penalty=1.0, presence_penalty=0.5)
     assert shown == whole["choices"][0]["text"] == direct
     assert len(set(shown)) > 5  # a varied answer (the penalties), not one letter repeated
-    assert browser.execute_script("return window.__updates") > 5
-    assert browser.find_element("id", "echo").get_property("textContent") == prompt
+    assert updates > 5  # streamed: the page's text grew piece by piece
+
+
+def test_playground_sends_seed_top_p_and_stop(browser, live):
+    prompt = "Once upon a time"
+    free = complete(live.model, live.tokenizer, prompt, max_new_tokens=60, temperature=0.8,
+                    top_p=0.9, seed=7)
+    stop = [free[20:23], "\n"]  # a piece from the middle: the answer must stop right before it
+    settings = {"max_tokens": 60, "temperature": 0.8, "top_p": 0.9, "seed": 7, "stop": stop}
+    shown, status, _ = _playground(browser, live, prompt, settings)
+    direct = complete(live.model, live.tokenizer, prompt, max_new_tokens=60, temperature=0.8,
+                      top_p=0.9, seed=7, stop=stop)
+    assert shown == direct == free[:free.index(stop[0])]
+    assert "finish_reason: stop" in status
 
 
 def test_playground_shows_api_errors(browser, live, shots):
@@ -362,8 +388,8 @@ def test_playground_shows_api_errors(browser, live, shots):
 def test_playground_stop_cancels_the_request(browser, live, shots):
     browser.get(live.url + "/playground")
     _set(browser, "prompt", "A long one:")
-    _set(browser, "max_tokens", "230")
-    _set(browser, "temperature", "1")
+    _set(browser, "max_tokens", "1000")  # a stream of seconds: it is still running at the click
+    _set(browser, "temperature", "0")  # greedy: this model never ends it early
     browser.find_element("id", "submit").click()
     _wait(browser, lambda d: len(d.find_element("id", "completion").get_property("textContent"))
           >= 3, what="the first tokens")
@@ -371,8 +397,9 @@ def test_playground_stop_cancels_the_request(browser, live, shots):
     browser.find_element("id", "submit").click()
     _wait(browser, lambda d: d.find_element("id", "status").get_attribute("data-state")
           in ("stopped", "done", "error"), what="the stop")
-    assert browser.find_element("id", "status").get_attribute("data-state") == "stopped"
-    assert len(browser.find_element("id", "completion").get_property("textContent")) < 230
+    assert browser.find_element("id", "status").get_attribute("data-state") == "stopped", \
+        browser.find_element("id", "status").text
+    assert len(browser.find_element("id", "completion").get_property("textContent")) < 1000
     assert browser.find_element("id", "submit").text == "Submit"
     # the server noticed the closed connection and gave the request's decoder slot back
     assert live.wait_idle(10) is not None
@@ -429,3 +456,9 @@ def test_rank_page_orders_and_saves_a_ranking(browser, live, shots):
     _wait(browser, lambda d: "saved B > C > A" in d.find_element("id", "rank-status").text,
           what="the saved message")
     browser.save_screenshot(str(shots / "rank-next.png"))
+    # skipping the unranked prompt brings back the other one, with new answers
+    browser.find_element("id", "skip").click()
+    _wait(browser, lambda d: d.find_element("id", "rank-prompt").get_property("textContent")
+          == PROMPTS[0] and d.find_element("id", "rank-status").get_attribute("data-state")
+          == "ready", what="the prompt after the skipped one")
+    assert len(browser.find_elements("css selector", "#answers li")) == 3

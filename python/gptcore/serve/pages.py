@@ -18,7 +18,8 @@ needs the JSONL form). Prompts must be non-empty, distinct and at most ``MAX_PRO
 
 Which prompt comes next: the one with the fewest rankings so far (the rankings file's existing
 lines count, so a restarted server carries on), ties broken in file order starting after the prompt
-handed out last, so people ranking at the same time are shown different prompts.
+handed out last, so people ranking at the same time are shown different prompts. "Skip prompt"
+asks for the next one other than the prompt shown (``GET /rank/next?skip=INDEX``).
 """
 
 from __future__ import annotations
@@ -128,10 +129,13 @@ class _RankQueue:
         self.cursor = 0
         self.lock = threading.Lock()
 
-    def next(self) -> Dict[str, Any]:
+    def next(self, skip: Optional[int] = None) -> Dict[str, Any]:
+        """The prompt to rank next; ``skip``: the index of a prompt the person passed over (not
+        handed out again at once, unless it is the only one)."""
         with self.lock:
             n = len(self.prompts)
-            i = min(range(n), key=lambda j: (self.counts[j], (j - self.cursor) % n))
+            ids = [j for j in range(n) if j != skip] or [0]
+            i = min(ids, key=lambda j: (self.counts[j], (j - self.cursor) % n))
             self.cursor = (i + 1) % n
             return {"prompt": self.prompts[i], "index": i, "prompts": n, "k": self.k,
                     "rankings": self.counts[i], "total": self.total}
@@ -287,7 +291,13 @@ def page_routes(rank_prompts: Optional[str] = None, rankings_path: Optional[str]
     async def rank_next(request: Request) -> Response:
         if queue is None:
             return disabled()
-        return JSONResponse(queue.next(), headers=no_cache)
+        skip = request.query_params.get("skip")
+        if skip is not None:
+            if not (skip.isdigit() and int(skip) < len(queue.prompts)):
+                return _error(400, f"skip: expected a prompt index, 0 to "
+                                   f"{len(queue.prompts) - 1}, got {skip[:20]!r}", "skip")
+            skip = int(skip)
+        return JSONResponse(queue.next(skip), headers=no_cache)
 
     async def rank_submit(request: Request) -> Response:
         if queue is None:

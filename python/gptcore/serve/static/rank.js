@@ -123,11 +123,14 @@
     }
   }
 
-  async function nextPrompt() {
+  // The next prompt to rank; skip: the index of the prompt the person passes over.
+  async function nextPrompt(skip) {
     setBusy(true);
+    setStatus("loading the next prompt...", "loading");
     gptcore.showError(errorBox, null);
     try {
-      current = await gptcore.request("GET", "/rank/next");
+      current = await gptcore.request("GET", "/rank/next" +
+                                      (skip === undefined ? "" : "?skip=" + skip));
       $("rank-prompt").textContent = current.prompt;
       const times = (n, what) => n + " " + what + (n === 1 ? "" : "s");
       $("prompt-info").textContent = "prompt " + (current.index + 1) + " of " + current.prompts +
@@ -166,6 +169,8 @@
     if (status.dataset.state === "ready") setStatus(message + "; next prompt ready", "saved");
   });
   $("resample").addEventListener("click", () => { if (!busy && current) sample(); });
-  $("skip").addEventListener("click", () => { if (!busy) nextPrompt(); });
+  $("skip").addEventListener("click", () => {
+    if (!busy) nextPrompt(current ? current.index : undefined);
+  });
   nextPrompt();
 })();
