@@ -16,6 +16,7 @@ from . import eval as eval_command  # (named so it does not hide the builtin eva
 from . import finetune, predict
 from . import dpo, ppo
 from . import reward, sft
+from . import instruct_demo
 from . import serve
 
 __all__ = ["main", "build_parser"]
@@ -25,6 +26,7 @@ _COMMANDS = {"train": train, "prepare": prepare, "sample": sample, "convert": co
              "serve": serve,
              "eval": eval_command, "finetune": finetune, "predict": predict,
              "sft": sft, "reward-train": reward, "reward-score": reward,
+             "instruct-demo": instruct_demo,
              "dpo": dpo, "ppo": ppo}
 
 

@@ -181,13 +181,16 @@ def build_tasks(seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_TEST
 # ---- the pre-trained model -------------------------------------------------------------------
 
 
-def pretrained_model(progress: bool = True) -> Tuple[str, float]:
+def pretrained_model(progress: bool = True, settings: Optional[Dict[str, Any]] = None
+                     ) -> Tuple[str, float]:
     """(checkpoint directory, final validation loss) of the demo's pre-trained model, trained
-    once with :data:`DEMO_PRETRAIN` and cached."""
+    once with ``settings`` (:class:`~gptcore.train.pretrain.TrainConfig` fields, default
+    :data:`DEMO_PRETRAIN`) and cached under a key made from them."""
     from .pretrain import TrainConfig, train
 
+    settings = DEMO_PRETRAIN if settings is None else settings
     corpus = default_corpus_dir(progress=progress)  # its name is a hash of the files it holds
-    key = hashlib.sha1(json.dumps([DEMO_PRETRAIN, os.path.basename(corpus)],
+    key = hashlib.sha1(json.dumps([settings, os.path.basename(corpus)],
                                   sort_keys=True).encode()).hexdigest()[:10]
     out = os.path.join(_cache_root(), f"finetune-demo-pretrain-{key}")
     done = os.path.join(out, "done.json")
@@ -195,9 +198,9 @@ def pretrained_model(progress: bool = True) -> Tuple[str, float]:
         with open(done, encoding="utf-8") as f:
             return os.path.join(out, "checkpoint"), float(json.load(f)["val_loss"])
     if progress:
-        print(f"Pre-training the demo model once ({DEMO_PRETRAIN}) -> {out}", flush=True)
+        print(f"Pre-training the demo model once ({settings}) -> {out}", flush=True)
     res = train(TrainConfig(out=out, data=corpus, sample_tokens=0, eval_every=500,
-                            progress=progress, overwrite=True, **DEMO_PRETRAIN))  # not done.json: redo
+                            progress=progress, overwrite=True, **settings))  # not done.json: redo
     write_atomic(done, [json.dumps({"val_loss": res["val_loss"]}).encode()])
     return os.path.join(out, "checkpoint"), float(res["val_loss"])
 
