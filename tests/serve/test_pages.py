@@ -251,11 +251,11 @@ def _readable_model(seed: int = 0) -> GPT:
     return m
 
 
-@pytest.fixture(scope="module")
-def browser():
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
+def _require_browser(chromium: str, chromedriver: str) -> None:
+    """Skip (or, where CI is set, fail) unless the browser, its driver and selenium are here."""
+    missing = [p for p in (chromium, chromedriver) if not os.access(p, os.X_OK)]
     try:
-        from selenium import webdriver
+        import selenium  # noqa: F401
     except ImportError:
         missing.append("the selenium package")
     if missing:
@@ -264,9 +264,25 @@ def browser():
         if os.environ.get("CI"):
             pytest.fail(f"CI is set but {why}")
         pytest.skip(why)
+
+
+def test_missing_browser_skips_here_and_fails_in_ci(tmp_path, monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no-chromium"):
+        _require_browser(str(tmp_path / "no-chromium"), CHROMEDRIVER)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI is set but .*no-driver"):
+        _require_browser(CHROMIUM, str(tmp_path / "no-driver"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _require_browser(CHROMIUM, CHROMEDRIVER)
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the pages' console
     opts.binary_location = CHROMIUM  # with the Service path below: no Selenium Manager lookups
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1280,1000", "--disable-extensions", "--no-first-run"):
@@ -301,6 +317,13 @@ def live(tmp_path_factory):
     server.close()
 
 
+def _console_errors(driver, expected=()):
+    """The page's console errors (failed loads, JavaScript exceptions) since the last call, less
+    those that contain one of the ``expected`` strings."""
+    return [e["message"] for e in driver.get_log("browser")
+            if e["level"] == "SEVERE" and not any(x in e["message"] for x in expected)]
+
+
 def _wait(driver, condition, timeout=20.0, what="the page"):
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -317,6 +340,7 @@ def _set(driver, element_id, value):
 def _playground(browser, live, prompt, settings, shot=None):
     """Fill in the playground, submit, wait for the end of the stream; returns the completion
     shown, the status line and how many times the completion's text changed on the page."""
+    _console_errors(browser)
     browser.get(live.url + "/playground")
     _wait(browser, lambda d: d.find_element("id", "model-name").text == "model: tiny-readable",
           what="the model name")
@@ -337,6 +361,7 @@ def _playground(browser, live, prompt, settings, shot=None):
     error = browser.find_element("id", "error")
     assert error.get_property("hidden"), error.text
     assert browser.find_element("id", "echo").get_property("textContent") == prompt
+    assert _console_errors(browser) == []
     return (browser.find_element("id", "completion").get_property("textContent"),
             browser.find_element("id", "status").text,
             browser.execute_script("return window.__updates"))
@@ -382,6 +407,8 @@ def test_playground_shows_api_errors(browser, live, shots):
     assert box.is_displayed()
     assert "HTTP 400" in box.text and "max_tokens" in box.text, box.text
     assert browser.find_element("id", "submit").text == "Submit"  # ready for the next try
+    assert _console_errors(browser, expected=["/v1/completions - Failed to load resource: the "
+                                              "server responded with a status of 400"]) == []
     browser.save_screenshot(str(shots / "playground-error.png"))
 
 
@@ -409,6 +436,7 @@ def test_rank_page_orders_and_saves_a_ranking(browser, live, shots):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
+    _console_errors(browser)
     browser.get(live.url + "/rank")
     _set(browser, "max_tokens", "24")
     items = _wait(browser, lambda d: d.find_elements("css selector", "#answers li") or
@@ -462,3 +490,23 @@ def test_rank_page_orders_and_saves_a_ranking(browser, live, shots):
           == PROMPTS[0] and d.find_element("id", "rank-status").get_attribute("data-state")
           == "ready", what="the prompt after the skipped one")
     assert len(browser.find_elements("css selector", "#answers li")) == 3
+    assert _console_errors(browser) == []
+
+
+def test_concurrent_submissions_each_land_whole(live):
+    # 32 rankings posted from 8 threads at once through the real server: 32 whole lines
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = len(_lines(live.rankings))
+    big = "y" * 20_000
+
+    def submit(i):
+        return post(live, "/rank/submit", {"prompt": PROMPTS[i % 2],
+                                           "ranked": [f"{i} best {big}", f"{i} worst"]})
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(submit, range(32)))
+    assert all(code == 200 for code, _ in results), results
+    lines = _lines(live.rankings)[before:]
+    assert sorted(x["ranked"][1] for x in lines) == sorted(f"{i} worst" for i in range(32))
+    assert all(x["ranked"][0] == x["ranked"][1].split()[0] + " best " + big for x in lines)
