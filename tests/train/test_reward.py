@@ -147,6 +147,9 @@ def test_learns_a_ranking_then_normalises_saves_and_reloads(tmp_path):
     np.testing.assert_allclose(back.score(prompts, answers), rm.score(prompts, answers),
                                rtol=1e-5, atol=1e-6)
     assert back.info["normalization"] == rm.info["normalization"]
+    rm.save(tmp_path / "copy")  # RewardModel.save: a directory load_reward_model reads
+    again = load_reward_model(tmp_path / "copy")
+    np.testing.assert_array_equal(again.score(prompts, answers), back.score(prompts, answers))
     s = back.score(["q9:"] * 3, ["cdzz", "cdz", "cd"])
     assert s.dtype == np.float32 and s[0] > s[1] > s[2]
     log = [json.loads(x) for x in open(tmp_path / "rm" / "log.jsonl")]
