@@ -226,6 +226,20 @@ def test_disconnected_client_frees_its_slot(long_server):
     assert stats["tokens_generated"] - before < 1000  # it stopped early
 
 
+def test_disconnected_client_frees_its_slot_without_streaming(long_server):
+    before = long_server.engine.stats()["tokens_generated"]
+    conn = http.client.HTTPConnection("127.0.0.1", long_server.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps(_body(prompt="go", max_tokens=1000)).encode())
+    deadline = time.monotonic() + 20
+    while long_server.engine.stats()["busy_slots"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    conn.sock.close()  # gone before the answer
+    conn.close()
+    stats = long_server.wait_idle(timeout=20)
+    assert stats is not None, "the slot was not freed"
+    assert stats["tokens_generated"] - before < 1000
+
+
 def test_overload_answers_429_and_recovers(long_server):
     """Batch 2, queue 1: one request holds both slots, one waits, the others get 429."""
     results = []
