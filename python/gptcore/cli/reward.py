@@ -110,7 +110,7 @@ def _score(args, out) -> int:
             answers.append(a)
     if not lines:
         raise ValueError(f"--data: {args.data} holds no lines to score")
-    scores = rm.score(prompts, answers, args.batch_size)
+    scores = rm.score(prompts, answers, args.batch_size, progress=True)
     text, at, rb, rw = [], 0, [], []
     for kind, k in lines:
         s = scores[at: at + k]

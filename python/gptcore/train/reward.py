@@ -148,9 +148,11 @@ class RewardModel:
         drows = self.head.backward(np.asarray(dr, np.float32).reshape(-1, 1))
         self.model.backward(dh=scatter_rows(drows, last, shape))
 
-    def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 16) -> np.ndarray:
+    def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 16, *,
+                  progress: bool = False) -> np.ndarray:
         """Rewards (N,) float32 of token sequences (prompt + completion + end-of-text ids, at
-        most ``n_ctx``), in evaluation mode. A non-finite reward raises RuntimeError."""
+        most ``n_ctx``), in evaluation mode (``progress``: a progress bar on stderr). A
+        non-finite reward raises RuntimeError."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
         seqs = [list(s) for s in seqs]
@@ -160,13 +162,16 @@ class RewardModel:
         out = np.zeros(len(seqs), np.float32)
         was = self.model.training
         self.model.eval()
+        bar = Progress(total=len(seqs), desc="scoring", unit="answer", enabled=progress)
         try:
             order = np.argsort([len(s) for s in seqs], kind="stable")  # little padding
             for i in range(0, len(order), batch_size):
                 idx = order[i: i + batch_size]
                 out[idx] = self.forward([seqs[j] for j in idx])
                 self._pending = None
+                bar.update(len(idx))
         finally:
+            bar.close()
             self.model.train(was)
         bad = np.flatnonzero(~np.isfinite(out))
         if bad.size:
@@ -182,7 +187,7 @@ class RewardModel:
         return self.encoder.sequence(prompt, completion, where)[0]
 
     def score(self, prompts: Sequence[str], completions: Sequence[str],
-              batch_size: int = 16) -> np.ndarray:
+              batch_size: int = 16, *, progress: bool = False) -> np.ndarray:
         """Rewards of ``completions[i]`` as answers to ``prompts[i]``: float32 (N,), normalised
         (the demonstrations the model was normalised on average 0). A prompt too long for the
         context is an error naming its index; a completion that overflows is cut at the end."""
@@ -199,7 +204,7 @@ class RewardModel:
         if not prompts:
             return np.zeros(0, np.float32)
         seqs = [self.encode(p, c, f"prompts[{i}]") for i, (p, c) in enumerate(zip(prompts, completions))]
-        return self.score_ids(seqs, batch_size)
+        return self.score_ids(seqs, batch_size, progress=progress)
 
     def shift(self, amount: float) -> None:
         """Subtract ``amount`` from every reward (from the head's bias) and record it."""
@@ -551,7 +556,7 @@ def train_reward(cfg: Optional[RewardConfig] = None, **kwargs) -> Dict[str, Any]
                     break
             if not stopped:
                 # normalise: the demonstrations' mean reward becomes 0 (a shift of the bias)
-                mean = float(rm.score(*norm_on).astype(np.float64).mean())
+                mean = float(rm.score(*norm_on, progress=cfg.progress).astype(np.float64).mean())
                 rm.shift(mean)
                 rm.info["normalization"].update(source=norm_source, n=len(norm_on[0]))
                 emit(log_file, {"step": step, "normalization_shift": rm.info["normalization"]["shift"],
