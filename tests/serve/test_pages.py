@@ -68,7 +68,7 @@ def test_prompts_plain_text_and_jsonl(tmp_path):
     ("p.jsonl", b'{"prompt": "a"}\n{"prompt": \n', r"p.jsonl:2: not JSON"),
     ("p.jsonl", b'{"prompt": "  "}\n', r"p.jsonl:1: empty prompt"),
     ("p.jsonl", b'{"prompt": "\\ud800"}\n', r"p.jsonl:1: not Unicode text"),
-])
+], ids=lambda v: "data" if isinstance(v, bytes) else str(v)[:40])
 def test_bad_prompts_files(tmp_path, name, data, match):
     path = tmp_path / name
     path.write_bytes(data)
@@ -96,6 +96,18 @@ def test_page_routes_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field 'prompt'.*not a ranking"):
         page_routes(str(prompts), str(bad), 4)
     assert not (tmp_path / "r.jsonl").exists()  # nothing created by the refused calls
+
+
+def test_startup_repairs_and_reports_a_torn_rankings_file(tmp_path, caplog):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    rankings = tmp_path / "r.jsonl"
+    rankings.write_bytes(b'{"prompt": "a", "ranked": ["x", "y"]}\n{"prompt": "b", "ran')
+    with TestClient(Starlette(routes=page_routes(str(prompts), str(rankings), 2))) as client:
+        assert "torn last line (20 bytes" in caplog.text  # len(b'{"prompt": "b", "ran')
+        assert client.get("/rank/next").json()["prompt"] == "b"  # a's one ranking counted
+        assert client.post("/rank/submit", json={"prompt": "b", "ranked": ["u", "v"]}).is_success
+    assert [x["prompt"] for x in _lines(rankings)] == ["a", "b"]
 
 
 # ---- the ranking API over HTTP (no model needed) -----------------------------------------------
@@ -194,7 +206,7 @@ _LONG = "x" * (pages.MAX_ANSWER_CHARS + 1)
     (b'{"prompt": "p0", "ranked": ["a", "b"], "settings": {"top_p": NaN}}', 400, None, "not JSON"),
     (b"[" * 100_000, 400, None, "nested too deeply"),
     (b'"' + b"x" * (pages.MAX_SUBMIT_BYTES + 1) + b'"', 413, None, "at most"),
-])
+], ids=lambda v: "body" if isinstance(v, (bytes, dict)) else str(v)[:40])
 def test_bad_submissions_are_refused_and_write_nothing(rank_client, body, status, param, match):
     before = rank_client.rankings.read_bytes()
     if isinstance(body, bytes):
@@ -491,6 +503,24 @@ def test_rank_page_orders_and_saves_a_ranking(browser, live, shots):
           == "ready", what="the prompt after the skipped one")
     assert len(browser.find_elements("css selector", "#answers li")) == 3
     assert _console_errors(browser) == []
+
+
+def test_rank_page_says_when_ranking_is_off(browser, shots):
+    server = LiveServer(create_app(_readable_model(), Tokenizer.byte_level(), model_name="m"))
+    try:
+        _console_errors(browser)
+        browser.get(server.url + "/rank")
+        box = _wait(browser, lambda d: d.find_element("id", "rank-error").is_displayed()
+                    and d.find_element("id", "rank-error"), what="the message")
+        assert "HTTP 404" in box.text and "--rank-prompts" in box.text, box.text
+        for b in ("rank-submit", "resample", "skip"):
+            assert not browser.find_element("id", b).is_enabled(), b
+        _wait(browser, lambda d: d.find_element("id", "model-name").text == "model: m",
+              what="the model name")
+        assert _console_errors(browser, expected=["/rank/next - Failed to load resource"]) == []
+        browser.save_screenshot(str(shots / "rank-off.png"))
+    finally:
+        server.close()
 
 
 def test_concurrent_submissions_each_land_whole(live):

@@ -25,6 +25,7 @@ asks for the next one other than the prompt shown (``GET /rank/next?skip=INDEX``
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import threading
@@ -115,6 +116,10 @@ class _RankQueue:
         self.k = k
         self.index = {p: i for i, p in enumerate(prompts)}
         self.writer = RankingWriter(rankings_path)  # repairs a torn tail before it is read
+        if self.writer.repaired_bytes:
+            logging.getLogger(__name__).warning(
+                "rankings: removed a torn last line (%d bytes, a ranking whose write was cut "
+                "short) from %s", self.writer.repaired_bytes, self.writer.path)
         self.counts = [0] * len(prompts)
         self.total = 0
         for lineno, obj in jsonl_records(self.writer.path):

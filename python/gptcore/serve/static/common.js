@@ -4,15 +4,18 @@
 "use strict";
 
 const gptcore = {
-  // The model this server serves (the first of GET /v1/models), fetched once.
+  // The model this server serves (the first of GET /v1/models), fetched once (a failed fetch
+  // is tried again at the next call).
   _model: null,
-  async model() {
+  model() {
     if (this._model === null) {
-      const body = await this.request("GET", "/v1/models");
-      if (!body.data || !body.data.length) throw new Error("GET /v1/models lists no model");
-      this._model = body.data[0].id;
-      const tag = document.getElementById("model-name");
-      if (tag) tag.textContent = "model: " + this._model;
+      this._model = this.request("GET", "/v1/models").then((body) => {
+        if (!body.data || !body.data.length) throw new Error("GET /v1/models lists no model");
+        const tag = document.getElementById("model-name");
+        if (tag) tag.textContent = "model: " + body.data[0].id;
+        return body.data[0].id;
+      });
+      this._model.catch(() => { this._model = null; });
     }
     return this._model;
   },
@@ -31,6 +34,7 @@ const gptcore = {
       }
     } catch (_) { /* not JSON: keep the text */ }
     const e = new Error(message);
+    e.status = response.status;
     e.title = "HTTP " + response.status + (detail ? " (" + detail + ")" : "");
     return e;
   },

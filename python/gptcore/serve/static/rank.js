@@ -137,11 +137,14 @@
         " \u00B7 ranked " + times(current.rankings, "time") + " so far \u00B7 " +
         times(current.total, "ranking") + " in the file";
     } catch (e) {
-      $("rank-prompt").textContent = "";
+      $("rank-prompt").textContent = "(no prompt)";
       list.replaceChildren();
       gptcore.showError(errorBox, e);
       setStatus("", "error");
       setBusy(false);
+      if (e.status === 404) {  // ranking is off on this server: nothing to sample or skip
+        for (const b of [submit, $("resample"), $("skip")]) b.disabled = true;
+      }
       return;
     }
     await sample();
@@ -172,5 +175,6 @@
   $("skip").addEventListener("click", () => {
     if (!busy) nextPrompt(current ? current.index : undefined);
   });
+  gptcore.model().catch(() => {});  // the model's name in the header, even when ranking is off
   nextPrompt();
 })();
