@@ -62,7 +62,15 @@ from ._run import (
     refuse_existing_run,
 )
 from .finetune import MODEL_NAME, _model_dir
-from .sft import TEMPLATE, check_common, check_vocab, load_base, tokenizer_state, with_dropout
+from .sft import (
+    TEMPLATE,
+    check_common,
+    check_vocab,
+    held_out,
+    load_base,
+    tokenizer_state,
+    with_dropout,
+)
 
 __all__ = ["RewardConfig", "RewardModel", "train_reward", "load_reward_model", "pairwise_loss",
            "pair_accuracy", "HEAD"]
@@ -304,10 +312,7 @@ def _rankings(source, what: str) -> List[Ranking]:
 def _split_by_prompt(rankings: List[Ranking], fraction: float, seed: int):
     """(train, held-out): ``fraction`` of the distinct prompts, all their rankings together."""
     prompts = sorted({r.prompt for r in rankings})
-    k = 0 if fraction <= 0 or len(prompts) < 2 else min(len(prompts) - 1,
-                                                         max(1, round(fraction * len(prompts))))
-    perm = np.random.default_rng([int(seed), 7919]).permutation(len(prompts))
-    held = {prompts[i] for i in perm[:k]}
+    held = {prompts[i] for i in held_out(len(prompts), fraction, seed)[1]}
     return ([r for r in rankings if r.prompt not in held], [r for r in rankings if r.prompt in held])
 
 
