@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -279,7 +280,7 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path, tokenizer):
     ck = tmp_path / "my-model"
     tiny_model(block_size=512).save_pretrained(str(ck))
     proc = subprocess.Popen([sys.executable, "-m", "gptcore.cli", "serve", "--checkpoint", str(ck),
-                             "--port", "0", "--tokenizer", "byte", "--max-batch", "2"],
+                             "--port", "0", "--max-batch", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         banner = "".join(proc.stdout.readline() for _ in range(5))
@@ -305,3 +306,19 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path, tokenizer):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_errors(tmp_path, capsys):
+    from gptcore.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert "gptcore serve: error:" in capsys.readouterr().err
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(tmp_path), "--port", str(port)]) == 2
+        assert f"--port: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    finally:
+        taken.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -63,6 +65,23 @@ def _model_name(checkpoint: str) -> str:
     return os.path.splitext(name)[0] if os.path.isfile(path) else name  # model.bin -> model
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) for the server, or a ValueError saying why not."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise ValueError(f"--host: cannot listen on {host!r}: {e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"--port: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def run(args, out=None) -> int:
     """Runs ``gptcore serve`` for parsed ``args`` until SIGTERM / Ctrl-C; returns 0."""
     out = out or sys.stdout
@@ -75,56 +94,55 @@ def run(args, out=None) -> int:
 
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout: expected seconds >= 0, got {args.shutdown_timeout}")
-    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
-    model, tok = load_for_sampling(args.checkpoint, device=args.device, dtype=dtype,
-                                   tokenizer=args.tokenizer)
-    name = args.model_name or _model_name(args.checkpoint)
-    app = create_app(model, tok, model_name=name, max_batch=args.max_batch,
-                     max_queue=args.max_queue, rank_prompts=args.rank_prompts,
-                     rankings_path=args.rankings, rank_k=args.rank_k,
-                     max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=args.shutdown_timeout))
-
-    async def announce():  # once listening (the port may have been 0): print the URLs
-        import asyncio
-
-        while not server.started:
-            if server.should_exit:
-                return
-            await asyncio.sleep(0.05)
-        sock = server.servers[0].sockets[0].getsockname()
-        host = f"[{sock[0]}]" if ":" in sock[0] else sock[0]
-        base = f"http://{host}:{sock[1]}"
-        out.write(f"gptcore serve: model {name!r} ({model.config.n_layer} layers, context "
+    sock = _listen(args.host, args.port)  # first: a taken port fails before the model loads
+    try:
+        dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
+        model, tok = load_for_sampling(args.checkpoint, device=args.device, dtype=dtype,
+                                       tokenizer=args.tokenizer)
+        name = args.model_name or _model_name(args.checkpoint)
+        app = create_app(model, tok, model_name=name, max_batch=args.max_batch,
+                         max_queue=args.max_queue, rank_prompts=args.rank_prompts,
+                         rankings_path=args.rankings, rank_k=args.rank_k,
+                         max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                               timeout_graceful_shutdown=args.shutdown_timeout))
+        host, port = sock.getsockname()[:2]  # the port chosen when --port was 0
+        base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        banner = (f"gptcore serve: model {name!r} ({model.config.n_layer} layers, context "
                   f"{model.config.block_size}) on {args.device}, batch {args.max_batch}\n"
                   f"  completions  {base}/v1/completions  (OpenAI's API: base_url={base}/v1)\n"
                   f"  playground   {base}/playground\n"
                   f"  ranking      {base}/rank\n"
                   f"  health       {base}/health\n"
                   f"SIGTERM or Ctrl-C stops it.\n")
-        out.flush()
 
-    import asyncio
+        async def main():
+            async def announce():  # once the engine has started and the socket listens
+                while not server.started and not server.should_exit:
+                    await asyncio.sleep(0.02)
+                if server.started:
+                    out.write(banner)
+                    out.flush()
 
-    async def main():
-        task = asyncio.ensure_future(announce())
+            task = asyncio.ensure_future(announce())
+            try:
+                await server.serve(sockets=[sock])
+            finally:
+                task.cancel()
+
+        # uvicorn turns SIGTERM into a graceful shutdown, then raises it again under the previous
+        # handler; with this one the process then ends normally (exit 0), not killed by it
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, lambda sig, frame: None) if in_main else None
         try:
-            await server.serve()
+            asyncio.run(main())
         finally:
-            task.cancel()
-
-    # uvicorn turns SIGTERM into a graceful shutdown and then raises it again under the previous
-    # handler; with this one the process ends normally (exit 0) instead of dying of the signal
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda sig, frame: None) if in_main else None
-    try:
-        asyncio.run(main())
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        sock.close()
     if not server.started:
-        raise RuntimeError(f"--port: could not listen on {args.host}:{args.port}")
+        raise RuntimeError(f"the server did not start on {base}")
     out.write("gptcore serve: stopped\n")
     out.flush()
     return 0

@@ -295,9 +295,13 @@ class Engine:
                 if self._stopping:
                     break
                 admitted = self._admit()
-            for req in admitted:
-                self._start(req)
-            self._step()
+            try:
+                for req in admitted:
+                    self._start(req)
+                self._step()
+            except Exception as e:  # noqa: BLE001 -- a bug must not hang the clients
+                for req in list(self._active):
+                    self._retire(req, f"internal error: {type(e).__name__}: {e}")
             with self._cond:
                 self._cond.notify_all()  # stop(drain=True) watches the queues
 
