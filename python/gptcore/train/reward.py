@@ -508,8 +508,9 @@ def train_reward(cfg: Optional[RewardConfig] = None, **kwargs) -> Dict[str, Any]
                "val_pairs": m["pairs"]}
         history.append(rec)
         emit(log_file, rec)
-        bar.write(f"step {step} (epoch {epoch}): held-out pair accuracy {m['accuracy']:.4f}, "
-                  f"loss {m['loss']:.4f} ({m['pairs']} pairs)")
+        if cfg.progress:
+            bar.write(f"step {step} (epoch {epoch}): held-out pair accuracy {m['accuracy']:.4f}, "
+                      f"loss {m['loss']:.4f} ({m['pairs']} pairs)")
 
     bar = Progress(total=total, desc="reward model", unit="step", enabled=cfg.progress,
                    initial=step)

@@ -346,7 +346,8 @@ def sft(cfg: Optional[SFTConfig] = None, **kwargs) -> Dict[str, Any]:
         rec = {"step": step, "epoch": epoch, "val_loss": v}
         history.append(rec)
         emit(log_file, rec)
-        bar.write(f"step {step} (epoch {epoch}): val loss {v:.4f}")
+        if cfg.progress:
+            bar.write(f"step {step} (epoch {epoch}): val loss {v:.4f}")
 
     bar = Progress(total=total, desc="sft", unit="step", enabled=cfg.progress, initial=step)
     stopped = interrupted = False
