@@ -188,3 +188,19 @@ def test_cli(policy_dir, tmp_path, capsys):
                "--prompts", str(prompts), "--out", str(out), "--no-progress"])
     assert rc == 2 and "no-rm" in capsys.readouterr().err
     assert not out.exists()  # nothing written for a run that could not start
+    # a real (tiny) reward model, trained by `gptcore reward-train`'s API
+    from gptcore.train.reward import train_reward
+
+    ranks = tmp_path / "ranks.jsonl"
+    ranks.write_text("".join(json.dumps({"prompt": f"q{i}", "ranked": ["123", "abc", "xyz"]}) + "\n"
+                             for i in range(4)))
+    train_reward(data=str(ranks), base=policy_dir, out=str(tmp_path / "rm"), val_fraction=0.0,
+                 progress=False)
+    rc = main(["ppo", "--policy", policy_dir, "--reward-model", str(tmp_path / "rm"),
+               "--prompts", str(prompts), "--out", str(out), "--steps", "2", "--batch-size", "4",
+               "--minibatch-size", "2", "--max-new-tokens", "6", "--stop", "\\n", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert log[0]["value_init"] == "reward model" and log[0]["ppo_config"]["stop"] == ["\n"]
+    assert [r["step"] for r in log[1:]] == [1, 2] and all(np.isfinite(r["reward"]) for r in log[1:])
+    assert (out / "model" / "model.safetensors").is_file()

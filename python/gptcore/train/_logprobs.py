@@ -144,21 +144,38 @@ class Policy:
     def __init__(self, model):
         self.model = model
         self.lm = LMHead(model)
+        self._pending = None  # (selected positions, hidden-state shape) for backward
 
     def logprobs(self, batch: SequenceBatch, grad: bool = False) -> np.ndarray:
         """(B, T) float32 log pi(target | prefix), 0 outside ``batch.mask``. With ``grad`` the
-        forward is kept for one :meth:`backward`."""
+        forward is kept for one :meth:`backward`.
+
+        The LM head runs on the completion positions only (their hidden states gathered into
+        one (1, N, C) row): prompt and padding positions would cost a (vocab x width) GEMM row
+        each, forward and backward, for logits nobody reads -- about half the head's work when
+        prompts are as long as answers."""
         h = self.model.hidden_states(batch.ids)
-        logp = self.lm.token_logprobs(h, batch.targets)
+        B, T, C = h.shape
+        sel = np.flatnonzero(batch.mask.reshape(-1) > 0)
+        rows = np.asarray(h.numpy()).reshape(B * T, C)[sel]  # (N, C) copy, host
+        out = np.zeros(B * T, np.float32)
+        out[sel] = self.lm.token_logprobs(rows[None], batch.targets.reshape(-1)[sel][None])[0]
+        self._pending = (sel, (B, T, C)) if grad else None
         if not grad:
-            self.lm._saved = None  # drop the (B*T, vocab) buffer now
-        return logp * batch.mask
+            self.lm._saved = None  # drop the (N, vocab) buffer now
+        return out.reshape(B, T)
 
     def backward(self, dlogp: np.ndarray, batch: SequenceBatch) -> None:
         """Accumulate the parameter gradients of a loss whose gradient on the last
         :meth:`logprobs` (with ``grad``) is ``dlogp`` (B, T) (masked to the completion)."""
-        d = np.asarray(dlogp, np.float32) * batch.mask
-        self.model.backward(dh=self.lm.backward(d))
+        if self._pending is None:
+            raise RuntimeError("Policy.backward: call logprobs(batch, grad=True) first")
+        sel, (B, T, C) = self._pending
+        self._pending = None
+        d = np.asarray(dlogp, np.float32).reshape(-1)[sel]
+        dh = np.zeros((B * T, C), np.float32)
+        dh[sel] = np.asarray(self.lm.backward(d[None]).numpy()).reshape(-1, C)
+        self.model.backward(dh=dh.reshape(B, T, C))
 
     def sequence_logprobs(self, batch: SequenceBatch, batch_size: int = 16) -> np.ndarray:
         """(B,) float64 log pi(completion | prompt), in chunks of ``batch_size`` rows, no grad."""
