@@ -95,6 +95,13 @@ def test_page_routes_arguments(tmp_path):
     bad.write_text('{"text": "not a ranking"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field 'prompt'.*not a ranking"):
         page_routes(str(prompts), str(bad), 4)
+    # someone's notes: refused before the writer's torn-tail repair could cut their last line
+    notes = tmp_path / "notes.txt"
+    for data in (b"line one\nline two", b'{"prompt": "a", "ranked": ["x", "y"]}\nnot json'):
+        notes.write_bytes(data)
+        with pytest.raises(ValueError, match="not a ranking"):
+            page_routes(str(prompts), str(notes), 4)
+        assert notes.read_bytes() == data
     assert not (tmp_path / "r.jsonl").exists()  # nothing created by the refused calls
 
 

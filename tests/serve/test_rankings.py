@@ -63,8 +63,8 @@ def test_each_append_is_fsynced_after_its_write(tmp_path, monkeypatch):
     (b'{"prompt": "p", "ranked": ["a", "b', False),       # cut inside a string
     (b'{"prompt": "p", "ranked": ["a", "b"]', False),     # cut before the closing brace
     (b'{"prompt"', False),
-    (b"12", False),                                       # JSON, but not an object: a torn number
-    (b"\xe2\x9c", False),                                 # cut inside a UTF-8 character
+    (b'{"prompt": "\xe2\x9c', False),                     # cut inside a UTF-8 character
+    (b"{", False),
     (b'{"prompt": "p", "ranked": ["a", "b"]}', True),     # whole: only its newline is missing
 ])
 @pytest.mark.parametrize("before", [b"", b'{"prompt": "old", "ranked": ["x", "y"]}\n'])
@@ -77,6 +77,16 @@ def test_torn_tail_is_repaired_before_the_next_append(tmp_path, tail, kept, befo
         w.append(_rec(1))
     expected = ([json.loads(before)] if before else []) + ([json.loads(tail)] if kept else [])
     assert _lines(path) == expected + [_rec(1)]
+
+
+@pytest.mark.parametrize("tail", [b"12", b"hello", b"\xe2\x9c", b" {"])
+def test_a_tail_no_ranking_begins_with_is_refused_not_cut(tmp_path, tail):
+    # not a line this writer cut short: the wrong file, most likely; it is left as it was
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"first line\n" + tail)
+    with pytest.raises(ValueError, match="notes.txt: its last line .* not a rankings file"):
+        RankingWriter(path)
+    assert path.read_bytes() == b"first line\n" + tail
 
 
 def test_a_tail_torn_while_open_is_repaired_by_the_next_append(tmp_path):

@@ -108,6 +108,26 @@ def load_prompts(path) -> List[str]:
     return prompts
 
 
+def _read_rankings(path, whole_lines_only: bool = False) -> List[str]:
+    """The prompts of the rankings in the file at ``path`` (none when it does not exist), each
+    line checked with the reward-model training's own reader (ValueError naming file:line).
+    ``whole_lines_only``: skip a last line without its newline (the writer repairs it)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return []
+    prompts = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip() or (whole_lines_only and not raw.endswith(b"\n")):
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                prompts.append(parse_ranking(parse_json(raw, where), where).prompt)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (not a ranking: is --rankings the right file?)") from None
+    return prompts
+
+
 class _RankQueue:
     """The prompts, how often each was ranked, and the writer of the rankings file."""
 
@@ -115,18 +135,17 @@ class _RankQueue:
         self.prompts = prompts
         self.k = k
         self.index = {p: i for i, p in enumerate(prompts)}
-        self.writer = RankingWriter(rankings_path)  # repairs a torn tail before it is read
+        # every whole line is checked before the writer may touch the file (a wrong --rankings
+        # path must not lose a line of someone's file to the torn-tail repair)
+        _read_rankings(rankings_path, whole_lines_only=True)
+        self.writer = RankingWriter(rankings_path)  # repairs a torn tail
         if self.writer.repaired_bytes:
             logging.getLogger(__name__).warning(
                 "rankings: removed a torn last line (%d bytes, a ranking whose write was cut "
                 "short) from %s", self.writer.repaired_bytes, self.writer.path)
         self.counts = [0] * len(prompts)
         self.total = 0
-        for lineno, obj in jsonl_records(self.writer.path):
-            try:  # the reward-model training's own reader of the format
-                prompt = parse_ranking(obj, f"{self.writer.path}:{lineno}").prompt
-            except ValueError as exc:
-                raise ValueError(f"{exc} (not a ranking: is --rankings the right file?)") from None
+        for prompt in _read_rankings(self.writer.path):
             i = self.index.get(prompt)
             if i is not None:  # rankings of prompts no longer in the file still count in total
                 self.counts[i] += 1

@@ -7,9 +7,10 @@ Durability: each ranking is one ``write`` to a descriptor opened with ``O_APPEND
 processes, never interleave). A crash (power loss, ``kill -9``) therefore loses at most the ranking
 being written, and can leave only that one line torn: a tail with no final newline. Before every
 append the writer repairs such a tail (:func:`repair_torn_tail`): a tail that is a whole JSON
-object (a line whose newline alone is missing, say from an editor) gets its newline; anything
-else is a torn write and is truncated away. So a new ranking never glues onto a broken line and
-the file always reads back as whole JSON lines.
+object (a line whose newline alone is missing, say from an editor) gets its newline; a tail that
+begins like one is a torn write and is truncated away (a tail that does not is no ranking: the
+file is refused, not cut). So a new ranking never glues onto a broken line and the file always
+reads back as whole JSON lines.
 """
 
 from __future__ import annotations
@@ -48,16 +49,20 @@ def _last_line_start(fd: int, size: int) -> int:
     return 0
 
 
-def repair_torn_tail(fd: int) -> int:
+def repair_torn_tail(fd: int, where: str = "the rankings file") -> int:
     """Make the file open at ``fd`` (readable and writable) end with a newline.
 
-    A last line without its newline that is a whole JSON object is kept and gets the newline; any
-    other tail (a write cut short by a crash) is truncated. Returns the number of bytes removed
-    (0 when nothing was torn). The caller holds the file's locks."""
+    A last line without its newline that is a whole JSON object is kept and gets the newline; a
+    tail that begins like one (``{``: a write cut short by a crash) is truncated. Any other tail
+    cannot come from this writer, and the file is left alone: ValueError naming ``where``.
+    Returns the number of bytes removed (0 when nothing was torn). The caller holds the locks."""
     size = os.fstat(fd).st_size
     if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
         return 0
     start = _last_line_start(fd, size)
+    if os.pread(fd, 1, start) != b"{":
+        raise ValueError(f"{where}: its last line has no newline and is not the start of a JSON "
+                         f"object, so it is not a ranking cut short; not a rankings file?")
     tail = os.pread(fd, size - start, start) if size - start <= _MAX_TAIL else None
     try:
         whole = tail is not None and isinstance(parse_json(tail, "tail"), dict)
@@ -103,8 +108,12 @@ class RankingWriter:
         self._lock = threading.Lock()
         if not existed:
             fsync_path(parent, directory=True)  # the new file's name survives a crash too
-        with self._locked():
-            self.repaired_bytes = repair_torn_tail(self._fd)
+        try:
+            with self._locked():
+                self.repaired_bytes = repair_torn_tail(self._fd, path)
+        except BaseException:
+            self.close()
+            raise
 
     @contextlib.contextmanager
     def _locked(self):
@@ -131,7 +140,7 @@ class RankingWriter:
         except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
             raise ValueError(f"record: not writable as a JSON line ({exc})") from None
         with self._locked():
-            repair_torn_tail(self._fd)
+            repair_torn_tail(self._fd, self.path)
             size = os.fstat(self._fd).st_size
             try:
                 _write_all(self._fd, line)
