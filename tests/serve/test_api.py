@@ -181,6 +181,25 @@ def test_bad_requests_amid_good_ones(server, model, tokenizer):
         assert r["choices"][0]["text"] == complete(model, tokenizer, p, max_new_tokens=15, temperature=0)
 
 
+def test_engine_failure_is_an_error_answer(server, monkeypatch):
+    real = server.engine._dec.step_rows
+    fail = {"left": 2}
+
+    def flaky(ids, positions):
+        if fail["left"]:
+            fail["left"] -= 1
+            raise RuntimeError("device lost")
+        return real(ids, positions)
+
+    monkeypatch.setattr(server.engine._dec, "step_rows", flaky)
+    status, r = post(server, "/v1/completions", _body(prompt="a", max_tokens=5))
+    assert status == 500 and "device lost" in r["error"]["message"]
+    assert r["error"]["type"] == "server_error"
+    events = stream_events(server, _body(prompt="a", max_tokens=5, stream=True))
+    assert "device lost" in json.loads(events[-1])["error"]["message"]  # an error event ends it
+    assert post(server, "/v1/completions", _body(prompt="a", max_tokens=5))[0] == 200
+
+
 def test_huge_body_is_refused(server):
     big = json.dumps(_body(prompt="x" * (10 << 20))).encode()  # a 10 MB prompt
     status, r = post(server, "/v1/completions", big)

@@ -179,3 +179,26 @@ def test_token_prompts_equal_generate(engine, model):
     for p, r in zip(ids, reqs):
         want = generate(model, p, 10, temperature=0)
         assert r.choices[0].tokens == want[len(p):].tolist()
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, tokenizer, monkeypatch):
+    e = Engine(model, tokenizer, max_batch=2, max_queue=4).start()
+    try:
+        real = e._dec.step_rows
+        calls = []
+
+        def broken_once(ids, positions):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("device lost")
+            return real(ids, positions)
+
+        monkeypatch.setattr(e._dec, "step_rows", broken_once)
+        bad = e.submit(tokenizer.encode("x"), max_tokens=5)
+        assert bad.wait(30) and "device lost" in bad.error
+        good = e.submit(tokenizer.encode("y"), max_tokens=5, temperature=0)
+        assert good.wait(30) and good.error is None
+        assert good.choices[0].text == complete(model, tokenizer, "y", max_new_tokens=5, temperature=0)
+        assert e.stats()["busy_slots"] == 0
+    finally:
+        e.stop(drain=False)

@@ -93,3 +93,19 @@ def test_models(client):
     assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")
+
+
+def test_error_mid_stream_raises(client, server, monkeypatch):
+    real = server.engine._dec.step_rows
+    fail = {"left": 1}
+
+    def flaky(ids, positions):
+        if fail["left"]:
+            fail["left"] -= 1
+            raise RuntimeError("device lost")
+        return real(ids, positions)
+
+    monkeypatch.setattr(server.engine._dec, "step_rows", flaky)
+    stream = client.completions.create(model=MODEL_NAME, prompt="a", max_tokens=5, stream=True)
+    with pytest.raises(openai.APIError, match="device lost"):
+        list(stream)

@@ -47,6 +47,9 @@ def add_subcommand(subparsers) -> None:
                    help="requests that may wait for room in the batch; more get 429 (default 64)")
     s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, metavar="N",
                    help="largest request body accepted (default 1 MiB; larger get 413)")
+    s.add_argument("--max-request-tokens", type=positive_int, default=None, metavar="N",
+                   help="most tokens one request may ask for, prompts x n x max_tokens "
+                        "(default: max-batch x the model's context)")
     s.add_argument("--rank-prompts", default=None, metavar="FILE",
                    help="prompts for the ranking page /rank")
     s.add_argument("--rankings", default=None, metavar="OUT.jsonl",
@@ -103,7 +106,8 @@ def run(args, out=None) -> int:
         app = create_app(model, tok, model_name=name, max_batch=args.max_batch,
                          max_queue=args.max_queue, rank_prompts=args.rank_prompts,
                          rankings_path=args.rankings, rank_k=args.rank_k,
-                         max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
+                         max_body_bytes=args.max_body_bytes,
+                         max_request_tokens=args.max_request_tokens, shutdown_timeout=args.shutdown_timeout)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
                                                timeout_graceful_shutdown=args.shutdown_timeout))
         host, port = sock.getsockname()[:2]  # the port chosen when --port was 0

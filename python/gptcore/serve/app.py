@@ -236,7 +236,8 @@ class _API:
         events: asyncio.Queue = asyncio.Queue()
 
         def post(k, ev):  # on the engine thread: hand the event to this request's loop
-            loop.call_soon_threadsafe(events.put_nowait, (k, ev))
+            if p.stream or isinstance(ev, Done):  # a whole response only waits for the end
+                loop.call_soon_threadsafe(events.put_nowait, (k, ev))
 
         reqs = []
         try:
