@@ -204,6 +204,16 @@ def test_huge_body_is_refused(server):
     big = json.dumps(_body(prompt="x" * (10 << 20))).encode()  # a 10 MB prompt
     status, r = post(server, "/v1/completions", big)
     assert status == 413 and "limit" in r["error"]["message"]
+    # a body sent in chunks (no Content-Length) over the limit
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=iter([b"x" * (1 << 16)] * 40), encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
+    conn.close()
+    # a declared length far too large is refused before anything is read
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")
     assert post(server, "/v1/completions", _body(prompt="still here", max_tokens=2))[0] == 200
 
 

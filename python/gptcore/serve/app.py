@@ -138,26 +138,23 @@ def _overloaded(e: Exception) -> APIError:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, or a 413 when it is larger than ``limit`` bytes."""
-    declared = request.headers.get("content-length")
+    """The request body, or a 413 when it is larger than ``limit`` bytes. A body too large is
+    still read (and dropped) up to _DRAIN_CAP, so the client gets the 413 rather than a reset
+    connection while it is still sending."""
     too_big = APIError(413, f"request body: larger than this server's limit of {limit} bytes",
                        code="request_too_large")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        if int(declared) <= _DRAIN_CAP:
-            async for _ in request.stream():
-                pass
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > _DRAIN_CAP:
         raise too_big
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            if size <= _DRAIN_CAP:
-                async for more in request.stream():
-                    size += len(more)
-                    if size > _DRAIN_CAP:
-                        break
-            raise too_big
-        chunks.append(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > _DRAIN_CAP:
+            break
+    if size > limit:
+        raise too_big
     return b"".join(chunks)
 
 
