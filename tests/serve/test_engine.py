@@ -113,13 +113,26 @@ def test_prompt_logprobs_match_full_forward(engine, model, tokenizer):
 
 def test_queue_is_bounded(model, tokenizer):
     e = Engine(model, tokenizer, max_batch=2, max_queue=3)  # not started: nothing leaves the queue
-    reqs = [e.submit([1, 2], max_tokens=4) for _ in range(3)]
-    with pytest.raises(QueueFull, match="max_queue 3"):
+    # the first two fill the free slots at the next step; three more may wait for slots
+    reqs = [e.submit([1, 2], max_tokens=4) for _ in range(5)]
+    with pytest.raises(QueueFull, match=r"3 requests are waiting .*\(max_queue 3\)"):
         e.submit([1, 2], max_tokens=4)
+    assert e.stats()["waiting_requests"] == 5
     e.stop()  # never started: the waiting requests end with an error instead of hanging
     assert all(r.done and "shutting down" in r.error for r in reqs)
     with pytest.raises(EngineStopped):
         e.submit([1, 2], max_tokens=4)
+
+
+def test_without_a_queue_requests_get_slots_or_are_refused(model, tokenizer):
+    e = Engine(model, tokenizer, max_batch=3, max_queue=0)
+    e.submit([1], n=2)
+    with pytest.raises(QueueFull):
+        e.submit([1], n=2)  # one slot left
+    e.submit([1], n=1)
+    with pytest.raises(QueueFull):
+        e.submit([1])
+    e.stop()
 
 
 def test_cancel_frees_the_slots(model, tokenizer):

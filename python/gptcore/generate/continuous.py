@@ -166,7 +166,8 @@ class Engine:
     """The continuous-batching decode loop over ``model`` on one thread (see the module doc).
 
     max_batch: decoder rows (slots) shared by the running requests. max_queue: requests that may
-    wait for slots; :meth:`submit` raises :class:`QueueFull` beyond that. ``max_len`` (default the
+    wait for slots (0: none, a request either gets slots at the next step or is refused);
+    :meth:`submit` raises :class:`QueueFull` beyond that. ``max_len`` (default the
     model's block_size) bounds prompt + max_tokens.
     """
 
@@ -278,12 +279,25 @@ class Engine:
         with self._cond:
             if not self._accepting or self._stopping:
                 raise EngineStopped("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting "
-                                f"(max_queue {self.max_queue}); retry later")
+            queued = self._queued_behind(req.n)
+            if queued is not None and queued >= self.max_queue:
+                raise QueueFull(f"the server is busy: {queued} requests are waiting for room in "
+                                f"the batch (max_queue {self.max_queue}); retry later")
             self._waiting.append(req)
             self._cond.notify_all()
         return req
+
+    def _queued_behind(self, n: int) -> Optional[int]:
+        """None if a new request of ``n`` choices gets slots at the next step (after the waiting
+        requests, first come first served), else how many waiting requests will still be
+        waiting for slots then (holding the lock)."""
+        free, behind = len(self._free), 0
+        for r in self._waiting:
+            if behind == 0 and not r.cancelled and r.n <= free:
+                free -= r.n
+            elif not r.cancelled:
+                behind += 1
+        return None if behind == 0 and n <= free else behind
 
     # ---- the loop ----
 
