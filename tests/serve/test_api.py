@@ -23,6 +23,9 @@ from gptcore.serve import create_app
 from tests.serve.conftest import MODEL_NAME, LiveServer, get, post, stream_events, tiny_model
 
 
+NO_EOT = {"256": -100}  # long requests run their full length (no early end-of-text)
+
+
 def _body(**kw):
     return {"model": MODEL_NAME, **kw}
 
@@ -244,7 +247,8 @@ def test_disconnected_client_frees_its_slot(long_server):
     before = long_server.engine.stats()["tokens_generated"]
     conn = http.client.HTTPConnection("127.0.0.1", long_server.port, timeout=30)
     conn.request("POST", "/v1/completions",
-                 body=json.dumps(_body(prompt="go", max_tokens=1000, stream=True)).encode())
+                 body=json.dumps(_body(prompt="go", max_tokens=1000, stream=True,
+                                       logit_bias=NO_EOT)).encode())
     r = conn.getresponse()
     assert r.status == 200
     assert r.readline().startswith(b"data: ")  # the stream has begun
@@ -259,7 +263,8 @@ def test_disconnected_client_frees_its_slot(long_server):
 def test_disconnected_client_frees_its_slot_without_streaming(long_server):
     before = long_server.engine.stats()["tokens_generated"]
     conn = http.client.HTTPConnection("127.0.0.1", long_server.port, timeout=30)
-    conn.request("POST", "/v1/completions", body=json.dumps(_body(prompt="go", max_tokens=1000)).encode())
+    conn.request("POST", "/v1/completions",
+                 body=json.dumps(_body(prompt="go", max_tokens=1000, logit_bias=NO_EOT)).encode())
     deadline = time.monotonic() + 20
     while long_server.engine.stats()["busy_slots"] == 0 and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -277,7 +282,8 @@ def test_overload_answers_429_and_recovers(long_server):
     def call(body):
         results.append(post(long_server, "/v1/completions", body, timeout=60))
 
-    hog = threading.Thread(target=call, args=(_body(prompt="hog", n=2, max_tokens=900),))
+    hog = threading.Thread(target=call, args=(_body(prompt="hog", n=2, max_tokens=900,
+                                                    logit_bias=NO_EOT),))
     hog.start()
     deadline = time.monotonic() + 20
     while long_server.engine.stats()["busy_slots"] < 2 and time.monotonic() < deadline:

@@ -5,6 +5,7 @@ cancelled requests free their slots; stop() ends everything cleanly."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -102,7 +103,8 @@ def test_prompt_logprobs_match_full_forward(engine, model, tokenizer):
     _wait_all([r])
     assert r.choices[0].text == "" and r.choices[0].finish_reason == "length"
     lg = model.logits(np.asarray(ids)[None, :])[0].astype(np.float64)
-    lsm = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
+    top = lg.max(-1, keepdims=True)
+    lsm = lg - top - np.log(np.exp(lg - top).sum(-1, keepdims=True))
     assert r.prompt_logprobs[0] is None
     for t in range(1, len(ids)):
         e = r.prompt_logprobs[t]
@@ -140,7 +142,7 @@ def test_cancel_frees_the_slots(model, tokenizer):
     e = Engine(m, tokenizer, max_batch=2, max_queue=8).start()
     try:
         started = threading.Event()
-        long = e.submit([5], n=2, max_tokens=1000, temperature=1.0, seed=0,
+        long = e.submit([5], n=2, max_tokens=1000, temperature=1.0, seed=0, logit_bias={256: -100},
                         on_event=lambda ev: started.set())
         waiting = e.submit(tokenizer.encode("next"), max_tokens=5, temperature=0)
         assert started.wait(30)
@@ -158,12 +160,32 @@ def test_cancel_frees_the_slots(model, tokenizer):
 def test_stop_cancels_running_requests(model, tokenizer):
     m = tiny_model(block_size=1024)
     e = Engine(m, tokenizer, max_batch=1, max_queue=8).start()
-    a = e.submit([1], max_tokens=1000)
+    a = e.submit([1], max_tokens=1000, logit_bias={256: -100})
     b = e.submit([2], max_tokens=1000)
     e.stop(drain=False)
     assert a.done and b.done
     assert a.error is not None and b.error is not None  # cancelled, never a hang
     assert not e.running
+
+
+def test_stop_drains_then_cancels_at_the_timeout(model, tokenizer, monkeypatch):
+    m = tiny_model(block_size=1024)
+    e = Engine(m, tokenizer, max_batch=2, max_queue=8).start()
+    real = e._dec.step_rows
+
+    def slow(ids, positions):  # 1000 tokens take >= 5 s
+        time.sleep(0.005)
+        return real(ids, positions)
+
+    monkeypatch.setattr(e._dec, "step_rows", slow)
+    short = e.submit(tokenizer.encode("short"), max_tokens=5, temperature=0)
+    long = e.submit([1], max_tokens=1000, logit_bias={256: -100})  # no early end-of-text
+    t0 = time.monotonic()
+    e.stop(drain=True, timeout=0.3)
+    assert time.monotonic() - t0 < 10
+    assert short.done and short.error is None  # finished within the grace period
+    assert short.choices[0].text == complete(m, tokenizer, "short", max_new_tokens=5, temperature=0)
+    assert long.done and "shutting down" in long.error and long.completion_tokens < 1000
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -262,7 +262,8 @@ class Engine:
         Raises ValueError/TypeError for bad arguments, :class:`QueueFull` when max_queue requests
         already wait, :class:`EngineStopped` when shutting down."""
         ids = np.asarray(prompt)
-        if ids.ndim != 1 or ids.size == 0 or ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        if (ids.ndim != 1 or ids.size == 0 or ids.dtype == np.bool_
+                or not np.issubdtype(ids.dtype, np.integer)):
             raise ValueError("prompt: expected a non-empty list of token ids")
         ids = ids.astype(np.int64)
         if int(ids.min()) < 0 or int(ids.max()) >= self.V:
