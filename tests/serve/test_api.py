@@ -328,7 +328,7 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path, tokenizer):
         # a streaming request in flight when SIGTERM arrives is finished, then the server exits 0
         conn.request("POST", "/v1/completions",
                      body=json.dumps({"model": "my-model", "prompt": "x", "max_tokens": 300,
-                                      "stream": True}).encode())
+                                      "logit_bias": NO_EOT, "stream": True}).encode())
         r = conn.getresponse()
         assert r.readline().startswith(b"data: ")
         proc.send_signal(signal.SIGTERM)
