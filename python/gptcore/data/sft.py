@@ -208,11 +208,15 @@ class SFTEncoder:
         self.pad_id = self.eot if self.eot is not None else 0
 
     def prompt_ids(self, text: str) -> List[int]:
+        """The ids of ``text`` as ordinary text (a prompt, or one part of an example)."""
         if not isinstance(text, str):
             raise TypeError(f"prompt: expected str, got {type(text).__name__}")
         return [int(i) for i in self._encode(text)]
 
     def encode(self, ex: SFTExample) -> EncodedExample:
+        """Ids and loss mask of one example: each segment encoded on its own, the end-of-text
+        appended (trained when the last segment is), cut to ``n_ctx + 1`` tokens. A trained part
+        that starts beyond the context raises ValueError naming ``ex.where``."""
         ids: List[int] = []
         trained: List[bool] = []
         for text, tr in ex.segments:
@@ -245,8 +249,8 @@ class SFTEncoder:
         if not isinstance(completion, str):
             raise TypeError(f"{where}: completion: expected str, got {type(completion).__name__}")
         if len(p) >= self.n_ctx:
-            raise ValueError(f"{where}: the prompt is {len(p)} tokens, longer than the model's "
-                             f"context of {self.n_ctx} leaves room for (an answer needs >= 1)")
+            raise ValueError(f"{where}: the prompt is {len(p)} tokens; the model's context of "
+                             f"{self.n_ctx} leaves no room for an answer")
         ids = p + self.prompt_ids(completion) + ([self.eot] if self.eot is not None else [])
         if not ids:
             raise ValueError(f"{where}: empty prompt and completion (and no end-of-text token)")
