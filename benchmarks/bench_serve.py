@@ -14,7 +14,7 @@ end-of-text banned so all requests generate the same number of tokens).
 Throughput is completion tokens / wall time from the first request sent to the last answer;
 the ratio is concurrent / one at a time (issue 17's target: >= 4x at 16 clients on the CPU).
 
-    python benchmarks/bench_serve.py [--clients 16] [--max-tokens 64] [--rounds 1]
+    python benchmarks/bench_serve.py [--clients 16] [--max-tokens 64] [--rounds 1] [--stream]
                                      [--device cpu] [--tokenizer gpt2|byte] [--preset gpt2]
 """
 
@@ -62,27 +62,35 @@ class _Server:
 
 
 def _request(port: int, body: dict) -> dict:
+    """The response of one request; a streamed one (server-sent events, read as they come)
+    is returned as its last chunk, which carries the usage."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
     try:
         conn.request("POST", "/v1/completions", body=json.dumps(body).encode(),
                      headers={"Content-Type": "application/json"})
         r = conn.getresponse()
-        out = json.loads(r.read())
         if r.status != 200:
-            raise RuntimeError(f"HTTP {r.status}: {out}")
-        return out
+            raise RuntimeError(f"HTTP {r.status}: {r.read()[:500]!r}")
+        if not body.get("stream"):
+            return json.loads(r.read())
+        last = None
+        for line in r:
+            if line.startswith(b"data: {"):
+                last = json.loads(line[6:])
+        return last
     finally:
         conn.close()
 
 
-def _bodies(tok, n: int, max_tokens: int, prompt_words: int):
+def _bodies(tok, n: int, max_tokens: int, prompt_words: int, stream: bool):
     rng = np.random.default_rng(0)
     words = ["the", "model", "serves", "many", "clients", "at", "once", "and", "every", "one",
              "gets", "its", "answer", "in", "time", "while", "a", "batch", "runs"]
     eot = getattr(tok, "eot_token", None)
     bias = {str(eot): -100} if eot is not None else None
     return [{"model": MODEL, "prompt": " ".join(rng.choice(words, prompt_words)),
-             "max_tokens": max_tokens, "temperature": 0.8, "seed": i, "logit_bias": bias}
+             "max_tokens": max_tokens, "temperature": 0.8, "seed": i, "logit_bias": bias,
+             **({"stream": True, "stream_options": {"include_usage": True}} if stream else {})}
             for i in range(n)]
 
 
@@ -121,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default="gpt2")
     p.add_argument("--tokenizer", default="gpt2", choices=["gpt2", "byte"])
+    p.add_argument("--stream", action="store_true", help="streamed responses (server-sent events)")
     args = p.parse_args(argv)
 
     from gptcore.tokenizer import Tokenizer
@@ -130,10 +139,11 @@ def main(argv=None) -> int:
         else GPTConfig.preset(args.preset)
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     model = GPT(cfg, device=args.device, dtype=dtype, seed=0).eval()
-    bodies = _bodies(tok, args.clients * args.rounds, args.max_tokens, args.prompt_words)
+    bodies = _bodies(tok, args.clients * args.rounds, args.max_tokens, args.prompt_words,
+                     args.stream)
     print(f"bench_serve: {args.preset} ({model.num_parameters() / 1e6:.0f}M params, {args.tokenizer} "
           f"tokenizer) on {args.device}, {os.cpu_count()} CPUs, {len(bodies)} requests x "
-          f"{args.max_tokens} tokens", flush=True)
+          f"{args.max_tokens} tokens{', streamed' if args.stream else ''}", flush=True)
     seq_tokens, seq_s = _run(model, tok, bodies, batch=1, concurrent=False)
     seq = seq_tokens / seq_s
     print(f"  one at a time (batch 1):    {seq_tokens} tokens in {seq_s:7.2f} s = {seq:8.1f} tokens/s",

@@ -90,9 +90,10 @@ def run(args, out=None) -> int:
     out = out or sys.stdout
     try:
         import uvicorn
+
+        from ..serve import create_app
     except ImportError:
         raise RuntimeError("gptcore serve needs the serve extra: pip install 'gptcore[serve]'") from None
-    from ..serve import create_app
     from .sample import load_for_sampling
 
     if args.shutdown_timeout < 0:

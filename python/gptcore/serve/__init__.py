@@ -8,6 +8,11 @@ ranking pages.
 Needs the ``serve`` extra (starlette, uvicorn).
 """
 
+try:
+    import starlette  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the installation
+    raise ImportError("gptcore.serve needs the serve extra: pip install 'gptcore[serve]'") from e
+
 from .app import create_app
 
 __all__ = ["create_app"]
