@@ -114,6 +114,18 @@ def test_zero_advantage_step_leaves_the_policy_unchanged(policy_dir):
         assert np.array_equal(v, after[k]), k
 
 
+def test_ptx_alone_moves_the_policy(policy_dir, corpus):
+    """With zero advantages the only gradient is PPO-ptx's LM loss on the pre-training shards
+    (a `gptcore prepare` directory): the policy moves, and the LM loss is logged."""
+    before = GPT.from_pretrained(policy_dir).state_dict()
+    r = ppo(policy=policy_dir, prompts=["a", "b"], reward_fn=lambda p, c: np.zeros(len(p)),
+            out=None, steps=1, batch_size=2, minibatch_size=2, ppo_epochs=1, max_new_tokens=4,
+            ptx_coef=0.5, ptx_data=corpus, ptx_seq_len=16, lr=1e-3, progress=False)
+    assert np.isfinite(r["history"][0]["ptx_loss"])
+    after = r["model"].state_dict()
+    assert not np.array_equal(before["wte"], after["wte"])
+
+
 def _digits(prompts, completions):
     return np.array([sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions])
 
