@@ -138,7 +138,9 @@ def test_row_api_rejects_bad_input_clearly(rng):
         dec.prefill_row(0, [1.5, 2.0])
     good_ids, good_pos = np.zeros(3, np.int64), np.array([0, 3, 7])
     with pytest.raises(ValueError, match=r"ids: expected shape \(3,\)"):
-        dec.step_rows(np.zeros(2, np.int64), good_pos)
+        dec.step_rows(np.zeros(4, np.int64), good_pos)
+    with pytest.raises(ValueError, match=r"positions: expected shape \(2,\)"):
+        dec.step_rows(np.zeros(2, np.int64), good_pos)  # k = 2 leading rows need 2 positions
     with pytest.raises(ValueError, match=r"positions: expected shape \(3,\)"):
         dec.step_rows(good_ids, good_pos[None, :])
     with pytest.raises(ValueError, match=r"positions: position 8 is outside \[0, 8\)"):
@@ -183,3 +185,29 @@ def test_one_batched_step_equals_batch1_decoders_per_row(rng, kind):
             want = singles[b].forward([[ids[b]]])[0]
             assert rel_err(got[b], want) < 1e-5, (kind, step, b, pos.tolist(), rng)
         pos += 1
+
+
+def test_stepping_only_the_leading_rows_leaves_the_others_alone(rng):
+    """step_rows with k < batch_size ids steps rows 0..k-1 (what a server with k busy rows
+    pays for) exactly as the full step does, and neither reads nor writes rows k.."""
+    model = make_model(rng)
+    S, L, k = 6, 16, 2
+    dec, ref = Decoder(model, S, L), Decoder(model, S, L)
+    V = model.config.vocab_size
+    pos = np.zeros(S, np.int64)
+    for b in range(S):
+        prompt = rng.integers(0, V, 3 + b)
+        dec.prefill_row(b, prompt)
+        ref.prefill_row(b, prompt)
+        pos[b] = 3 + b
+    rest = [np.array(c.numpy()[k:]) for c in dec.cache.k + dec.cache.v]
+    for step in range(4):
+        ids = rng.integers(0, V, S)
+        got = dec.step_rows(ids[:k], pos[:k])
+        want = ref.step_rows(ids, pos)
+        assert got.shape == (k, V)
+        for b in range(k):
+            assert rel_err(got[b], want[b]) < 1e-5, (step, b, rng)
+        pos += 1
+    for c, before in zip(dec.cache.k + dec.cache.v, rest):
+        np.testing.assert_array_equal(c.numpy()[k:], before)

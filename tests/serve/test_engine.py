@@ -237,3 +237,24 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(model, tokeniz
         assert e.stats()["busy_slots"] == 0
     finally:
         e.stop(drain=False)
+
+
+def test_a_lone_request_steps_one_row_not_the_whole_batch(model, tokenizer):
+    """Slots are taken lowest first and a step covers rows 0 .. the highest busy one, so a lone
+    request on a 4-row engine pays for one row (and its answer is still complete()'s)."""
+    e = Engine(model, tokenizer, max_batch=4, max_queue=4).start()
+    widths = []
+    real = e._dec.step_rows
+
+    def spy(ids, positions):
+        widths.append(len(ids))
+        return real(ids, positions)
+
+    e._dec.step_rows = spy
+    try:
+        r = e.submit(tokenizer.encode("Hello"), max_tokens=6, temperature=0)
+        _wait_all([r])
+    finally:
+        e.stop(drain=False)
+    assert widths and set(widths) == {1}
+    assert r.choices[0].text == complete(model, tokenizer, "Hello", max_new_tokens=6, temperature=0)

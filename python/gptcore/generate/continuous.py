@@ -396,7 +396,9 @@ class Engine:
             self._retire(req, "cancelled")
         if not running:
             return
-        S = self.max_batch
+        # rows 0 .. S-1 step (slots are taken lowest first, so S is usually the busy count)
+        S = 1 + max((req.slots[i] for req in running for i, r in enumerate(req.rows) if not r.done),
+                    default=0)
         ids = np.zeros(S, np.int64)
         pos = np.zeros(S, np.int64)  # idle rows: token 0 at position 0, output ignored
         for req in running:

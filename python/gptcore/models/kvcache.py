@@ -75,6 +75,7 @@ class Decoder:
         self._rows: List[_RowCache] = []  # batch-1 views of each row's cache, made once
         self._row_step = None     # a one-row, one-position step's buffers
         self._row_prefill = None  # a one-row prefill's, kept until a prefill of another length
+        self._leading = {}  # k -> (view of rows 0..k-1, step buffers of k rows) for step_rows
 
     @property
     def pos(self) -> int:
@@ -172,17 +173,22 @@ class Decoder:
 
     def step_rows(self, ids, positions) -> np.ndarray:
         """One decoding step with every row at its own position: feeds ``ids[b]`` at position
-        ``positions[b]`` of row b (both int arrays of shape (batch_size,)); row b attends to its
+        ``positions[b]`` of row b (both int arrays of the same shape (k,), 1 <= k <= batch_size:
+        rows 0 .. k-1 step, the others are neither computed nor touched); row b attends to its
         own cache positions ``0 .. positions[b]`` (window-limited on banded layers). Returns the
-        float32 logits (batch_size, vocab_size). A row the caller does not use still gets a
-        valid token and a position in [0, max_len): its logits are garbage and its cache row may
-        be overwritten at that position. Leaves :attr:`pos` alone.
+        float32 logits (k, vocab_size). A row the caller does not use still gets a valid token
+        and a position in [0, max_len): its logits are garbage and its cache row may be
+        overwritten at that position. Leaves :attr:`pos` alone. (A server that seats requests in
+        the lowest free rows passes k = its highest busy row + 1, so a lone request pays for one
+        row, not batch_size.)
 
-        One batched pass through the trunk (the step buffers of :meth:`forward`): the embedding
-        and attention kernels take the positions as a (batch_size,) int32 device tensor."""
+        One batched pass through the trunk: the embedding and attention kernels take the
+        positions as a (k,) int32 device tensor."""
         S = self.batch_size
-        ids = self._check_ints(ids, "ids", (S,))
-        pos = self._check_ints(positions, "positions", (S,))
+        ids = np.asarray(ids.numpy() if isinstance(ids, Tensor) else ids)
+        k = len(ids) if ids.ndim == 1 and 1 <= len(ids) <= S else S  # else the check below fails
+        ids = self._check_ints(ids, "ids", (k,))
+        pos = self._check_ints(positions, "positions", (k,))
         if int(pos.min()) < 0 or int(pos.max()) >= self.max_len:
             bad = int(pos.min()) if int(pos.min()) < 0 else int(pos.max())
             raise ValueError(f"positions: position {bad} is outside [0, {self.max_len}) "
@@ -191,7 +197,16 @@ class Decoder:
         # one batched pass: the kernels read row b's position from element b of a (S,) int32
         # tensor on the device
         pos_t = self.model._to_device_ids(pos)
-        return self._host_logits(self._feed(idx, self._buffers(1), self.cache, pos_t, self.logits))
+        if k == S:
+            return self._host_logits(self._feed(idx, self._buffers(1), self.cache, pos_t,
+                                                self.logits))
+        if k not in self._leading:
+            from .gpt import _Workspace
+
+            self._leading[k] = (_RowCache(self.cache, 0, k),
+                                _Workspace(self.model, k, 1, shared=True))
+        view, ws = self._leading[k]
+        return self._host_logits(self._feed(idx, ws, view, pos_t, self.logits.narrow(0, k)))
 
     def forward(self, tokens) -> np.ndarray:
         """Feed (B, Tn) tokens; returns the last position's logits, float32 (B, vocab_size)."""
@@ -230,10 +245,10 @@ class Decoder:
 
 
 class _RowCache:
-    """Row ``b`` of a :class:`KVCache` as a batch-1 cache: per layer, a (1, n_head, max_len,
-    head_dim) view of the keys and values (contiguous, sharing the cache's memory), which is
-    what the trunk reads and writes."""
+    """Rows ``b .. b+n-1`` of a :class:`KVCache` as a cache of n rows: per layer, a (n, n_head,
+    max_len, head_dim) view of the keys and values (contiguous, sharing the cache's memory),
+    which is what the trunk reads and writes."""
 
-    def __init__(self, cache: KVCache, b: int):
-        self.k = [t.narrow(b, 1) for t in cache.k]
-        self.v = [t.narrow(b, 1) for t in cache.v]
+    def __init__(self, cache: KVCache, b: int, n: int = 1):
+        self.k = [t.narrow(b, n) for t in cache.k]
+        self.v = [t.narrow(b, n) for t in cache.v]
