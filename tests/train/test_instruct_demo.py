@@ -103,7 +103,8 @@ def test_answers_end_at_their_newline_and_their_logprobs_are_the_models():
 
 def test_evaluation_kl_is_zero_against_itself_and_positive_against_another_model():
     model, tok = _byte_model(0), get_tokenizer("byte")
-    items = [{"prompt": "x = g(", "completion": "1)\n"}, {"prompt": "y = h(a, ", "completion": "b)\n"}]
+    items = [{"prompt": "x = g(", "completion": "1)\n"},
+             {"prompt": "y = h(a, ", "completion": "b)\n"}]
     same = evaluate_model(model, model, tok, items, samples=3, max_new=8, seed=0)
     assert same["kl"] == (0.0, 0.0)
     assert 0.0 <= same["rate"][0] <= 1.0 and len(same["examples"]) == 6
@@ -112,12 +113,15 @@ def test_evaluation_kl_is_zero_against_itself_and_positive_against_another_model
 
 
 def test_demo_config_refuses_bad_settings():
-    with pytest.raises(ValueError, match="k: a ranking needs at least 2"):
+    with pytest.raises(ValueError, match="k: expected an int >= 2"):
         DemoConfig(k=1)
     with pytest.raises(ValueError, match="unknown settings"):
         DemoConfig(steps=3)
-    with pytest.raises(ValueError, match="kl_coef"):
-        DemoConfig(kl_coef=-1.0)
+    for bad in (-1.0, 0, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(ValueError, match="kl_coef: expected a finite number > 0"):
+            DemoConfig(kl_coef=bad)
+    with pytest.raises(ValueError, match="rm_holdout"):
+        DemoConfig(rm_holdout=1.0)
     with pytest.raises(ValueError, match="n_eval"):
         DemoConfig(n_eval=0)
 

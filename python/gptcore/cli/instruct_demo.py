@@ -9,8 +9,9 @@ from ._args import checkpoint_path, positive_int
 
 _EPILOG = """\
 examples:
-  gptcore instruct-demo                      the whole demo (pre-training cached in ~/.cache/gptcore)
-  gptcore instruct-demo --quick --out /tmp/d  a tiny version of every stage (well under a minute)
+  gptcore instruct-demo                        the whole demo (pre-training cached)
+  gptcore instruct-demo --quick --out /tmp/d   every stage, tiny (under a minute)
+  gptcore instruct-demo --seeds 3 --overwrite  PPO and DPO three times each (mean +- std)
 
 The output directory gets results.md (the table), results.json, ppo_curve.png (with matplotlib),
 the data each stage read (sft.jsonl, rankings.jsonl, ...) and each stage's run directory.
