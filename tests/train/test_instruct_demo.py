@@ -6,6 +6,7 @@ tiny run's numbers are not asserted to improve -- benchmarks/RESULTS.md has the 
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from gptcore.train.instruct_demo import (
     evaluate_model,
     line_prompts,
     passes,
+    plot_ppo,
     rank,
     sample_answers,
 )
@@ -112,6 +114,18 @@ def test_evaluation_kl_is_zero_against_itself_and_positive_against_another_model
     assert other["kl"][0] > 0  # (an estimate of a KL between two different random models)
 
 
+def test_the_ppo_plot_needs_matplotlib_and_draws_every_seed(tmp_path, monkeypatch):
+    hist = [[{"step": i, "reward": 0.1 * i, "kl": 0.05 * i, "true_rate": 0.5} for i in range(1, 9)]
+            for _ in range(2)]
+    pytest.importorskip("matplotlib")
+    plot_ppo(hist, str(tmp_path / "p.png"), 0.1)
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(ImportError):
+        plot_ppo(hist, str(tmp_path / "q.png"), 0.1)
+    assert not (tmp_path / "q.png").exists()
+
+
 def test_demo_config_refuses_bad_settings():
     with pytest.raises(ValueError, match="k: expected an int >= 2"):
         DemoConfig(k=1)
@@ -138,14 +152,15 @@ def base(corpus, tmp_path_factory):
 
 def test_quick_demo_runs_every_stage_and_writes_well_formed_results(base, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["instruct-demo", "--quick", "--base", base, "--out", str(out),
+    assert main(["instruct-demo", "--quick", "--seeds", "2", "--base", base, "--out", str(out),
                  "--no-progress"]) == 0
     md = (out / "results.md").read_text()
     for model in ("pre-trained", "SFT", "PPO", "DPO"):
         assert f"| {model} |" in md
+    assert "mean +- std over 2 runs" in md
     res = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r["runs"] for r in res["rows"]}
-    assert [len(rows[m]) for m in ("pre-trained", "SFT", "PPO", "DPO")] == [1, 1, 1, 1]
+    assert [len(rows[m]) for m in ("pre-trained", "SFT", "PPO", "DPO")] == [1, 1, 2, 2]
     assert rows["SFT"][0]["kl"] == [0.0, 0.0]  # the SFT model against itself
     for runs in rows.values():
         assert 0.0 <= runs[0]["rate"][0] <= 1.0 and np.isfinite(runs[0]["reward"][0])
@@ -159,9 +174,12 @@ def test_quick_demo_runs_every_stage_and_writes_well_formed_results(base, tmp_pa
         assert r["passes"] == sorted(r["passes"], reverse=True)
         assert r["passes"] == [passes(r["prompt"], a) for a in r["ranked"]]
     assert 0.0 <= res["reward_model"]["val_accuracy"] <= 1.0
-    hist = res["ppo_history"][0]
-    assert [h["step"] for h in hist] == list(range(1, QUICK["ppo_steps"] + 1))
-    assert all(0.0 <= h["true_rate"] <= 1.0 and np.isfinite(h["kl"]) for h in hist)
+    assert len(res["ppo_history"]) == 2
+    for hist in res["ppo_history"]:
+        assert [h["step"] for h in hist] == list(range(1, QUICK["ppo_steps"] + 1))
+        assert all(0.0 <= h["true_rate"] <= 1.0 and np.isfinite(h["kl"]) for h in hist)
+    for d in ("sft", "reward", "ppo-0", "ppo-1", "dpo-0", "dpo-1"):
+        assert (out / d / "model" / "config.json").is_file(), d
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -11,7 +11,7 @@ _EPILOG = """\
 examples:
   gptcore instruct-demo                        the whole demo (pre-training cached)
   gptcore instruct-demo --quick --out /tmp/d   every stage, tiny (under a minute)
-  gptcore instruct-demo --seeds 3 --overwrite  PPO and DPO three times each (mean +- std)
+  gptcore instruct-demo --seeds 1 --overwrite  PPO and DPO once each (+- over prompts)
 
 The output directory gets results.md (the table), results.json, ppo_curve.png (with matplotlib),
 the data each stage read (sft.jsonl, rankings.jsonl, ...) and each stage's run directory.
@@ -37,8 +37,9 @@ def add_subcommand(sub) -> None:
     f.add_argument("--base", type=checkpoint_path, default=None, metavar="CHECKPOINT",
                    help="start from this byte-level model instead of the demo's pre-trained one "
                         "(cached in ~/.cache/gptcore after its first run)")
-    f.add_argument("--seeds", type=positive_int, default=1,
-                   help="PPO and DPO runs per method with different seeds (default 1)")
+    f.add_argument("--seeds", type=positive_int, default=3,
+                   help="PPO and DPO runs with different seeds, for the table's mean +- std "
+                        "(default 3)")
     f.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
     f.add_argument("--no-progress", action="store_true", help="no progress bars or messages")
 

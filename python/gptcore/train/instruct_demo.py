@@ -371,7 +371,7 @@ PPO_RECIPE = dict(lr=1e-4, value_lr=1e-3, minibatch_size=16, ppo_epochs=4)
 DPO_RECIPE = dict(lr=1e-4, batch_size=16)
 
 
-def run_demo(out: str = "gptcore-instruct-demo", quick: bool = False, seeds: int = 1,
+def run_demo(out: str = "gptcore-instruct-demo", quick: bool = False, seeds: int = 3,
              threads: Optional[int] = None, overwrite: bool = False, progress: bool = True,
              base: Optional[str] = None, **settings: Any) -> Dict[str, Any]:
     """Run the whole demo into ``out`` (see the module doc) and return its results: "rows"
@@ -587,7 +587,7 @@ def plot_ppo(histories: Sequence[Sequence[Dict[str, Any]]], path: str, kl_coef: 
     import matplotlib.pyplot as plt
 
     panels = (("reward", "reward-model score"), ("kl", "KL(policy || SFT), nats"),
-              ("true_rate", "line parses (rate)"))
+              ("true_rate", "line parses (rollouts)"))
     fig, axes = plt.subplots(len(panels), 1, figsize=(5.5, 6.5), sharex=True)
     try:
         for ax, (key, label) in zip(axes, panels):
