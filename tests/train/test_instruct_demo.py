@@ -110,6 +110,7 @@ def test_evaluation_kl_is_zero_against_itself_and_positive_against_another_model
     same = evaluate_model(model, model, tok, items, samples=3, max_new=8, seed=0)
     assert same["kl"] == (0.0, 0.0)
     assert 0.0 <= same["rate"][0] <= 1.0 and len(same["examples"]) == 6
+    assert 0.0 <= same["closeness"][0] <= 1.0
     other = evaluate_model(model, _byte_model(5), tok, items, samples=16, max_new=8, seed=0)
     assert other["kl"][0] > 0  # (an estimate of a KL between two different random models)
 
@@ -157,29 +158,31 @@ def test_quick_demo_runs_every_stage_and_writes_well_formed_results(base, tmp_pa
     md = (out / "results.md").read_text()
     for model in ("pre-trained", "SFT", "PPO", "DPO"):
         assert f"| {model} |" in md
-    assert "mean +- std over 2 runs" in md
+    assert "mean +- std over 2 seeds" in md
     res = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r["runs"] for r in res["rows"]}
-    assert [len(rows[m]) for m in ("pre-trained", "SFT", "PPO", "DPO")] == [1, 1, 2, 2]
-    assert rows["SFT"][0]["kl"] == [0.0, 0.0]  # the SFT model against itself
+    assert [len(rows[m]) for m in ("pre-trained", "SFT", "PPO", "DPO")] == [2, 2, 2, 2]
+    assert all(r["kl"] == [0.0, 0.0] for r in rows["SFT"])  # each SFT model against itself
     for runs in rows.values():
         assert 0.0 <= runs[0]["rate"][0] <= 1.0 and np.isfinite(runs[0]["reward"][0])
     # the stages' inputs in their formats: demonstrations pass; rankings put passing answers first
     demos = read_sft(str(out / "sft.jsonl"))
     assert len(demos) == QUICK["n_sft"] and all(passes(d.prompt, d.completion) for d in demos)
-    ranked = read_rankings(str(out / "rankings.jsonl"))
-    records = [json.loads(line) for line in (out / "rankings.jsonl").read_text().splitlines()]
-    assert len(ranked) == len(records) >= 1
-    for r in records:
-        assert r["passes"] == sorted(r["passes"], reverse=True)
-        assert r["passes"] == [passes(r["prompt"], a) for a in r["ranked"]]
-    assert 0.0 <= res["reward_model"]["val_accuracy"] <= 1.0
-    assert len(res["ppo_history"]) == 2
-    for hist in res["ppo_history"]:
+    assert len(res["seeds"]) == 2
+    for i, seed in enumerate(res["seeds"]):
+        run = out / f"seed-{i}"
+        ranked = read_rankings(str(run / "rankings.jsonl"))
+        records = [json.loads(line) for line in (run / "rankings.jsonl").read_text().splitlines()]
+        assert len(ranked) == len(records) >= 1
+        for r in records:
+            assert r["passes"] == sorted(r["passes"], reverse=True)
+            assert r["passes"] == [passes(r["prompt"], a) for a in r["ranked"]]
+        assert 0.0 <= seed["reward_model"]["val_accuracy"] <= 1.0
+        hist = seed["ppo_history"]
         assert [h["step"] for h in hist] == list(range(1, QUICK["ppo_steps"] + 1))
         assert all(0.0 <= h["true_rate"] <= 1.0 and np.isfinite(h["kl"]) for h in hist)
-    for d in ("sft", "reward", "ppo-0", "ppo-1", "dpo-0", "dpo-1"):
-        assert (out / d / "model" / "config.json").is_file(), d
+        for d in ("sft", "reward", "ppo", "dpo"):
+            assert (run / d / "model" / "config.json").is_file(), d
     try:
         import matplotlib  # noqa: F401
     except ImportError:

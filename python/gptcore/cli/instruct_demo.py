@@ -11,10 +11,10 @@ _EPILOG = """\
 examples:
   gptcore instruct-demo                        the whole demo (pre-training cached)
   gptcore instruct-demo --quick --out /tmp/d   every stage, tiny (under a minute)
-  gptcore instruct-demo --seeds 1 --overwrite  PPO and DPO once each (+- over prompts)
+  gptcore instruct-demo --seeds 1 --overwrite  one run of each stage (+- over prompts)
 
 The output directory gets results.md (the table), results.json, ppo_curve.png (with matplotlib),
-the data each stage read (sft.jsonl, rankings.jsonl, ...) and each stage's run directory.
+the prompts, and per seed seed-<i>/ with the rankings and every stage's run directory.
 """
 
 
@@ -38,8 +38,8 @@ def add_subcommand(sub) -> None:
                    help="start from this byte-level model instead of the demo's pre-trained one "
                         "(cached in ~/.cache/gptcore after its first run)")
     f.add_argument("--seeds", type=positive_int, default=3,
-                   help="PPO and DPO runs with different seeds, for the table's mean +- std "
-                        "(default 3)")
+                   help="runs of every stage after pre-training, each with its own seed, for "
+                        "the table's mean +- std (default 3)")
     f.add_argument("--threads", type=positive_int, default=None, help="CPU threads")
     f.add_argument("--no-progress", action="store_true", help="no progress bars or messages")
 

@@ -35,10 +35,13 @@ Every stage goes through its public API, as a user would run it:
    KL(model || SFT) estimated as the mean over those answers of log p_model - log p_SFT (nats per
    answer, summed over its tokens as sampled).
 
+Stages 2-7 run once per seed (default 3; the pre-trained model and the prompts are shared), and
+the table gives mean +- std over the seeds.
+
 Output in ``out``: ``results.md`` (the table), ``results.json``, ``ppo_curve.png`` (when
-matplotlib is installed), the data every stage read (``sft.jsonl``, ``rankings.jsonl``,
-``rankings_heldout.jsonl``, ``ppo_prompts.jsonl``, ``eval.jsonl``) and every stage's run
-directory (``sft/``, ``reward/``, ``ppo-<seed>/``, ``dpo-<seed>/``).
+matplotlib is installed), the prompts (``sft.jsonl``, ``ppo_prompts.jsonl``, ``eval.jsonl``),
+and per seed ``seed-<i>/``: ``rankings.jsonl``, ``rankings_heldout.jsonl`` and every stage's run
+directory (``sft/``, ``reward/``, ``ppo/``, ``dpo/``).
 """
 
 from __future__ import annotations
@@ -222,11 +225,11 @@ def passes(prompt: str, completion: str) -> bool:
     return line is not None and _parses(line.strip())
 
 
-def _similarity(prompt: str, completion: str, reference: str) -> float:
-    """How close the finished line is to the file's real one (difflib's ratio, 0..1)."""
-    line = completed_line(prompt, completion)
-    head = completion if line is None else completion.partition(NEWLINE)[0]
-    return difflib.SequenceMatcher(None, head, reference.rstrip(NEWLINE), autojunk=False).ratio()
+def _similarity(answer: str, reference: str) -> float:
+    """How close an answer's first line is to the file's real rest of the line (difflib's
+    ratio: 0 nothing in common .. 1 the same)."""
+    return difflib.SequenceMatcher(None, answer.partition(NEWLINE)[0],
+                                   reference.partition(NEWLINE)[0], autojunk=False).ratio()
 
 
 def rank(prompt: str, answers: Sequence[str], reference: str) -> Tuple[List[str], List[bool]]:
@@ -234,7 +237,7 @@ def rank(prompt: str, answers: Sequence[str], reference: str) -> Tuple[List[str]
     then closer to ``reference`` (the file's real completion) first, then in the order given.
     Returns (ranked answers, whether each passes)."""
     unique = list(dict.fromkeys(answers))
-    keyed = sorted(((not passes(prompt, a), -_similarity(prompt, a, reference), i, a)
+    keyed = sorted(((not passes(prompt, a), -_similarity(a, reference), i, a)
                     for i, a in enumerate(unique)))
     return [a for *_, a in keyed], [not k[0] for k in keyed]
 
@@ -281,9 +284,11 @@ def answer_logprobs(model, tokenizer, prompts: Sequence[str], answer_ids: Sequen
 
 def evaluate_model(model, reference, tokenizer, items: Sequence[Dict[str, str]], samples: int,
                    max_new: int, seed: int, reward=None, progress: str = "") -> Dict[str, Any]:
-    """The property's rate and KL(model || reference) on ``items`` (prompts), ``samples``
-    answers per prompt at temperature 1 (:func:`sample_answers`). KL is estimated as the mean
-    over those answers of log p_model - log p_reference (nats per answer). Each value is
+    """The property's rate and KL(model || reference) on ``items`` (prompts and the files' real
+    completions), ``samples`` answers per prompt at temperature 1 (:func:`sample_answers`). KL
+    is estimated as the mean over those answers of log p_model - log p_reference (nats per
+    answer); "closeness" is the answers' mean difflib ratio to the file's real rest of the line
+    (the labeler's tie-break), "length" their mean length in characters. Each value is
     ``(mean, standard error over prompts)`` (a prompt's samples averaged first). With ``reward``
     (a :class:`~gptcore.train.reward.RewardModel`) the mean reward-model score too.
     ``progress``: the sampling progress bar's label (none if empty)."""
@@ -293,10 +298,13 @@ def evaluate_model(model, reference, tokenizer, items: Sequence[Dict[str, str]],
     texts = [t for row in answers for t, _ in row]
     ids = [i for row in answers for _, i in row]
     ok = np.array([passes(p, t) for p, t in zip(flat_p, texts)], np.float64)
+    refs = [it["completion"] for it in items for _ in range(samples)]
+    close = np.array([_similarity(t, r) for t, r in zip(texts, refs)])
     kl = (answer_logprobs(model, tokenizer, flat_p, ids)
           - answer_logprobs(reference, tokenizer, flat_p, ids))
     res: Dict[str, Any] = {
         "rate": _mean_se(ok, samples), "kl": _mean_se(kl, samples),
+        "closeness": _mean_se(close, samples),
         "length": float(np.mean([len(t) for t in texts])),
         "examples": [{"prompt": p, "answer": t, "passes": bool(o)}
                      for p, t, o in list(zip(flat_p, texts, ok))[:8 * samples]]}
@@ -335,14 +343,13 @@ def _write_jsonl(path: str, records: Sequence[Dict[str, Any]]) -> str:
     return path
 
 
-def _label(model, tokenizer, items: Sequence[Dict[str, str]], cfg: DemoConfig, progress: bool
-           ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+def _label(model, tokenizer, items: Sequence[Dict[str, str]], cfg: DemoConfig, seed: int,
+           progress: bool) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     """The labeler's rankings of ``k`` answers per prompt of ``items`` (see the module doc), as
     ``{"prompt", "ranked", "passes"}`` records (the reward model and DPO ignore "passes"), and a
     summary: prompts labelled and kept, the answers' pass rate, duplicates dropped."""
     answers = sample_answers(model, tokenizer, [it["prompt"] for it in items], cfg["k"],
-                             cfg["max_new"], cfg["seed"] + 1,
-                             progress="answers to rank" if progress else "")
+                             cfg["max_new"], seed, progress="answers to rank" if progress else "")
     rankings, n_pass, n_dup, n_mixed, n_bad = [], 0, 0, 0, 0
     eot = getattr(tokenizer, "eot_token", None)
     for it, row in zip(items, answers):
@@ -374,14 +381,17 @@ DPO_RECIPE = dict(lr=1e-4, batch_size=16)
 def run_demo(out: str = "gptcore-instruct-demo", quick: bool = False, seeds: int = 3,
              threads: Optional[int] = None, overwrite: bool = False, progress: bool = True,
              base: Optional[str] = None, **settings: Any) -> Dict[str, Any]:
-    """Run the whole demo into ``out`` (see the module doc) and return its results: "rows"
-    (one per model: its name and :func:`evaluate_model`'s numbers, per seed for PPO and DPO),
-    "reward_model", "rankings", "ppo_history", "markdown", "elapsed", "stages" (seconds each),
-    "interrupted" (True when Ctrl-C stopped a stage: nothing after it ran).
+    """Run the whole demo into ``out`` (see the module doc) and return its results: "rows" (one
+    per model: its name and "runs", :func:`evaluate_model`'s numbers per seed), "seeds" (each
+    seed's labeler and reward-model summaries and PPO history), "markdown", "plot", "elapsed",
+    "stages" (seconds each, summed over seeds) and "interrupted" (True when Ctrl-C stopped a
+    stage: nothing after it ran).
 
-    ``quick``: :data:`QUICK`'s sizes and a short pre-training (a check that everything runs;
-    its numbers mean nothing). ``seeds``: PPO and DPO runs per method. ``base``: start from this
-    checkpoint instead of the demo's pre-trained model. ``settings``: :class:`DemoConfig` fields.
+    ``seeds``: runs of everything after pre-training (SFT, the labeler's samples, the reward
+    model, PPO, DPO, the evaluation's samples), each with its own seed, into ``out/seed-<i>``;
+    the table gives mean +- std over them. ``quick``: :data:`QUICK`'s sizes and a short
+    pre-training (a check that everything runs; its numbers mean nothing). ``base``: start from
+    this checkpoint instead of the demo's pre-trained model. ``settings``: :class:`DemoConfig`.
     """
     cfg = DemoConfig(**{**(QUICK if quick else {}), **settings})
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -396,18 +406,13 @@ def run_demo(out: str = "gptcore-instruct-demo", quick: bool = False, seeds: int
     say = print if progress else (lambda *a, **k: None)
     stages: Dict[str, float] = {}
     t_start = time.perf_counter()
-    seed = cfg["seed"]
-    common = dict(overwrite=True, progress=progress)
 
     def stage(name: str, t0: float) -> None:
-        stages[name] = time.perf_counter() - t0
-        say(f"[instruct-demo] {name}: {stages[name]:.1f} s", flush=True)
+        dt = time.perf_counter() - t0
+        stages[name] = stages.get(name, 0.0) + dt
+        say(f"[instruct-demo] {name}: {dt:.1f} s", flush=True)
 
-    def result(interrupted: bool, **more) -> Dict[str, Any]:
-        return {"interrupted": interrupted, "stages": stages,
-                "elapsed": time.perf_counter() - t_start, **more}
-
-    # 1. the pre-trained model, and the prompts (train and evaluation from disjoint files)
+    # 1. the pre-trained model, and the prompts (training and evaluation from disjoint files)
     t0 = time.perf_counter()
     if base is None:
         base, _ = pretrained_model(progress, QUICK_PRETRAIN if quick else None)
@@ -418,34 +423,84 @@ def run_demo(out: str = "gptcore-instruct-demo", quick: bool = False, seeds: int
         raise ValueError(f"max_new: {cfg['max_new']} leaves {max_prompt} positions of the model's "
                          f"{pre.config.block_size} for the prompt; expected at least 16")
     files = _held_out_files()
-    order = np.random.default_rng(seed).permutation(len(files))
-    n_tr = cfg["n_sft"] + cfg["n_rank"] + cfg["n_ppo_prompts"]
-    train_items = line_prompts([files[i] for i in order[::2]], n_tr, seed, cfg["max_new"],
-                               max_prompt)
-    eval_items = line_prompts([files[i] for i in order[1::2]], cfg["n_eval"], seed + 1,
+    order = np.random.default_rng(cfg["seed"]).permutation(len(files))
+    n_sft, n_rank = cfg["n_sft"], cfg["n_rank"]
+    n_train = n_sft + n_rank + cfg["n_ppo_prompts"]
+    train_items = line_prompts([files[i] for i in order[::2]], n_train, cfg["seed"],
+                               cfg["max_new"], max_prompt)
+    eval_items = line_prompts([files[i] for i in order[1::2]], cfg["n_eval"], cfg["seed"] + 1,
                               cfg["max_new"], max_prompt)
-    sft_items = train_items[:cfg["n_sft"]]
-    rank_items = train_items[cfg["n_sft"]:cfg["n_sft"] + cfg["n_rank"]]
-    ppo_items = train_items[cfg["n_sft"] + cfg["n_rank"]:]
     os.makedirs(out, exist_ok=True)
-    path = lambda name: os.path.join(out, name)  # noqa: E731
-    _write_jsonl(path("sft.jsonl"), sft_items)
-    _write_jsonl(path("ppo_prompts.jsonl"), [{"prompt": it["prompt"]} for it in ppo_items])
-    _write_jsonl(path("eval.jsonl"), eval_items)
+    data = {"sft": os.path.join(out, "sft.jsonl"), "ppo": os.path.join(out, "ppo_prompts.jsonl")}
+    _write_jsonl(data["sft"], train_items[:n_sft])
+    _write_jsonl(data["ppo"], [{"prompt": it["prompt"]} for it in train_items[n_sft + n_rank:]])
+    _write_jsonl(os.path.join(out, "eval.jsonl"), eval_items)
     stage("prompts", t0)
+
+    # 2-6 for every seed
+    runs = []
+    for i in range(seeds):
+        run = _one_seed(cfg, cfg["seed"] + i, os.path.join(out, f"seed-{i}"), base, tok,
+                        train_items[n_sft:n_sft + n_rank], data, progress, stage, say)
+        if run is None:
+            return {"interrupted": True, "stages": stages,
+                    "elapsed": time.perf_counter() - t_start}
+        runs.append(run)
+
+    # 7. every model on the held-out prompts, against its seed's SFT model and reward model
+    t0 = time.perf_counter()
+    rows: List[Dict[str, Any]] = []
+    for name, key in (("pre-trained", None), ("SFT", "sft"), ("PPO", "ppo"), ("DPO", "dpo")):
+        bar = f"evaluating {name}" if progress else ""
+        evals = [evaluate_model(pre if key is None else r[key], r["sft"], tok, eval_items,
+                                cfg["samples"], cfg["max_new"], r["seed"] + 2, reward=r["reward"],
+                                progress=bar) for r in runs]
+        rows.append({"model": name, "runs": evals})
+    stage("evaluation", t0)
+
+    elapsed = time.perf_counter() - t_start
+    per_seed = [{k: r[k] for k in ("seed", "labeler", "reward_model", "ppo_history")} for r in runs]
+    md = _table(rows, cfg, per_seed, stages, elapsed)
+    plot: Optional[str] = os.path.join(out, "ppo_curve.png")
+    try:
+        plot_ppo([r["ppo_history"] for r in runs], plot, cfg["kl_coef"])
+    except ImportError as e:
+        say(f"[instruct-demo] no plot (matplotlib is needed): {e}")
+        plot = None
+    if plot:
+        md += f"\nPPO's reward, KL and true rate per step: {os.path.basename(plot)}\n"
+    summary = {"config": dict(cfg), "recipes": {"sft": SFT_RECIPE, "reward": REWARD_RECIPE,
+                                                 "ppo": PPO_RECIPE, "dpo": DPO_RECIPE},
+               "pretrain": base, "rows": rows, "seeds": per_seed, "stages": stages,
+               "elapsed_s": elapsed, "plot": plot}
+    write_atomic(os.path.join(out, "results.md"), [md.encode("utf-8")])
+    write_atomic(os.path.join(out, "results.json"),
+                 [json.dumps(summary, indent=1).encode("utf-8")])
+    say("\n" + md + f"(written to {os.path.join(out, 'results.md')})")
+    return {"interrupted": False, "rows": rows, "seeds": per_seed, "markdown": md, "plot": plot,
+            "stages": stages, "elapsed": elapsed}
+
+
+def _one_seed(cfg: DemoConfig, seed: int, out: str, base: str, tok, rank_items, data, progress,
+              stage, say) -> Optional[Dict[str, Any]]:
+    """Stages 2-6 with one seed into ``out``: SFT, the labeler's rankings, the reward model, PPO
+    and DPO. Returns the models and summaries, or None when Ctrl-C stopped a stage."""
+    common = dict(overwrite=True, progress=progress)
+    path = lambda name: os.path.join(out, name)  # noqa: E731
+    os.makedirs(out, exist_ok=True)
 
     # 2. SFT on the demonstrations
     t0 = time.perf_counter()
-    r = sft(SFTConfig(data=path("sft.jsonl"), base=base, out=path("sft"), seed=seed,
-                      **SFT_RECIPE, **common))
+    r = sft(SFTConfig(data=data["sft"], base=base, out=path("sft"), seed=seed, **SFT_RECIPE,
+                      **common))
     if r["interrupted"]:
-        return result(True)
+        return None
     sft_model = r["model"].eval()
     stage("SFT", t0)
 
     # 3. the labeler's rankings of the SFT model's answers
     t0 = time.perf_counter()
-    rankings, labels = _label(sft_model, tok, rank_items, cfg, progress)
+    rankings, labels = _label(sft_model, tok, rank_items, cfg, seed + 1, progress)
     n_val = max(1, int(round(cfg["rm_holdout"] * len(rankings))))
     if len(rankings) - n_val < 1:
         raise RuntimeError(f"the labeler kept {len(rankings)} rankings (prompts with at least 2 "
@@ -462,9 +517,8 @@ def run_demo(out: str = "gptcore-instruct-demo", quick: bool = False, seeds: int
                                    base=path("sft"), out=path("reward"), seed=seed,
                                    **REWARD_RECIPE, **common))
     if rr["interrupted"]:
-        return result(True)
-    rm = rr["model"]
-    prop_acc, prop_pairs = property_pair_accuracy(rm, rankings[:n_val])
+        return None
+    prop_acc, prop_pairs = property_pair_accuracy(rr["model"], rankings[:n_val])
     reward_info = {"val_accuracy": rr["val_accuracy"],
                    "val_pairs": rr["val"][-1]["val_pairs"] if rr["val"] else 0,
                    "property_accuracy": prop_acc, "property_pairs": prop_pairs,
@@ -474,68 +528,34 @@ def run_demo(out: str = "gptcore-instruct-demo", quick: bool = False, seeds: int
     def true_rate(prompts, completions) -> float:  # PPO's per-step log of the checked property
         return float(np.mean([passes(p, c) for p, c in zip(prompts, completions)]))
 
-    # 5. PPO against the reward model and 6. DPO on the same rankings, ``seeds`` runs each
-    policies: Dict[str, List[Any]] = {"PPO": [], "DPO": []}
-    histories: List[List[Dict[str, Any]]] = []
-    for s in range(seeds):
-        t0 = time.perf_counter()
-        pr = ppo(PPOConfig(policy=path("sft"), prompts=path("ppo_prompts.jsonl"),
-                           reward_model=path("reward"), out=path(f"ppo-{s}"),
-                           steps=cfg["ppo_steps"], batch_size=cfg["ppo_batch"],
-                           kl_coef=cfg["kl_coef"],
-                           max_new_tokens=cfg["max_new"], stop=[NEWLINE], seed=seed + s,
-                           **PPO_RECIPE, **common), metric_fn=true_rate)
-        if pr["interrupted"]:
-            return result(True)
-        policies["PPO"].append(pr["model"].eval())
-        histories.append(pr["history"])
-        stage(f"PPO seed {s}", t0)
-        t0 = time.perf_counter()
-        dr = dpo(DPOConfig(data=path("rankings.jsonl"), policy=path("sft"), out=path(f"dpo-{s}"),
-                           beta=cfg["dpo_beta"], epochs=cfg["dpo_epochs"], seed=seed + s,
-                           **DPO_RECIPE, **common))
-        if dr["interrupted"]:
-            return result(True)
-        policies["DPO"].append(dr["model"].eval())
-        stage(f"DPO seed {s}", t0)
-
-    # 7. every model on the held-out prompts
+    # 5. PPO against the reward model, answers ending at their newline
     t0 = time.perf_counter()
-    rows: List[Dict[str, Any]] = []
-    for name, models in (("pre-trained", [pre]), ("SFT", [sft_model]), ("PPO", policies["PPO"]),
-                         ("DPO", policies["DPO"])):
-        bar = f"evaluating {name}" if progress else ""
-        runs = [evaluate_model(m, sft_model, tok, eval_items, cfg["samples"], cfg["max_new"],
-                               seed + 2, reward=rm, progress=bar) for m in models]
-        rows.append({"model": name, "runs": runs})
-    stage("evaluation", t0)
+    pr = ppo(PPOConfig(policy=path("sft"), prompts=data["ppo"], reward_model=path("reward"),
+                       out=path("ppo"), steps=cfg["ppo_steps"], batch_size=cfg["ppo_batch"],
+                       kl_coef=cfg["kl_coef"], max_new_tokens=cfg["max_new"], stop=[NEWLINE],
+                       seed=seed, **PPO_RECIPE, **common), metric_fn=true_rate)
+    if pr["interrupted"]:
+        return None
+    stage("PPO", t0)
 
-    elapsed = time.perf_counter() - t_start
-    md = _table(rows, cfg, reward_info, labels, stages, elapsed, seeds)
-    plot = path("ppo_curve.png")
-    try:
-        plot_ppo(histories, plot, cfg["kl_coef"])
-    except ImportError as e:
-        say(f"[instruct-demo] no plot: {e}")
-        plot = None
-    if plot:
-        md += f"\nPPO's reward, KL and true rate per step: {os.path.basename(plot)}\n"
-    summary = {"config": dict(cfg), "seeds": seeds, "recipes": {
-        "sft": SFT_RECIPE, "reward": REWARD_RECIPE, "ppo": PPO_RECIPE, "dpo": DPO_RECIPE},
-        "pretrain": base, "labeler": labels, "reward_model": reward_info, "rows": rows,
-        "ppo_history": histories, "stages": stages, "elapsed_s": elapsed, "plot": plot}
-    write_atomic(path("results.md"), [md.encode("utf-8")])
-    write_atomic(path("results.json"), [json.dumps(summary, indent=1).encode("utf-8")])
-    say("\n" + md + f"(written to {path('results.md')})")
-    return result(False, rows=rows, reward_model=reward_info, rankings=labels,
-                  ppo_history=histories, markdown=md, plot=plot)
+    # 6. DPO on the same rankings
+    t0 = time.perf_counter()
+    dr = dpo(DPOConfig(data=path("rankings.jsonl"), policy=path("sft"), out=path("dpo"),
+                       beta=cfg["dpo_beta"], epochs=cfg["dpo_epochs"], seed=seed, **DPO_RECIPE,
+                       **common))
+    if dr["interrupted"]:
+        return None
+    stage("DPO", t0)
+    return {"seed": seed, "sft": sft_model, "reward": rr["model"], "ppo": pr["model"].eval(),
+            "dpo": dr["model"].eval(), "labeler": labels, "reward_model": reward_info,
+            "ppo_history": pr["history"]}
 
 
 # ---- the table and the plot ---------------------------------------------------------------------
 
 
 def _cell(runs: Sequence[Dict[str, Any]], key: str, scale: float = 1.0, digits: int = 1) -> str:
-    """One seed: mean +- standard error over prompts; several: mean +- std over seeds."""
+    """One seed: mean +- standard error over prompts; several: mean +- std over the seeds."""
     vals = [r[key] for r in runs if key in r]
     if not vals:
         return "-"
@@ -546,31 +566,43 @@ def _cell(runs: Sequence[Dict[str, Any]], key: str, scale: float = 1.0, digits: 
     return f"{means.mean():.{digits}f} +- {means.std(ddof=1):.{digits}f}"
 
 
-def _table(rows, cfg, reward_info, labels, stages, elapsed, seeds) -> str:
+def _mean_std(values: Sequence[float], scale: float = 100.0) -> str:
+    v = np.asarray(values, np.float64) * scale
+    return f"{v.mean():.1f}" if len(v) < 2 else f"{v.mean():.1f} +- {v.std(ddof=1):.1f}"
+
+
+def _table(rows, cfg, per_seed, stages, elapsed) -> str:
     lines = ["| model | line parses (%) | KL from SFT (nats/answer) | reward-model score | "
-             "answer length (chars) |", "|---|---|---|---|---|"]
+             "closeness to the file's line (%) | answer length (chars) |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
         runs = row["runs"]
         length = np.mean([r["length"] for r in runs])
-        lines.append(f"| {row['model']} | {_cell(runs, 'rate', 100)} | {_cell(runs, 'kl', 1, 2)} | "
-                     f"{_cell(runs, 'reward', 1, 2)} | {length:.1f} |")
-    spread = ("+- standard error over prompts" if seeds == 1 else
-              f"PPO and DPO: mean +- std over {seeds} runs with different seeds from the same SFT "
-              "and reward models (the others: +- standard error over prompts)")
-    acc = reward_info["val_accuracy"]
+        lines.append(f"| {row['model']} | {_cell(runs, 'rate', 100)} | "
+                     f"{_cell(runs, 'kl', 1, 2)} | {_cell(runs, 'reward', 1, 2)} | "
+                     f"{_cell(runs, 'closeness', 100)} | {length:.1f} |")
+    n = len(per_seed)
+    spread = ("+- standard error over prompts" if n == 1 else
+              f"mean +- std over {n} seeds of everything after pre-training (SFT, the labeler's "
+              "samples, the reward model, PPO, DPO, the evaluation's samples)")
+    labels = [s["labeler"] for s in per_seed]
+    rms = [s["reward_model"] for s in per_seed]
     return (
-        f"Held-out prompts: {cfg['n_eval']} (files no stage trained on), {cfg['samples']} answers "
-        f"each at temperature 1, {spread}. An answer passes when the finished line parses "
-        f"(`ast.parse`) and ends within {cfg['max_new']} bytes.\n\n" + "\n".join(lines) + "\n\n"
-        f"Labeler: {labels['kept']} of {labels['prompts']} prompts kept ({cfg['k']} answers "
-        f"each, {labels['answer_rate']:.1%} of the SFT model's answers pass). Reward model: "
-        f"held-out pair accuracy {acc * 100:.1f}% over all pairs"
-        f" ({reward_info['heldout_rankings']} rankings), "
-        f"{reward_info['property_accuracy'] * 100:.1f}%"
-        f" over the {reward_info['property_pairs']} pairs that differ in the property. "
-        f"PPO: {cfg['ppo_steps']} steps, KL coefficient {cfg['kl_coef']:g}; DPO: beta "
-        f"{cfg['dpo_beta']:g}, {cfg['dpo_epochs']} epoch(s).\n\n"
-        + "Time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items())
+        f"Held-out prompts: {cfg['n_eval']} (from files no stage trained on), {cfg['samples']} "
+        f"answers each at temperature 1; {spread}. An answer passes when the finished line "
+        f"parses (`ast.parse`) and ends within {cfg['max_new']} bytes. KL and reward: each "
+        "seed's model against that seed's SFT and reward models; closeness: difflib's ratio "
+        "between the answer and the file's real rest of the line.\n\n" + "\n".join(lines) + "\n\n"
+        f"Labeler: {cfg['k']} answers for each of {cfg['n_rank']} prompts, "
+        f"{_mean_std([x['answer_rate'] for x in labels])}% of the SFT model's answers pass; "
+        f"{_mean_std([x['kept'] for x in labels], 1)} prompts ranked. Reward model, held-out "
+        f"pair accuracy: {_mean_std([x['val_accuracy'] for x in rms])}% over all pairs "
+        f"({rms[0]['heldout_rankings']} rankings), "
+        f"{_mean_std([x['property_accuracy'] for x in rms])}% over the pairs whose answers "
+        f"differ in the property ({_mean_std([x['property_pairs'] for x in rms], 1)} pairs). "
+        f"PPO: {cfg['ppo_steps']} steps of {cfg['ppo_batch']} rollouts, KL coefficient "
+        f"{cfg['kl_coef']:g}; DPO: beta {cfg['dpo_beta']:g}, {cfg['dpo_epochs']} epoch(s).\n\n"
+        + "Time (s, all seeds): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items())
         + f"; {elapsed:.0f} s in all ({format_duration(elapsed)}).\n")
 
 
