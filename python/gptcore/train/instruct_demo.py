@@ -6,8 +6,8 @@ pre-training never saw, then the start of a one-statement line cut somewhere aft
 ``(`` (at least 6 characters before its end); the answer is what the model writes next, up to
 and including its first newline::
 
-    prompt      "_day0 = datetime(1, 1, 1)\ndef _try(fmt):\n    try:\n        return _day0.strftime(f"
-    answer      "mt) == '0001'\n"                              (the file's own line)
+    prompt   "_day0 = datetime(1, 1, 1)\ndef _try(fmt):\n    try:\n        return _day0.strftime(f"
+    answer   "mt) == '0001'\n"                                   (the file's own line)
 
 The checked property (the "labeler"; nothing learned): the finished line -- the prompt's last
 line plus the answer up to its newline -- ends within ``max_new`` bytes and parses on its own
