@@ -567,6 +567,7 @@ def _cell(runs: Sequence[Dict[str, Any]], key: str, scale: float = 1.0, digits: 
 
 
 def _mean_std(values: Sequence[float], scale: float = 100.0) -> str:
+    """A per-seed summary number: its mean, +- std when there are several seeds."""
     v = np.asarray(values, np.float64) * scale
     return f"{v.mean():.1f}" if len(v) < 2 else f"{v.mean():.1f} +- {v.std(ddof=1):.1f}"
 
