@@ -211,3 +211,51 @@ def test_stepping_only_the_leading_rows_leaves_the_others_alone(rng):
         pos += 1
     for c, before in zip(dec.cache.k + dec.cache.v, rest):
         np.testing.assert_array_equal(c.numpy()[k:], before)
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_prefill_rows_in_one_pass_equals_prefill_row_each(rng, kind):
+    """Several rows (not contiguous, prompts of different lengths, one of a single token)
+    prefilled together give each row prefill_row's logits, and the rows then decode exactly as
+    if each had been prefilled alone; rows not named keep their cache."""
+    model = make_model(rng, **CONFIGS[kind])
+    S, L = 6, 20
+    together, alone = Decoder(model, S, L), Decoder(model, S, L)
+    V = model.config.vocab_size
+    keep = rng.integers(0, V, 5)
+    together.prefill_row(2, keep)
+    alone.prefill_row(2, keep)
+    rows, lengths = [4, 0, 5, 1], [7, 1, 12, 3]
+    prompts = [rng.integers(0, V, n) for n in lengths]
+    got = together.prefill_rows(rows, prompts)
+    assert got.shape == (len(rows), V) and got.dtype == np.float32
+    for j, (b, p) in enumerate(zip(rows, prompts)):
+        assert rel_err(got[j], alone.prefill_row(b, p)) < 1e-5, (kind, b, rng)
+    pos = np.zeros(S, np.int64)
+    for b, n in zip(rows + [2], lengths + [5]):
+        pos[b] = n
+    for step in range(5):
+        ids = rng.integers(0, V, S)
+        a, b_ = together.step_rows(ids, pos), alone.step_rows(ids, pos)
+        for b in rows + [2]:
+            assert rel_err(a[b], b_[b]) < 1e-5, (kind, step, b, rng)
+        pos[rows + [2]] += 1
+
+
+def test_prefill_rows_rejects_bad_input(rng):
+    model = make_model(rng)
+    dec = Decoder(model, 3, 8)
+    V = model.config.vocab_size
+    with pytest.raises(ValueError, match="rows: each row at most once"):
+        dec.prefill_rows([1, 1], [[1], [2]])
+    with pytest.raises(ValueError, match="prompts: expected 2 prompts"):
+        dec.prefill_rows([0, 1], [[1]])
+    with pytest.raises(ValueError, match="b: row 3 is outside"):
+        dec.prefill_rows([0, 3], [[1], [2]])
+    with pytest.raises(ValueError, match=r"prompts\[1\]: expected a 1-D"):
+        dec.prefill_rows([0, 1], [[1], []])
+    with pytest.raises(ValueError, match=rf"prompts\[0\]: token id {V} is outside"):
+        dec.prefill_rows([0, 1], [[V], [2]])
+    with pytest.raises(ValueError, match=r"prompts\[1\]: sequence length 9 exceeds"):
+        dec.prefill_rows([0, 1], [[1], np.ones(9, np.int64)])
+    assert dec.prefill_rows([], []).shape == (0, V)

@@ -4,8 +4,9 @@ One thread owns the model and a :class:`~gptcore.models.kvcache.Decoder` of ``ma
 (*slots*). Requests wait in a bounded queue; every step the loop
 
 1. admits waiting requests, first come first served, while enough slots are free (a request
-   with ``n`` choices takes ``n`` slots): each slot is prefilled with the prompt
-   (``Decoder.prefill_row``) and the request's first tokens are drawn from those logits;
+   with ``n`` choices takes ``n`` slots): the admitted slots are prefilled with their prompts
+   in batched passes (``Decoder.prefill_rows``) and each request's first tokens are drawn from
+   those logits;
 2. runs one decoding step for every busy slot at its own position (``Decoder.step_rows``);
 3. draws each request's next tokens with that request's own controls and seed, and releases the
    slots of choices that finished (stop sequence, end-of-text, ``max_tokens``) or were cancelled.
@@ -317,8 +318,7 @@ class Engine:
                     break
                 admitted = self._admit()
             try:
-                for req in admitted:
-                    self._start(req)
+                self._start(admitted)
                 self._step()
             except Exception as e:  # noqa: BLE001 -- a bug must not hang the clients
                 for req in list(self._active):
@@ -343,23 +343,54 @@ class Engine:
             out.append(req)
         return out
 
-    def _start(self, req: Request) -> None:
-        """Prefill the request's slots and draw its first tokens."""
+    # prompt tokens one batched prefill pass takes (the admitted rows are cut into such groups)
+    PREFILL_TOKENS = 2048
+
+    def _start(self, admitted: List[Request]) -> None:
+        """Prefill the admitted requests' slots, batched (:meth:`Decoder.prefill_rows`, rows of
+        similar prompt lengths together), and draw their first tokens."""
+        work = []  # (prompt length, request)
+        for req in admitted:
+            try:
+                if req.want_prompt_logprobs:
+                    req.prompt_logprobs = self._prompt_logprobs(req)
+                if req.ctl.max_new_tokens == 0:
+                    for r in req.rows:
+                        r._end("length")
+                    for i in range(req.n):
+                        req._release(i)
+                    self._retire(req)
+                    continue
+                req.sampler = _Sampler(req.ctl, req.n, self.V, "cpu")
+                work.append(req)
+            except Exception as e:  # noqa: BLE001 -- the request fails, the engine goes on
+                self._retire(req, f"{type(e).__name__}: {e}")
+        work.sort(key=lambda req: len(req.prompt))
+        group: List[Request] = []
+        for req in work + [None]:
+            if group and (req is None or
+                          (sum(r.n for r in group) + req.n) * len(req.prompt) > self.PREFILL_TOKENS):
+                self._prefill(group)
+                group = []
+            if req is not None:
+                group.append(req)
+
+    def _prefill(self, group: List[Request]) -> None:
+        """One prefill pass for every slot of ``group``'s requests, then their first draws."""
         try:
-            if req.want_prompt_logprobs:
-                req.prompt_logprobs = self._prompt_logprobs(req)
-            if req.ctl.max_new_tokens == 0:
-                for r in req.rows:
-                    r._end("length")
-                for i in range(req.n):
-                    req._release(i)
-                self._retire(req)
-                return
-            req.sampler = _Sampler(req.ctl, req.n, self.V, "cpu")
-            logits = [self._dec.prefill_row(s, req.prompt) for s in req.slots]
-            self._sample(req, np.stack(logits))
-        except Exception as e:  # noqa: BLE001 -- the request fails, the engine goes on
-            self._retire(req, f"{type(e).__name__}: {e}")
+            logits = self._dec.prefill_rows([s for req in group for s in req.slots],
+                                            [req.prompt for req in group for _ in req.slots])
+        except Exception as e:  # noqa: BLE001 -- these requests fail, the engine goes on
+            for req in group:
+                self._retire(req, f"{type(e).__name__}: {e}")
+            return
+        at = 0
+        for req in group:
+            try:
+                self._sample(req, logits[at:at + req.n])
+            except Exception as e:  # noqa: BLE001
+                self._retire(req, f"{type(e).__name__}: {e}")
+            at += req.n
 
     def _prompt_logprobs(self, req: Request) -> List[Optional[TokenLogprob]]:
         """Each prompt token's logprob under the model given the tokens before it (None for the

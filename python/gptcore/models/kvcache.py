@@ -15,7 +15,7 @@ Rows at their own positions (continuous batching: each row a slot a request join
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -170,6 +170,55 @@ class Decoder:
         logits = self._feed(self.model._to_device_ids(arr[:, -1:]), self._row_buffers(1), row,
                             n - 1, self.logits.narrow(b, 1))
         return self._host_logits(logits)[0]
+
+    def prefill_rows(self, rows: Sequence[int], prompts: Sequence) -> np.ndarray:
+        """:meth:`prefill_row` for several rows in one batched pass: row ``rows[j]`` starts over
+        with ``prompts[j]`` (1-D token ids). Returns float32 logits (len(rows), vocab_size), each
+        row's distribution of the token after its prompt.
+
+        The prompts run together through a scratch cache of len(rows) rows (all but each
+        prompt's last token in one pass, shorter prompts padded at the end; then every last
+        token as a one-position step at its own position, which overwrites the padding's first
+        position and reads none of the rest), and each row's keys and values are then copied
+        into its own row. On CUDA, where there is no strided device copy yet, the rows are
+        prefilled one by one."""
+        rows = [self._check_row(b) for b in rows]
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"rows: each row at most once, got {rows}")
+        if len(prompts) != len(rows):
+            raise ValueError(f"prompts: expected {len(rows)} prompts (one per row), got {len(prompts)}")
+        arrs = []
+        for j, p in enumerate(prompts):
+            a = np.asarray(p.numpy() if isinstance(p, Tensor) else p)
+            if a.ndim != 1 or a.shape[0] < 1:
+                raise ValueError(f"prompts[{j}]: expected a 1-D array of 1 to {self.max_len} token "
+                                 f"ids, got shape {a.shape}")
+            arrs.append(self.model.check_ids(a[None, :], f"prompts[{j}]", max_len=self.max_len)[0])
+        if not rows:
+            return np.zeros((0, self.config.vocab_size), np.float32)
+        if self.device != "cpu" or len(rows) == 1:
+            return np.stack([self.prefill_row(b, a) for b, a in zip(rows, arrs)])
+        from .gpt import _Workspace
+
+        k, lens = len(rows), [len(a) for a in arrs]
+        L = max(lens)
+        scratch = KVCache(self.model, k, L)
+        if L > 1:  # every prompt but its last token; the padding (token 0) lands after it
+            head = np.zeros((k, L - 1), np.int32)
+            for j, a in enumerate(arrs):
+                head[j, : len(a) - 1] = a[:-1]
+            self._feed(self.model._to_device_ids(head),
+                       _Workspace(self.model, k, L - 1, shared=True), scratch, 0, None)
+        last = self.model._to_device_ids(np.array([[a[-1]] for a in arrs], np.int32))
+        pos = self.model._to_device_ids(np.array(lens, np.int32) - 1)
+        logits = empty([k, self.config.padded_vocab_size], self.dtype, self.device)
+        out = self._host_logits(self._feed(last, _Workspace(self.model, k, 1, shared=True),
+                                           scratch, pos, logits))
+        for src, dst in zip(scratch.k + scratch.v, self.cache.k + self.cache.v):
+            s, d = src.numpy(), dst.numpy()
+            for j, (b, n) in enumerate(zip(rows, lens)):
+                d[b, :, :n] = s[j, :, :n]
+        return out
 
     def step_rows(self, ids, positions) -> np.ndarray:
         """One decoding step with every row at its own position: feeds ``ids[b]`` at position
