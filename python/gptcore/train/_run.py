@@ -19,15 +19,43 @@ import signal
 import sys
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from .. import io as gio
 from .._fileio import write_atomic
 from ..models.config import GPTConfig
 from ..models.gpt import training_memory
 
 __all__ = ["TrainingDiverged", "StopFlag", "Checkpointer", "refuse_existing_run", "open_run_log",
            "emit", "diverged",
-           "available_memory", "check_memory", "INTERRUPTED_STATUS"]
+           "available_memory", "check_memory", "INTERRUPTED_STATUS", "RUN_CONTROL",
+           "resumed_config"]
 
 INTERRUPTED_STATUS = 130  # a command stopped by Ctrl-C, as the shell reports SIGINT
+
+# A loop config's fields that say how to run it, not what to train: a resumed run takes these
+# from the new call and everything else from its checkpoint.
+RUN_CONTROL = ("out", "resume", "overwrite", "stop_after", "threads", "progress", "device")
+
+
+def resumed_config(cfg, key: str, command: str, given_again: Sequence[str] = ()):
+    """For ``cfg.resume``: (config, training state) of the run in ``cfg.out``'s checkpoint
+    directory. The config is the one the run started with (saved under ``key`` in its trainer
+    state) with ``cfg``'s :data:`RUN_CONTROL` fields; the fields in ``given_again`` that the run
+    got in memory (saved as "<memory>") are taken from ``cfg``; a ``base`` model is dropped (the
+    checkpoint holds the weights)."""
+    from .checkpoint import CHECKPOINT_NAME
+
+    ckpt_dir = os.path.join(cfg.out, CHECKPOINT_NAME)
+    training = gio.load_training_state(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if training is None or key not in training["state"]:
+        raise FileNotFoundError(f"resume: {ckpt_dir!r} holds no `{command}` checkpoint")
+    saved = dict(training["state"][key])
+    saved.update({k: getattr(cfg, k) for k in RUN_CONTROL})
+    for k in given_again:
+        if saved[k] == "<memory>":
+            saved[k] = getattr(cfg, k)
+    if "base" in saved:
+        saved["base"] = None
+    return type(cfg)(**saved), training
 
 
 def _json_safe(record: Dict[str, Any]) -> Dict[str, Any]:

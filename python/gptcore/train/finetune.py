@@ -73,6 +73,7 @@ from ._run import (
     emit,
     open_run_log,
     refuse_existing_run,
+    resumed_config,
 )
 
 __all__ = ["FinetuneConfig", "finetune", "TaskModel", "Classifier", "MultipleChoice",
@@ -124,7 +125,6 @@ class FinetuneConfig:
 
 
 # fields a resumed run takes from the new config; everything else comes from the checkpoint
-_RUN_CONTROL = ("out", "resume", "overwrite", "stop_after", "threads", "progress", "device")
 
 
 def _check_config(cfg: FinetuneConfig) -> None:
@@ -520,14 +520,7 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, base=None, **kwargs) -> Di
             raise ValueError("resume: needs out (the run directory to continue)")
         if cfg.overwrite:
             raise ValueError("resume and overwrite: a run is either continued or replaced, not both")
-        ckpt_dir = os.path.join(cfg.out, CHECKPOINT_NAME)
-        training = gio.load_training_state(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-        if training is None or "finetune_config" not in training["state"]:
-            raise FileNotFoundError(f"resume: {ckpt_dir!r} holds no `gptcore finetune` checkpoint")
-        saved = dict(training["state"]["finetune_config"])
-        saved.update({k: getattr(cfg, k) for k in _RUN_CONTROL})
-        cfg = FinetuneConfig(**saved)
-        ckpt = training
+        cfg, ckpt = resumed_config(cfg, "finetune_config", "gptcore finetune")
     _check_config(cfg)
     if cfg.threads:
         from .. import set_num_threads

@@ -60,6 +60,7 @@ from ._run import (
     emit,
     open_run_log,
     refuse_existing_run,
+    resumed_config,
 )
 from .finetune import MODEL_NAME, _model_dir
 from .sft import (
@@ -295,7 +296,6 @@ class RewardConfig:
         return d
 
 
-_RUN_CONTROL = ("out", "resume", "overwrite", "stop_after", "threads", "progress", "device")
 
 
 def _rankings(source, what: str) -> List[Ranking]:
@@ -405,19 +405,8 @@ def train_reward(cfg: Optional[RewardConfig] = None, **kwargs) -> Dict[str, Any]
     check_common(cfg)
     ckpt = None
     if cfg.resume:
-        ckpt_dir = os.path.join(cfg.out, CHECKPOINT_NAME)
-        training = gio.load_training_state(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-        if training is None or "reward_config" not in training["state"]:
-            raise FileNotFoundError(f"resume: {ckpt_dir!r} holds no `gptcore reward-train` "
-                                    "checkpoint")
-        saved = dict(training["state"]["reward_config"])
-        saved.update({k: getattr(cfg, k) for k in _RUN_CONTROL})
-        for k in ("data", "val", "demos"):
-            if saved[k] == "<memory>":
-                saved[k] = getattr(cfg, k)
-        saved["base"] = None
-        cfg = RewardConfig(**saved)
-        ckpt = training
+        cfg, ckpt = resumed_config(cfg, "reward_config", "gptcore reward-train",
+                                   given_again=("data", "val", "demos"))
     if cfg.threads:
         from .. import set_num_threads
 

@@ -59,6 +59,7 @@ from ._run import (
     emit,
     open_run_log,
     refuse_existing_run,
+    resumed_config,
 )
 from .finetune import MODEL_NAME, _base_model, _model_dir
 
@@ -110,7 +111,6 @@ class SFTConfig:
         return d
 
 
-_RUN_CONTROL = ("out", "resume", "overwrite", "stop_after", "threads", "progress", "device")
 
 
 def _check_int(name: str, v, low: int, optional: bool = False) -> None:
@@ -254,18 +254,8 @@ def sft(cfg: Optional[SFTConfig] = None, **kwargs) -> Dict[str, Any]:
     check_common(cfg)
     ckpt = None
     if cfg.resume:
-        ckpt_dir = os.path.join(cfg.out, CHECKPOINT_NAME)
-        training = gio.load_training_state(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-        if training is None or "sft_config" not in training["state"]:
-            raise FileNotFoundError(f"resume: {ckpt_dir!r} holds no `gptcore sft` checkpoint")
-        saved = dict(training["state"]["sft_config"])
-        saved.update({k: getattr(cfg, k) for k in _RUN_CONTROL})
-        for k in ("data", "val"):  # data given in memory must be given again
-            if saved[k] == "<memory>":
-                saved[k] = getattr(cfg, k)
-        saved["base"] = None
-        cfg = SFTConfig(**saved)
-        ckpt = training
+        # (data given in memory must be given again)
+        cfg, ckpt = resumed_config(cfg, "sft_config", "gptcore sft", given_again=("data", "val"))
     if cfg.threads:
         from .. import set_num_threads
 
