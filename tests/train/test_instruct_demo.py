@@ -195,3 +195,12 @@ def test_quick_demo_runs_every_stage_and_writes_well_formed_results(base, tmp_pa
                  "--no-progress"]) == 2
     assert "already holds" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
+
+
+def test_summary_numbers_leave_out_undefined_seeds():
+    # an accuracy over no pairs is NaN: the table says n/a, not "nan%"
+    from gptcore.train.instruct_demo import _mean_std
+
+    assert _mean_std([float("nan")]) == "n/a"
+    assert _mean_std([0.5, float("nan"), 0.7]) == "60.0 +- 14.1"
+    assert _mean_std([0.25]) == "25.0"

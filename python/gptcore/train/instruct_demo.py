@@ -567,8 +567,12 @@ def _cell(runs: Sequence[Dict[str, Any]], key: str, scale: float = 1.0, digits: 
 
 
 def _mean_std(values: Sequence[float], scale: float = 100.0) -> str:
-    """A per-seed summary number: its mean, +- std when there are several seeds."""
+    """A per-seed summary number: its mean, +- std when there are several seeds. Seeds where
+    it is undefined (NaN, e.g. an accuracy over no pairs) are left out; "n/a" when all are."""
     v = np.asarray(values, np.float64) * scale
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return "n/a"
     return f"{v.mean():.1f}" if len(v) < 2 else f"{v.mean():.1f} +- {v.std(ddof=1):.1f}"
 
 
