@@ -195,6 +195,11 @@ def test_quick_demo_runs_every_stage_and_writes_well_formed_results(base, tmp_pa
                  "--no-progress"]) == 2
     assert "already holds" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
+    # --overwrite with fewer seeds replaces the run, leaving no seed directory of the old one
+    assert main(["instruct-demo", "--quick", "--seeds", "1", "--base", base, "--out", str(out),
+                 "--no-progress", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("seed-*")) == ["seed-0"]
+    assert len(json.loads((out / "results.json").read_text())["seeds"]) == 1
 
 
 def test_summary_numbers_leave_out_undefined_seeds():

@@ -51,6 +51,8 @@ import difflib
 import json
 import math
 import os
+import re
+import shutil
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -399,6 +401,13 @@ def run_demo(out: str = "gptcore-instruct-demo", quick: bool = False, seeds: int
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise FileExistsError(f"out: {out!r} already holds files (a previous run?); pass "
                               "overwrite=True (--overwrite) to replace them")
+    if overwrite and os.path.isdir(out):
+        # a previous run with more seeds: its extra seed-<i> directories would sit beside this
+        # run's as if they were part of it
+        for name in os.listdir(out):
+            m = re.fullmatch(r"seed-(\d+)", name)
+            if m and int(m.group(1)) >= seeds and os.path.isdir(os.path.join(out, name)):
+                shutil.rmtree(os.path.join(out, name))
     if threads:
         from .. import set_num_threads
 
