@@ -20,6 +20,24 @@ def f64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def mixing_weights(model, seed: int) -> dict:
+    """A state dict for ``model`` whose blocks mix tokens: GPT-2's init makes a tiny random model
+    copy its input token (the tied embeddings dominate); weights of fan-in scale let the blocks
+    mix, and next-token logits spread over a few units."""
+    r = np.random.default_rng(seed)
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k in ("wte", "wpe"):
+            sd[k] = r.standard_normal(v.shape) * 0.3
+        elif v.ndim == 2:
+            sd[k] = r.standard_normal(v.shape) / np.sqrt(v.shape[1])
+        elif k.endswith("bias"):
+            sd[k] = r.standard_normal(v.shape) * 0.1
+        else:
+            sd[k] = v
+    return sd
+
+
 def rel_err(a, b) -> float:
     """||a - b|| / ||b|| in float64 (``b`` the reference; ||b|| = 0 is guarded)."""
     a, b = f64(a), f64(b)

@@ -22,27 +22,14 @@ from gptcore.models import GPTConfig
 from gptcore.models import GPT
 from gptcore.generate import PAD, complete, filtered_distribution, generate
 from gptcore.models.kvcache import Decoder
-from tests.helpers import rel_err
+from tests.helpers import mixing_weights, rel_err
 
 
 def _model(seed=0, device="cpu", dtype="float32", **over):
     base = dict(n_layer=2, n_head=4, n_embd=32, block_size=48, vocab_size=97)
     base.update(over)
     m = GPT(GPTConfig(**base), device=device, dtype=dtype, seed=seed)
-    # GPT-2's init makes a tiny random model copy its input token (tied embeddings dominate);
-    # weights of fan-in scale let the blocks mix, and next-token logits spread over a few units.
-    r = np.random.default_rng(seed + 1)
-    sd = {}
-    for k, v in m.state_dict().items():
-        if k in ("wte", "wpe"):
-            sd[k] = r.standard_normal(v.shape) * 0.3
-        elif v.ndim == 2:
-            sd[k] = r.standard_normal(v.shape) / np.sqrt(v.shape[1])
-        elif k.endswith("bias"):
-            sd[k] = r.standard_normal(v.shape) * 0.1
-        else:
-            sd[k] = v
-    m.load_state_dict(sd)
+    m.load_state_dict(mixing_weights(m, seed + 1))
     return m
 
 
