@@ -27,7 +27,7 @@ from ..models.gpt import training_memory
 __all__ = ["TrainingDiverged", "StopFlag", "Checkpointer", "refuse_existing_run", "open_run_log",
            "emit", "diverged",
            "available_memory", "check_memory", "INTERRUPTED_STATUS", "RUN_CONTROL",
-           "resumed_config"]
+           "resumed_config", "after_update"]
 
 INTERRUPTED_STATUS = 130  # a command stopped by Ctrl-C, as the shell reports SIGINT
 
@@ -179,6 +179,27 @@ def open_run_log(out: str, resume_step: Optional[int]):
     if resume_step is not None:
         _trim_log(path, resume_step)
     return open(path, "a" if resume_step is not None else "w", encoding="utf-8")
+
+
+def after_update(step: int, epoch: int, per_epoch: int, total: int, validate, saver, stop,
+                 bar, eval_every: int = 0, stop_after: Optional[int] = None) -> bool:
+    """What an epoch-based loop (fine-tuning, SFT, reward model) does after update ``step``
+    (counted from 1; ``epoch`` the 0-based epoch it belonged to): validate at the end of every
+    epoch -- ``validate(epochs done)`` -- and every ``eval_every`` steps in between --
+    ``validate(epoch)`` --, checkpoint at the end of every epoch but the last (the run's final
+    save is the caller's). Returns True when the loop must stop here (Ctrl-C, or ``stop_after``
+    reached before the end), after saving the checkpoint as the run's last."""
+    if step % per_epoch == 0:
+        validate(step // per_epoch)
+        if step < total:
+            saver.save(step)
+    elif eval_every and step % eval_every == 0:
+        validate(epoch)
+    if stop.requested or (stop_after is not None and step >= stop_after and step < total):
+        saver.save(step, final=True)
+        bar.write(f"stopped at step {step}; continue with --resume")
+        return True
+    return False
 
 
 class Checkpointer:

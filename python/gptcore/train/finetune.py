@@ -66,6 +66,7 @@ from ..tokenizer import Tokenizer, _rebuild
 from .checkpoint import CHECKPOINT_NAME, checkpoint_tokenizer
 from ._run import (
     Checkpointer,
+    after_update,
     StopFlag,
     TrainingDiverged,
     check_memory,
@@ -631,15 +632,9 @@ def finetune(cfg: Optional[FinetuneConfig] = None, *, base=None, **kwargs) -> Di
                        "examples_per_s": batch.n_examples / dt}
                 emit(log_file, rec)
                 bar.update(1, postfix=f"loss {loss:.4f} | {batch.n_examples / dt:,.0f} ex/s")
-                if step % per_epoch == 0:
-                    validate(step // per_epoch)
-                    if step < total:
-                        saver.save(step)
-                if stop.requested or (cfg.stop_after is not None and step >= cfg.stop_after
-                                      and step < total):
+                if after_update(step, epoch, per_epoch, total, validate, saver, stop, bar,
+                                stop_after=cfg.stop_after):
                     stopped, interrupted = True, stop.requested
-                    saver.save(step, final=True)
-                    bar.write(f"stopped at step {step}; continue with --resume")
                     break
             if not stopped:
                 saver.save(step, final=True)

@@ -53,6 +53,7 @@ from ..tensor import upload
 from .checkpoint import CHECKPOINT_NAME, checkpoint_tokenizer
 from ._run import (
     Checkpointer,
+    after_update,
     StopFlag,
     TrainingDiverged,
     check_memory,
@@ -537,17 +538,9 @@ def train_reward(cfg: Optional[RewardConfig] = None, **kwargs) -> Dict[str, Any]
                                 "lr": lr, "grad_norm": norm, "pairs": int(ib.size),
                                 "pairs_per_s": ib.size / dt})
                 bar.update(1, postfix=f"loss {loss:.4f} acc {acc:.2f} | {ib.size / dt:,.0f} pairs/s")
-                if step % per_epoch == 0:
-                    validate(step // per_epoch)
-                    if step < total:
-                        saver.save(step)
-                elif cfg.eval_every and step % cfg.eval_every == 0:
-                    validate(epoch)
-                if stop.requested or (cfg.stop_after is not None and step >= cfg.stop_after
-                                      and step < total):
+                if after_update(step, epoch, per_epoch, total, validate, saver, stop, bar,
+                                cfg.eval_every, cfg.stop_after):
                     stopped, interrupted = True, stop.requested
-                    saver.save(step, final=True)
-                    bar.write(f"stopped at step {step}; continue with --resume")
                     break
             if not stopped:
                 # normalise: the demonstrations' mean reward becomes 0 (a shift of the bias)

@@ -52,6 +52,7 @@ from ..optim import AdamW, cosine_lr
 from .checkpoint import CHECKPOINT_NAME, _saveable_tokenizer
 from ._run import (
     Checkpointer,
+    after_update,
     StopFlag,
     TrainingDiverged,
     check_memory,
@@ -375,17 +376,9 @@ def sft(cfg: Optional[SFTConfig] = None, **kwargs) -> Dict[str, Any]:
                                 "grad_norm": norm, "trained_tokens": batch.n_trained,
                                 "fill": batch.fill, "tokens_per_s": batch.n_trained / dt})
                 bar.update(1, postfix=f"loss {loss:.4f} | {batch.n_trained / dt:,.0f} tok/s")
-                if step % per_epoch == 0:
-                    validate(step // per_epoch)
-                    if step < total:
-                        saver.save(step)
-                elif cfg.eval_every and step % cfg.eval_every == 0:
-                    validate(epoch)
-                if stop.requested or (cfg.stop_after is not None and step >= cfg.stop_after
-                                      and step < total):
+                if after_update(step, epoch, per_epoch, total, validate, saver, stop, bar,
+                                cfg.eval_every, cfg.stop_after):
                     stopped, interrupted = True, stop.requested
-                    saver.save(step, final=True)
-                    bar.write(f"stopped at step {step}; continue with --resume")
                     break
             if not stopped:
                 saver.save(step, final=True)
