@@ -75,7 +75,8 @@ class Decoder:
         self._rows: List[_RowCache] = []  # batch-1 views of each row's cache, made once
         self._row_step = None     # a one-row, one-position step's buffers
         self._row_prefill = None  # a one-row prefill's, kept until a prefill of another length
-        self._leading = {}  # k -> (view of rows 0..k-1, step buffers of k rows) for step_rows
+        self._leading = {}    # k -> a view of rows 0..k-1 (step_rows over the leading rows)
+        self._row_steps = {}  # k -> one-position step buffers of k rows
 
     @property
     def pos(self) -> int:
@@ -211,9 +212,8 @@ class Decoder:
                        _Workspace(self.model, k, L - 1, shared=True), scratch, 0, None)
         last = self.model._to_device_ids(np.array([[a[-1]] for a in arrs], np.int32))
         pos = self.model._to_device_ids(np.array(lens, np.int32) - 1)
-        logits = empty([k, self.config.padded_vocab_size], self.dtype, self.device)
-        out = self._host_logits(self._feed(last, _Workspace(self.model, k, 1, shared=True),
-                                           scratch, pos, logits))
+        out = self._host_logits(self._feed(last, self._step_buffers(k), scratch, pos,
+                                           self.logits.narrow(0, k)))
         for src, dst in zip(scratch.k + scratch.v, self.cache.k + self.cache.v):
             s, d = src.numpy(), dst.numpy()
             for j, (b, n) in enumerate(zip(rows, lens)):
@@ -246,16 +246,26 @@ class Decoder:
         # one batched pass: the kernels read row b's position from element b of a (S,) int32
         # tensor on the device
         pos_t = self.model._to_device_ids(pos)
-        if k == S:
-            return self._host_logits(self._feed(idx, self._buffers(1), self.cache, pos_t,
-                                                self.logits))
-        if k not in self._leading:
-            from .gpt import _Workspace
+        view = self.cache if k == S else self._leading_rows(k)
+        return self._host_logits(self._feed(idx, self._step_buffers(k), view, pos_t,
+                                            self.logits.narrow(0, k)))
 
-            self._leading[k] = (_RowCache(self.cache, 0, k),
-                                _Workspace(self.model, k, 1, shared=True))
-        view, ws = self._leading[k]
-        return self._host_logits(self._feed(idx, ws, view, pos_t, self.logits.narrow(0, k)))
+    def _leading_rows(self, k: int) -> "_RowCache":
+        """Rows 0 .. k-1 of the cache as a cache of k rows (made once per k)."""
+        if k not in self._leading:
+            self._leading[k] = _RowCache(self.cache, 0, k)
+        return self._leading[k]
+
+    def _step_buffers(self, k: int):
+        """One-position step buffers for k rows: the full batch's for k = batch_size, else made
+        once per k."""
+        from .gpt import _Workspace
+
+        if k == self.batch_size:
+            return self._buffers(1)
+        if k not in self._row_steps:
+            self._row_steps[k] = _Workspace(self.model, k, 1, shared=True)
+        return self._row_steps[k]
 
     def forward(self, tokens) -> np.ndarray:
         """Feed (B, Tn) tokens; returns the last position's logits, float32 (B, vocab_size)."""
