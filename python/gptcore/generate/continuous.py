@@ -209,11 +209,7 @@ class Engine:
         if self._thread is not None:
             raise RuntimeError("Engine.start: already started")
         self._dec = Decoder(self.model, self.max_batch, self.max_len)
-        # Touch the whole KV cache once now: its pages are otherwise mapped on first write,
-        # inside the first requests of each row (a fresh 124M server's first prefill of a row
-        # took ~10x its steady time in page faults).
-        for t in self._dec.cache.k + self._dec.cache.v:
-            t.zero_()
+        self._dec.touch()  # else the first requests of every row pay its page faults
         self._thread = threading.Thread(target=self._loop, name="gptcore-engine", daemon=True)
         self._thread.start()
         return self

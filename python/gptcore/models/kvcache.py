@@ -90,6 +90,13 @@ class Decoder:
         """Start over at position 0 (the caches are reused)."""
         self.cache.pos = 0
 
+    def touch(self) -> None:
+        """Write the whole KV cache once now. A fresh cache's pages are mapped on first write,
+        so without this a long-lived decoder (a server's) pays them inside its first requests
+        of every row: a 124M model's first prefill of a row took ~10x its steady time."""
+        for t in self.cache.k + self.cache.v:
+            t.zero_()
+
     def _buffers(self, Tn: int):
         from .gpt import _Workspace  # the trunk's workspace, in its shared-layers form
 
